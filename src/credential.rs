@@ -1,0 +1,199 @@
+//! Credentials and the secrets in them: usernames, passwords, SCRAM verifiers and lease ids.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::SysRng;
+use rand::TryRng;
+use zeroize::Zeroizing;
+
+use crate::error::{Error, ErrorKind};
+
+/// Characters of generated passwords: safe in any connection string, URL or shell without quoting.
+const PASSWORD_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-";
+/// 32 characters of a 63-symbol alphabet: 191 bits, well over the 128 the design asks for.
+const PASSWORD_LEN: usize = 32;
+/// Characters of the random part of usernames: PostgreSQL folds nothing here, and they need no quoting.
+const USERNAME_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+/// 16 characters of a 36-symbol alphabet: 82 bits, so collisions under any load are practically impossible.
+const USERNAME_RANDOM_LEN: usize = 16;
+/// PostgreSQL truncates identifiers beyond 63 bytes (NAMEDATALEN - 1).
+pub(crate) const MAX_USERNAME_LEN: usize = 63;
+
+/// A credential just issued by [`Broker::creds`](crate::Broker::creds): the lease and the login it grants.
+///
+/// The password is wiped from memory when the credential is dropped, and `Debug` never shows it.
+pub struct Credential {
+    pub(crate) lease_id: String,
+    pub(crate) lease_duration: Duration,
+    pub(crate) username: String,
+    pub(crate) password: Zeroizing<String>,
+}
+
+impl Credential {
+    /// The lease id, `postgresql/creds/<role>/<random id>`: pass it to `renew` and `revoke`.
+    pub fn lease_id(&self) -> &str {
+        &self.lease_id
+    }
+
+    /// How long the credential is valid from its issue, unless renewed.
+    pub fn lease_duration(&self) -> Duration {
+        self.lease_duration
+    }
+
+    /// The PostgreSQL user name: the role name lowercased, the issue time and a random part.
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+
+    /// The password, in plaintext. It was sent to PostgreSQL only as a SCRAM-SHA-256 verifier.
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credential")
+            .field("lease_id", &self.lease_id)
+            .field("lease_duration", &self.lease_duration)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `len` characters drawn uniformly from `alphabet` (at most 256 symbols) with the OS CSPRNG.
+fn random_string(alphabet: &[u8], len: usize) -> Result<Zeroizing<String>, Error> {
+    // Rejection sampling: bytes at or above the largest multiple of the alphabet size would bias the result.
+    let limit = 256 - 256 % alphabet.len();
+    let mut out = Zeroizing::new(String::with_capacity(len));
+    let mut buf = Zeroizing::new([0u8; 64]);
+    while out.len() < len {
+        SysRng.try_fill_bytes(buf.as_mut()).map_err(|e| {
+            Error::new(
+                ErrorKind::Random,
+                "the operating system's random number generator failed; no credential was issued",
+            )
+            .with_source(e)
+        })?;
+        for &b in buf.iter().filter(|&&b| usize::from(b) < limit) {
+            if out.len() == len {
+                break;
+            }
+            out.push(char::from(alphabet[usize::from(b) % alphabet.len()]));
+        }
+    }
+    Ok(out)
+}
+
+/// A fresh password: 32 characters of `[A-Za-z0-9-]`.
+pub(crate) fn generate_password() -> Result<Zeroizing<String>, Error> {
+    random_string(PASSWORD_ALPHABET, PASSWORD_LEN)
+}
+
+/// A fresh username `<role lowercased>-<unix seconds>-<16 random [a-z0-9]>`: at most 32 + 1 + 10 + 1 + 16 = 60
+/// bytes, so within PostgreSQL's 63; the role name makes it traceable, the seconds sortable.
+pub(crate) fn generate_username(role: &str, now: SystemTime) -> Result<String, Error> {
+    let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let random = random_string(USERNAME_ALPHABET, USERNAME_RANDOM_LEN)?;
+    let username = format!("{}-{secs}-{}", role.to_ascii_lowercase(), random.as_str());
+    debug_assert!(username.len() <= MAX_USERNAME_LEN);
+    Ok(username)
+}
+
+/// A lease id `postgresql/creds/<role>/<128 random bits as a UUID-shaped hex string>`.
+pub(crate) fn generate_lease_id(role: &str) -> Result<String, Error> {
+    let mut bytes = [0u8; 16];
+    SysRng.try_fill_bytes(&mut bytes).map_err(|e| {
+        Error::new(
+            ErrorKind::Random,
+            "the operating system's random number generator failed; no credential was issued",
+        )
+        .with_source(e)
+    })?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!(
+        "postgresql/creds/{role}/{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    ))
+}
+
+/// The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (4096 iterations, random salt). Sending it
+/// instead of the plaintext keeps the password out of the server, its logs and `pg_stat_activity`.
+pub(crate) fn scram_verifier(password: &str) -> Zeroizing<String> {
+    Zeroizing::new(postgres_protocol::password::scram_sha_256(password.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn passwords_are_long_random_and_plain() {
+        let mut seen = HashSet::new();
+        for _ in 0..200 {
+            let p = generate_password().unwrap();
+            assert_eq!(p.len(), PASSWORD_LEN);
+            assert!(p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{}", p.as_str());
+            assert!(seen.insert(p.to_string()));
+        }
+        let bits = PASSWORD_LEN as f64 * (PASSWORD_ALPHABET.len() as f64).log2();
+        assert!(bits >= 128.0, "{bits}");
+    }
+
+    #[test]
+    fn every_alphabet_symbol_is_used() {
+        let mut seen = HashSet::new();
+        for _ in 0..100 {
+            seen.extend(generate_password().unwrap().bytes());
+        }
+        assert_eq!(seen.len(), PASSWORD_ALPHABET.len());
+    }
+
+    #[test]
+    fn usernames_fit_and_carry_the_role() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_764_342_245);
+        let long_role = "Read_Only-".repeat(4)[..32].to_owned();
+        for role in ["production", "A", long_role.as_str()] {
+            let u = generate_username(role, now).unwrap();
+            assert!(u.len() <= MAX_USERNAME_LEN, "{u}");
+            assert!(u.starts_with(&format!("{}-1764342245-", role.to_ascii_lowercase())), "{u}");
+            assert!(u.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'));
+        }
+    }
+
+    #[test]
+    fn lease_ids_have_vaults_shape() {
+        let id = generate_lease_id("production").unwrap();
+        let random = id.strip_prefix("postgresql/creds/production/").unwrap();
+        let groups: Vec<_> = random.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12]);
+        assert_ne!(id, generate_lease_id("production").unwrap());
+    }
+
+    #[test]
+    fn verifier_has_scram_format_and_no_plaintext() {
+        let v = scram_verifier("hunter2-hunter2");
+        assert!(v.starts_with("SCRAM-SHA-256$4096:"), "{}", v.as_str());
+        assert!(!v.contains("hunter2"));
+        assert!(!v.contains('\''));
+    }
+
+    #[test]
+    fn debug_hides_the_password() {
+        let c = Credential {
+            lease_id: "postgresql/creds/r/x".into(),
+            lease_duration: Duration::from_secs(60),
+            username: "r-1-abc".into(),
+            password: Zeroizing::new("s3cret-pass".into()),
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret-pass") && shown.contains("<redacted>"), "{shown}");
+    }
+}

@@ -1,0 +1,192 @@
+//! The crate's one error type.
+//!
+//! Every message says what happened and what to do about it. Messages never contain a password, a SCRAM
+//! verifier or the admin password: anything that came back from PostgreSQL is passed through [`redact`] with
+//! the secrets of the operation before it is stored.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+/// What kind of failure an [`Error`] is; match on it to decide what to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The builder was given something unusable: a malformed connection string, a bad duration, a missing
+    /// `sslrootcert`. Nothing was contacted.
+    InvalidConfig,
+    /// PostgreSQL could not be reached, refused the admin login, or the pool had no connection in time.
+    Connection,
+    /// No `sslmode` was given (so TLS is required) and the server does not offer SSL.
+    SslNotEnabled,
+    /// The TLS handshake failed: unknown CA, wrong host name, expired certificate.
+    Tls,
+    /// The admin user lacks a right the broker needs (for example `CREATEROLE`).
+    Permission,
+    /// A role name outside 1–32 characters of `[A-Za-z0-9_-]`.
+    InvalidRoleName,
+    /// A SQL template with an unknown or unbalanced placeholder, or without a required one.
+    InvalidTemplate,
+    /// PostgreSQL rejected a role's SQL when `write_role` tried it (syntax error, unknown group role, ...).
+    TemplateRejected,
+    /// No role of that name is defined.
+    UnknownRole,
+    /// No lease with that id is in the lease table.
+    UnknownLease,
+    /// The lease has expired or is being revoked, so it can no longer be renewed.
+    LeaseExpired,
+    /// PostgreSQL failed a statement while issuing or renewing a credential.
+    Database,
+    /// A role could not be dropped; the lease stays in the table and is retried.
+    Revocation,
+    /// The operating system's random number generator failed.
+    Random,
+}
+
+/// The error of every fallible operation in this crate.
+///
+/// [`Error::kind`] says what failed; `Display` says what happened and what fixes it; [`std::error::Error::source`]
+/// keeps the underlying cause (a `postgres::Error`, an I/O error) where there is one.
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    code: Option<String>,
+    source: Option<Box<dyn StdError + Send + Sync + 'static>>,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error {
+            kind,
+            message: message.into(),
+            code: None,
+            source: None,
+        }
+    }
+
+    /// An error caused by a PostgreSQL client error; its server message is appended (redacted of `secrets`).
+    pub(crate) fn postgres(
+        kind: ErrorKind,
+        context: impl Into<String>,
+        err: postgres::Error,
+        secrets: &[&str],
+    ) -> Error {
+        let code = err.code().map(|c| c.code().to_owned());
+        let message = format!("{}: {}", context.into(), redact(&describe(&err), secrets));
+        let source = if secrets.is_empty() {
+            Some(Box::new(err) as Box<dyn StdError + Send + Sync>)
+        } else {
+            // The postgres error may quote the SQL near a syntax error; keep only the redacted text.
+            None
+        };
+        Error {
+            kind,
+            message,
+            code,
+            source,
+        }
+    }
+
+    pub(crate) fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Error {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    pub(crate) fn with_code(mut self, code: impl Into<String>) -> Error {
+        self.code = Some(code.into());
+        self
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The five-character SQLSTATE PostgreSQL returned (for example `42710`), when the server reported the error.
+    pub fn db_code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("code", &self.code)
+            .finish()
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_ref()
+            .map(|s| s.as_ref() as &(dyn StdError + 'static))
+    }
+}
+
+/// The whole message of a client error: the server's `ERROR: message (DETAIL, HINT)` for a database error,
+/// else the error and each of its causes, which is where rust-postgres keeps the reason for an I/O or TLS failure.
+pub(crate) fn describe(err: &postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            s.push_str(&format!(" (detail: {detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            s.push_str(&format!(" (hint: {hint})"));
+        }
+        return s;
+    }
+    chain(err)
+}
+
+/// An error followed by each of its causes, joined by `": "`.
+pub(crate) fn chain(err: &(dyn StdError + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        next = cause.source();
+    }
+    s
+}
+
+/// `text` with every occurrence of each non-empty secret replaced by `<redacted>`.
+pub(crate) fn redact(text: &str, secrets: &[&str]) -> String {
+    let mut out = text.to_owned();
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        out = out.replace(secret, "<redacted>");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_replaces_every_secret() {
+        let text = "near 'SCRAM-SHA-256$4096:abc' and pw123 and pw123";
+        assert_eq!(
+            redact(text, &["SCRAM-SHA-256$4096:abc", "pw123", ""]),
+            "near '<redacted>' and <redacted> and <redacted>"
+        );
+    }
+
+    #[test]
+    fn error_is_send_sync_static() {
+        fn assert_bounds<T: StdError + Send + Sync + 'static>() {}
+        assert_bounds::<Error>();
+    }
+}

@@ -1,0 +1,74 @@
+//! `credbroker` hands out dynamic PostgreSQL credentials from inside the application that needs them: the job of
+//! HashiCorp Vault's `postgresql` secret backend, as a library, with no server to run.
+//!
+//! Give a [`Broker`] an admin connection string once, define roles, and call [`Broker::creds`] whenever an
+//! instance needs database access. Each call creates a fresh PostgreSQL login role with a random password and a
+//! `VALID UNTIL`, and returns a [`Credential`] with its lease. Every instance gets its own SQL username, so a
+//! questionable query can be traced to one instance. Renewing a lease moves `VALID UNTIL`; revoking it, or letting
+//! it expire, ends the role's sessions and drops the role. A background thread (the sweeper) revokes expired
+//! leases on time.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use credbroker::{Broker, Role};
+//! use std::time::Duration;
+//!
+//! let broker = Broker::builder()
+//!     .connection("host=localhost user=username password=password sslmode=disable")
+//!     .lease(Duration::from_secs(3600), Duration::from_secs(24 * 3600))
+//!     .build()?;
+//!
+//! broker.write_role("production", Role::new())?;
+//! let creds = broker.creds("production")?;
+//! println!("lease_id       {}", creds.lease_id());
+//! println!("lease_duration {}", creds.lease_duration().as_secs());
+//! println!("username       {}", creds.username());
+//!
+//! // Connect with creds.username() and creds.password(), then:
+//! broker.renew(creds.lease_id(), Some(Duration::from_secs(1800)))?;
+//! broker.revoke(creds.lease_id())?;
+//! # Ok::<(), credbroker::Error>(())
+//! ```
+//!
+//! `cargo run --example quickstart` runs this against a throwaway PostgreSQL server.
+//!
+//! # What reaches PostgreSQL
+//!
+//! Passwords are 32 characters of `[A-Za-z0-9-]` (191 bits) from the operating system's CSPRNG. The broker sends
+//! only their SCRAM-SHA-256 verifier, which PostgreSQL stores as given, so the plaintext never appears in the
+//! server, its logs or `pg_stat_activity`. Usernames are `<role>-<unix seconds>-<16 random [a-z0-9]>`, at most 60
+//! bytes (PostgreSQL silently truncates beyond 63). `{{expiration}}` is the lease's end in UTC with an explicit
+//! offset, so a server in any time zone reads it right.
+//!
+//! # Module map
+//!
+//! - [`broker`](Broker): configuration, roles, and the credential lifecycle.
+//! - `credential`: usernames, passwords, SCRAM verifiers, lease ids.
+//! - `lease`, `lease_table`: lease time arithmetic and the in-memory table.
+//! - `sweeper`: the background thread where leases expire.
+//! - `revoke`: where roles are dropped.
+//! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `template`: role SQL.
+//! - [`testing`] (feature `testing`): a throwaway PostgreSQL server for tests.
+#![warn(missing_docs)]
+
+mod broker;
+mod connection;
+mod credential;
+mod error;
+mod lease;
+mod lease_table;
+mod revoke;
+mod role;
+mod sql;
+mod sweeper;
+mod template;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use broker::{Broker, BrokerBuilder};
+pub use connection::SslMode;
+pub use credential::Credential;
+pub use error::{Error, ErrorKind};
+pub use lease::{Lease, MAX_LEASE};
+pub use role::{Role, DEFAULT_CREATION_SQL, MAX_ROLE_NAME_LEN};

@@ -1,0 +1,218 @@
+//! Roles: named recipes for the PostgreSQL login roles the broker creates.
+
+use std::time::Duration;
+
+use crate::error::{Error, ErrorKind};
+use crate::lease::LeasePolicy;
+use crate::template::{Placeholder, Template};
+
+/// The creation SQL of [`Role::new`]: a login role with the password and expiry, and nothing else.
+pub const DEFAULT_CREATION_SQL: &str =
+    r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"#;
+
+/// The longest role name [`Broker::write_role`](crate::Broker::write_role) accepts.
+pub const MAX_ROLE_NAME_LEN: usize = 32;
+
+/// A role definition: how to create, renew and revoke the PostgreSQL login role behind each credential.
+///
+/// ```
+/// use credbroker::Role;
+/// use std::time::Duration;
+///
+/// let readonly = Role::new()
+///     .creation_sql(r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';
+///                      GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{{name}}";"#)
+///     .lease(Duration::from_secs(600), Duration::from_secs(3600));
+/// assert!(readonly.get_revocation_sql().is_none());
+/// ```
+///
+/// Templates are checked when the role is written: placeholders by the parser, the SQL by PostgreSQL (run once
+/// in a transaction with sample values, then rolled back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    creation_sql: String,
+    revocation_sql: Option<String>,
+    renew_sql: Option<String>,
+    lease: Option<(Duration, Duration)>,
+}
+
+impl Default for Role {
+    fn default() -> Role {
+        Role::new()
+    }
+}
+
+impl Role {
+    /// A role whose credentials are plain login roles with a password and `VALID UNTIL`, no other privileges,
+    /// revoked by the broker's default revocation, with the broker's lease durations.
+    pub fn new() -> Role {
+        Role {
+            creation_sql: DEFAULT_CREATION_SQL.to_owned(),
+            revocation_sql: None,
+            renew_sql: None,
+            lease: None,
+        }
+    }
+
+    /// Sets the SQL that creates a credential's role. It runs in one transaction; it must use `{{name}}`
+    /// (or `{{username}}`) and may use `{{password}}` (a SCRAM-SHA-256 verifier, to be placed inside `'...'`)
+    /// and `{{expiration}}` (a UTC timestamp with offset, inside `'...'`).
+    pub fn creation_sql(mut self, sql: impl Into<String>) -> Role {
+        self.creation_sql = sql.into();
+        self
+    }
+
+    /// Sets the SQL that revokes a credential, run in one transaction after the broker has set the role
+    /// `NOLOGIN` and ended its sessions. It may use only `{{name}}`, and must leave the role dropped. Without
+    /// it, the broker's default revocation runs: `REASSIGN OWNED` to the admin user, `DROP OWNED`, `DROP ROLE`.
+    pub fn revocation_sql(mut self, sql: impl Into<String>) -> Role {
+        self.revocation_sql = Some(sql.into());
+        self
+    }
+
+    /// Sets the SQL that renews a credential; it may use `{{name}}` and `{{expiration}}`. Without it, the
+    /// broker runs `ALTER ROLE ... VALID UNTIL`.
+    pub fn renew_sql(mut self, sql: impl Into<String>) -> Role {
+        self.renew_sql = Some(sql.into());
+        self
+    }
+
+    /// Overrides the broker's lease durations for this role: the lease a credential gets (and a renewal without
+    /// an increment adds), and the longest a lease may live from its issue, renewals included.
+    pub fn lease(mut self, default: Duration, max: Duration) -> Role {
+        self.lease = Some((default, max));
+        self
+    }
+
+    /// The creation SQL template.
+    pub fn get_creation_sql(&self) -> &str {
+        &self.creation_sql
+    }
+
+    /// The revocation SQL template, if one was set.
+    pub fn get_revocation_sql(&self) -> Option<&str> {
+        self.revocation_sql.as_deref()
+    }
+
+    /// The renew SQL template, if one was set.
+    pub fn get_renew_sql(&self) -> Option<&str> {
+        self.renew_sql.as_deref()
+    }
+
+    /// The role's own `(default, max)` lease durations, if it overrides the broker's.
+    pub fn get_lease(&self) -> Option<(Duration, Duration)> {
+        self.lease
+    }
+}
+
+/// A role whose templates are parsed and whose lease policy is resolved against the broker's.
+#[derive(Debug)]
+pub(crate) struct CompiledRole {
+    pub name: String,
+    pub role: Role,
+    pub creation: Template,
+    pub revocation: Option<Template>,
+    pub renew: Option<Template>,
+    pub policy: LeasePolicy,
+}
+
+impl CompiledRole {
+    /// Checks the name and templates of `role` and resolves its lease durations within `broker_policy`.
+    pub(crate) fn compile(name: &str, role: Role, broker_policy: LeasePolicy) -> Result<CompiledRole, Error> {
+        check_role_name(name)?;
+        use Placeholder::*;
+        let creation = Template::parse("creation SQL", &role.creation_sql, &[Name, Password, Expiration], &[Name])?;
+        let revocation = match &role.revocation_sql {
+            Some(sql) => Some(Template::parse("revocation SQL", sql, &[Name], &[Name])?),
+            None => None,
+        };
+        let renew = match &role.renew_sql {
+            Some(sql) => Some(Template::parse("renew SQL", sql, &[Name, Expiration], &[Name])?),
+            None => None,
+        };
+        let policy = match role.lease {
+            None => broker_policy,
+            Some((default, max)) => {
+                let policy = LeasePolicy::new(default, max)?;
+                if max > broker_policy.max {
+                    return Err(Error::new(
+                        ErrorKind::InvalidConfig,
+                        format!(
+                            "role {name:?}: its max lease ({}s) exceeds the broker's max lease ({}s); \
+                             lower the role's max or raise the broker's with BrokerBuilder::lease",
+                            max.as_secs(),
+                            broker_policy.max.as_secs()
+                        ),
+                    ));
+                }
+                policy
+            }
+        };
+        Ok(CompiledRole {
+            name: name.to_owned(),
+            role,
+            creation,
+            revocation,
+            renew,
+            policy,
+        })
+    }
+}
+
+/// Role names are 1–32 characters of `[A-Za-z0-9_-]`: they become part of usernames and lease ids.
+pub(crate) fn check_role_name(name: &str) -> Result<(), Error> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if name.is_empty() || name.len() > MAX_ROLE_NAME_LEN || !ok_chars {
+        return Err(Error::new(
+            ErrorKind::InvalidRoleName,
+            format!(
+                "invalid role name {name:?}: use 1 to {MAX_ROLE_NAME_LEN} characters of A-Z, a-z, 0-9, '_' and '-'"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> LeasePolicy {
+        LeasePolicy::new(Duration::from_secs(3600), Duration::from_secs(86400)).unwrap()
+    }
+
+    #[test]
+    fn role_names_are_checked() {
+        for good in ["production", "a", "Read_Only-2", &"x".repeat(32)] {
+            assert!(check_role_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "has space", "semi;colon", "quote\"", "ünïcode", "dot.name", &"x".repeat(33)] {
+            let err = check_role_name(bad).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidRoleName, "{bad}");
+        }
+    }
+
+    #[test]
+    fn default_role_compiles() {
+        let compiled = CompiledRole::compile("production", Role::new(), policy()).unwrap();
+        assert!(compiled.revocation.is_none());
+        assert_eq!(compiled.policy, policy());
+    }
+
+    #[test]
+    fn role_lease_beyond_broker_max_is_refused() {
+        let role = Role::new().lease(Duration::from_secs(60), Duration::from_secs(2 * 86400));
+        let err = CompiledRole::compile("r", role, policy()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(err.to_string().contains("exceeds the broker's max lease"), "{err}");
+    }
+
+    #[test]
+    fn creation_sql_without_name_is_refused() {
+        let role = Role::new().creation_sql("CREATE ROLE fixed LOGIN");
+        let err = CompiledRole::compile("r", role, policy()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
+    }
+}

@@ -1,0 +1,42 @@
+//! Every SQL statement the broker builds itself, in one place. Identifiers and literals are quoted with
+//! `postgres_protocol::escape`, which is correct whatever `standard_conforming_strings` says; values that can be
+//! bound as parameters are.
+
+use postgres_protocol::escape::{escape_identifier, escape_literal};
+
+/// The admin's own rights: superuser, CREATEROLE, and whether it may signal other backends.
+pub(crate) const ADMIN_RIGHTS: &str = "SELECT current_user::text, r.rolsuper, r.rolcreaterole, \
+     pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
+     FROM pg_roles r WHERE r.rolname = current_user";
+
+/// The oid of a role by name (`$1`), if it exists.
+pub(crate) const ROLE_OID: &str = "SELECT oid FROM pg_roles WHERE rolname = $1";
+
+/// Ends every session of the role with oid `$1`, waiting up to 5 s for each to exit. By oid, not name: after
+/// `DROP ROLE` a surviving session's `usename` is NULL but its `usesysid` is still the old oid.
+pub(crate) const TERMINATE_SESSIONS: &str = "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
+     WHERE usesysid = $1 AND pid <> pg_backend_pid()";
+
+/// The id of the current transaction, assigning one: a template that commits or rolls back changes it.
+pub(crate) const CURRENT_XID: &str = "SELECT txid_current()";
+
+/// `ALTER ROLE … VALID UNTIL …`: the default renewal.
+pub(crate) fn set_valid_until(username: &str, expiration: &str) -> String {
+    format!(
+        "ALTER ROLE {} VALID UNTIL {}",
+        escape_identifier(username),
+        escape_literal(expiration)
+    )
+}
+
+/// `ALTER ROLE … NOLOGIN`: fences new logins before sessions are ended.
+pub(crate) fn nologin(username: &str) -> String {
+    format!("ALTER ROLE {} NOLOGIN", escape_identifier(username))
+}
+
+/// The default revocation, run in one transaction after the sessions are gone: hand what the role owns to the
+/// admin, drop its remaining privileges, drop the role.
+pub(crate) fn drop_role_and_owned(username: &str) -> String {
+    let name = escape_identifier(username);
+    format!("REASSIGN OWNED BY {name} TO CURRENT_USER; DROP OWNED BY {name}; DROP ROLE {name};")
+}

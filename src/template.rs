@@ -1,0 +1,203 @@
+//! SQL templates with Vault's placeholders: `{{name}}` (or `{{username}}`), `{{password}}`, `{{expiration}}`.
+//!
+//! A template is parsed once, when the role is written, into text and placeholder segments; rendering only
+//! concatenates. The values the broker substitutes are made of characters that need no quoting inside the
+//! template's own quotes (usernames `[a-z0-9_-]`, SCRAM verifiers, timestamps), so substitution cannot change the
+//! statement's structure. The rendered text is sent whole over the simple query protocol, so PostgreSQL, not
+//! this module, splits it into statements: `DO $$ ... $$` blocks and `;` inside literals work.
+
+use crate::error::{Error, ErrorKind};
+
+/// A placeholder a template may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placeholder {
+    Name,
+    Password,
+    Expiration,
+}
+
+impl Placeholder {
+    fn parse(word: &str) -> Option<Placeholder> {
+        match word {
+            "name" | "username" => Some(Placeholder::Name),
+            "password" => Some(Placeholder::Password),
+            "expiration" => Some(Placeholder::Expiration),
+            _ => None,
+        }
+    }
+
+    fn spelling(self) -> &'static str {
+        match self {
+            Placeholder::Name => "{{name}}",
+            Placeholder::Password => "{{password}}",
+            Placeholder::Expiration => "{{expiration}}",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Text(String),
+    Value(Placeholder),
+}
+
+/// The values substituted into a template.
+pub(crate) struct Values<'a> {
+    pub name: &'a str,
+    pub password: &'a str,
+    pub expiration: &'a str,
+}
+
+/// A parsed template.
+#[derive(Debug, Clone)]
+pub(crate) struct Template {
+    segments: Vec<Segment>,
+}
+
+impl Template {
+    /// Parses `source`, allowing only the placeholders in `allowed` and requiring those in `required`.
+    /// `what` names the template in error messages (e.g. "creation SQL").
+    pub(crate) fn parse(
+        what: &str,
+        source: &str,
+        allowed: &[Placeholder],
+        required: &[Placeholder],
+    ) -> Result<Template, Error> {
+        let invalid = |msg: String| Error::new(ErrorKind::InvalidTemplate, format!("{what}: {msg}"));
+        if source.trim().is_empty() {
+            return Err(invalid("the template is empty; give SQL or leave it unset for the default".into()));
+        }
+        let mut segments = Vec::new();
+        let mut rest = source;
+        let mut offset = 0;
+        while let Some(open) = rest.find("{{") {
+            if open > 0 {
+                segments.push(Segment::Text(rest[..open].to_owned()));
+            }
+            let inner_start = open + 2;
+            let Some(close) = rest[inner_start..].find("}}") else {
+                return Err(invalid(format!(
+                    "unclosed placeholder at byte {}: `{{{{` without `}}}}`",
+                    offset + open
+                )));
+            };
+            let inner = &rest[inner_start..inner_start + close];
+            if inner.contains("{{") {
+                return Err(invalid(format!(
+                    "nested placeholder at byte {}: placeholders cannot contain `{{{{`",
+                    offset + open
+                )));
+            }
+            let word = inner.trim();
+            let placeholder = Placeholder::parse(word).ok_or_else(|| {
+                invalid(format!(
+                    "unknown placeholder `{{{{{word}}}}}` at byte {}; allowed: {}",
+                    offset + open,
+                    allowed.iter().map(|p| p.spelling()).collect::<Vec<_>>().join(", ")
+                ))
+            })?;
+            if !allowed.contains(&placeholder) {
+                return Err(invalid(format!(
+                    "placeholder {} at byte {} is not available here; allowed: {}",
+                    placeholder.spelling(),
+                    offset + open,
+                    allowed.iter().map(|p| p.spelling()).collect::<Vec<_>>().join(", ")
+                )));
+            }
+            segments.push(Segment::Value(placeholder));
+            let consumed = inner_start + close + 2;
+            offset += consumed;
+            rest = &rest[consumed..];
+        }
+        if !rest.is_empty() {
+            segments.push(Segment::Text(rest.to_owned()));
+        }
+        for needed in required {
+            if !segments.contains(&Segment::Value(*needed)) {
+                return Err(invalid(format!(
+                    "the template must use {} so the broker knows which role it creates",
+                    needed.spelling()
+                )));
+            }
+        }
+        Ok(Template { segments })
+    }
+
+    /// The SQL with every placeholder replaced by its value.
+    pub(crate) fn render(&self, values: &Values<'_>) -> String {
+        let mut out = String::new();
+        for segment in &self.segments {
+            out.push_str(match segment {
+                Segment::Text(text) => text,
+                Segment::Value(Placeholder::Name) => values.name,
+                Segment::Value(Placeholder::Password) => values.password,
+                Segment::Value(Placeholder::Expiration) => values.expiration,
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Placeholder::*;
+
+    const ALL: &[Placeholder] = &[Name, Password, Expiration];
+
+    fn values() -> Values<'static> {
+        Values {
+            name: "prod-abc",
+            password: "SCRAM-SHA-256$4096:x$y:z",
+            expiration: "2026-11-28 15:04:05+00",
+        }
+    }
+
+    #[test]
+    fn renders_vault_placeholders() {
+        let t = Template::parse(
+            "creation SQL",
+            r#"CREATE ROLE "{{name}}" PASSWORD '{{password}}' VALID UNTIL '{{ expiration }}'; GRANT x TO "{{username}}";"#,
+            ALL,
+            &[Name],
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&values()),
+            r#"CREATE ROLE "prod-abc" PASSWORD 'SCRAM-SHA-256$4096:x$y:z' VALID UNTIL '2026-11-28 15:04:05+00'; GRANT x TO "prod-abc";"#
+        );
+    }
+
+    #[test]
+    fn text_without_placeholders_is_kept_verbatim() {
+        let src = "DO $$ BEGIN PERFORM 1; END $$; SELECT '{' || '}'";
+        let t = Template::parse("x", &format!("{src} -- {{{{name}}}}"), ALL, &[]).unwrap();
+        assert_eq!(t.render(&values()), format!("{src} -- prod-abc"));
+    }
+
+    #[test]
+    fn unknown_placeholder_is_rejected_with_position() {
+        let err = Template::parse("creation SQL", "CREATE ROLE {{nmae}}", ALL, &[]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
+        assert!(err.to_string().contains("unknown placeholder `{{nmae}}` at byte 12"), "{err}");
+    }
+
+    #[test]
+    fn unbalanced_and_nested_placeholders_are_rejected() {
+        let err = Template::parse("x", "CREATE ROLE {{name", ALL, &[]).unwrap_err();
+        assert!(err.to_string().contains("unclosed placeholder at byte 12"), "{err}");
+        let err = Template::parse("x", "{{ {{name}} }}", ALL, &[]).unwrap_err();
+        assert!(err.to_string().contains("nested placeholder at byte 0"), "{err}");
+    }
+
+    #[test]
+    fn required_and_allowed_placeholders_are_enforced() {
+        let err = Template::parse("creation SQL", "CREATE ROLE foo", ALL, &[Name]).unwrap_err();
+        assert!(err.to_string().contains("must use {{name}}"), "{err}");
+        let err = Template::parse("revocation SQL", "ALTER ROLE \"{{name}}\" PASSWORD '{{password}}'", &[Name], &[])
+            .unwrap_err();
+        assert!(err.to_string().contains("{{password}} at byte 32 is not available here"), "{err}");
+        let err = Template::parse("x", "  \n", ALL, &[]).unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+    }
+}

@@ -1,0 +1,381 @@
+//! A throwaway PostgreSQL server for tests, examples and benchmarks (feature `testing`).
+//!
+//! [`TestPostgres::start`] runs `initdb` into a fresh temporary directory with `scram-sha-256` authentication,
+//! starts the server on a free loopback port with its log in a file, and stops it and removes the directory
+//! when dropped. The binaries are found on `PATH`, through `pg_config --bindir`, or under
+//! `/usr/lib/postgresql/*/bin`. PostgreSQL refuses to run as root, so when the process is root the server runs
+//! as the `postgres` OS user (through `setpriv`).
+//!
+//! ```no_run
+//! use credbroker::testing::TestPostgres;
+//! use credbroker::{Broker, Role};
+//!
+//! let pg = TestPostgres::start()?;
+//! let broker = Broker::builder().connection(pg.connection_string()).build()?;
+//! broker.write_role("app", Role::new())?;
+//! let creds = broker.creds("app")?;
+//! let mut client = pg.login(creds.username(), creds.password())?;
+//! client.simple_query("SELECT 1")?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fs;
+use std::io;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::credential::generate_password;
+
+/// Settings for a [`TestPostgres`] before it starts.
+#[derive(Debug, Default, Clone)]
+pub struct TestPostgresBuilder {
+    tls: bool,
+    settings: Vec<(String, String)>,
+}
+
+impl TestPostgresBuilder {
+    /// Turns on TLS (`ssl=on`) with a CA and a server certificate for `localhost` and `127.0.0.1` made with the
+    /// `openssl` command; [`TestPostgres::ca_cert`] is the CA to trust.
+    pub fn tls(mut self, on: bool) -> TestPostgresBuilder {
+        self.tls = on;
+        self
+    }
+
+    /// Adds a `postgresql.conf` setting, e.g. `("log_statement", "all")`. The value is written quoted.
+    pub fn setting(mut self, name: &str, value: &str) -> TestPostgresBuilder {
+        self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Initialises and starts the server.
+    pub fn start(self) -> io::Result<TestPostgres> {
+        TestPostgres::start_with(self)
+    }
+}
+
+/// A running throwaway PostgreSQL server; stopped, and its directory removed, on drop.
+#[derive(Debug)]
+pub struct TestPostgres {
+    dir: PathBuf,
+    bin: PathBuf,
+    port: u16,
+    password: String,
+    ca_cert: Option<PathBuf>,
+    run_as_postgres: bool,
+}
+
+/// The superuser `initdb` creates.
+const ADMIN_USER: &str = "admin";
+
+impl TestPostgres {
+    /// Starts a server with default settings, without TLS.
+    pub fn start() -> io::Result<TestPostgres> {
+        TestPostgres::builder().start()
+    }
+
+    /// Settings for a server to start.
+    pub fn builder() -> TestPostgresBuilder {
+        TestPostgresBuilder::default()
+    }
+
+    fn start_with(options: TestPostgresBuilder) -> io::Result<TestPostgres> {
+        let bin = find_bin_dir()?;
+        let run_as_postgres = is_root();
+        let password = generate_password()
+            .map_err(|e| io::Error::other(e.to_string()))?
+            .to_string();
+        let dir = make_temp_dir()?;
+        let mut pg = TestPostgres {
+            dir,
+            bin,
+            port: 0,
+            password,
+            ca_cert: None,
+            run_as_postgres,
+        };
+        pg.init(&options)?;
+        let mut last_error = None;
+        // Another process may take the free port between our probe and the server's bind: try a few.
+        for _ in 0..5 {
+            pg.port = free_port()?;
+            match pg.pg_ctl_start() {
+                Ok(()) => return Ok(pg),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| io::Error::other("PostgreSQL did not start")))
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The server log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    /// Everything the server has logged so far.
+    pub fn log_contents(&self) -> io::Result<String> {
+        fs::read_to_string(self.log_path())
+    }
+
+    /// The TCP port the server listens on (on 127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The superuser's name.
+    pub fn admin_user(&self) -> &str {
+        ADMIN_USER
+    }
+
+    /// The superuser's password.
+    pub fn admin_password(&self) -> &str {
+        &self.password
+    }
+
+    /// The CA certificate that signed the server's certificate, when started with TLS.
+    pub fn ca_cert(&self) -> Option<&Path> {
+        self.ca_cert.as_deref()
+    }
+
+    /// A libpq connection string for the superuser with `sslmode=disable`.
+    pub fn connection_string(&self) -> String {
+        self.connection_string_with("sslmode=disable")
+    }
+
+    /// A libpq connection string for the superuser followed by `extra` (e.g. `sslmode=verify-full ...`).
+    pub fn connection_string_with(&self, extra: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={ADMIN_USER} password={} dbname=postgres {extra}",
+            self.port, self.password
+        )
+    }
+
+    /// A new superuser connection, without TLS.
+    pub fn admin_client(&self) -> Result<postgres::Client, postgres::Error> {
+        self.login(ADMIN_USER, &self.password)
+    }
+
+    /// Logs in as `user` with `password` (password authentication, no TLS), as an application would.
+    pub fn login(&self, user: &str, password: &str) -> Result<postgres::Client, postgres::Error> {
+        postgres::Config::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(user)
+            .password(password)
+            .dbname("postgres")
+            .connect(postgres::NoTls)
+    }
+
+    /// Runs `pg_ctl restart` (fast shutdown, then start on the same port): every connection is broken.
+    pub fn restart(&self) -> io::Result<()> {
+        let data = self.data_dir();
+        let log = self.log_path();
+        let out = self.run_pg(
+            "pg_ctl",
+            &["-D", path_str(&data)?, "-l", path_str(&log)?, "-w", "-m", "fast", "restart"],
+        )?;
+        check(out, "pg_ctl restart")
+    }
+
+    fn init(&mut self, options: &TestPostgresBuilder) -> io::Result<()> {
+        let data = self.data_dir();
+        let pwfile = self.dir.join("pwfile");
+        fs::write(&pwfile, &self.password)?;
+        self.hand_to_postgres(&self.dir)?;
+        self.hand_to_postgres(&pwfile)?;
+        let out = self.run_pg(
+            "initdb",
+            &[
+                "-D",
+                path_str(&data)?,
+                "-U",
+                ADMIN_USER,
+                &format!("--pwfile={}", path_str(&pwfile)?),
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+        )?;
+        check(out, "initdb")?;
+        fs::remove_file(&pwfile)?;
+
+        let mut conf = format!(
+            "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 200\n",
+            path_str(&self.dir)?
+        );
+        if options.tls {
+            self.make_certificates()?;
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
+        for (name, value) in &options.settings {
+            conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
+        }
+        let conf_path = data.join("postgresql.conf");
+        let mut existing = fs::read_to_string(&conf_path)?;
+        existing.push_str(&conf);
+        fs::write(&conf_path, existing)?;
+        Ok(())
+    }
+
+    fn pg_ctl_start(&self) -> io::Result<()> {
+        let data = self.data_dir();
+        let log = self.log_path();
+        let out = self.run_pg(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data)?,
+                "-l",
+                path_str(&log)?,
+                "-o",
+                &format!("-p {}", self.port),
+                "-w",
+                "start",
+            ],
+        )?;
+        check(out, "pg_ctl start")
+    }
+
+    /// A CA and a server certificate in the data directory, the key readable by the server's user only.
+    fn make_certificates(&mut self) -> io::Result<()> {
+        let data = self.data_dir();
+        let ca_key = self.dir.join("ca.key");
+        let ca_crt = self.dir.join("ca.crt");
+        let csr = self.dir.join("server.csr");
+        let ext = self.dir.join("server.ext");
+        let key = data.join("server.key");
+        let crt = data.join("server.crt");
+        fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\n")?;
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        openssl(&[&["req", "-x509"], &ec[..], &["-keyout", path_str(&ca_key)?, "-out", path_str(&ca_crt)?,
+            "-days", "3", "-subj", "/CN=credbroker test CA"]]
+        .concat())?;
+        openssl(&[&["req"], &ec[..], &["-keyout", path_str(&key)?, "-out", path_str(&csr)?, "-subj", "/CN=localhost"]]
+            .concat())?;
+        openssl(&[
+            "x509", "-req", "-in", path_str(&csr)?, "-CA", path_str(&ca_crt)?, "-CAkey", path_str(&ca_key)?,
+            "-CAcreateserial", "-out", path_str(&crt)?, "-days", "3", "-extfile", path_str(&ext)?,
+        ])?;
+        for file in [&key, &crt] {
+            self.hand_to_postgres(file)?;
+        }
+        fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        self.ca_cert = Some(ca_crt);
+        Ok(())
+    }
+
+    fn hand_to_postgres(&self, path: &Path) -> io::Result<()> {
+        if self.run_as_postgres {
+            let (uid, gid) = postgres_ids()?;
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+        }
+        Ok(())
+    }
+
+    fn run_pg(&self, program: &str, args: &[&str]) -> io::Result<Output> {
+        let exe = self.bin.join(program);
+        let mut cmd = if self.run_as_postgres {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        cmd.args(args).current_dir(&self.dir).output()
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        if let Ok(data) = path_str(&self.data_dir()) {
+            let _ = self.run_pg("pg_ctl", &["-D", data, "-m", "immediate", "-w", "stop"]);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn check(out: Output, what: &str) -> io::Result<()> {
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(io::Error::other(format!(
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )))
+}
+
+fn openssl(args: &[&str]) -> io::Result<()> {
+    let out = Command::new("openssl").args(args).output().map_err(|e| {
+        io::Error::new(e.kind(), format!("cannot run openssl (install the openssl package): {e}"))
+    })?;
+    check(out, "openssl")
+}
+
+fn path_str(path: &Path) -> io::Result<&str> {
+    path.to_str()
+        .ok_or_else(|| io::Error::other(format!("path {} is not UTF-8", path.display())))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn postgres_ids() -> io::Result<(u32, u32)> {
+    let id = |flag: &str| -> io::Result<u32> {
+        let out = Command::new("id").args([flag, "postgres"]).output()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().map_err(|_| {
+            io::Error::other("running as root needs the `postgres` OS user (apt-get install postgresql creates it)")
+        })
+    };
+    Ok((id("-u")?, id("-g")?))
+}
+
+fn make_temp_dir() -> io::Result<PathBuf> {
+    let suffix = generate_password().map_err(|e| io::Error::other(e.to_string()))?;
+    let dir = std::env::temp_dir().join(format!("credbroker-pg-{}", &suffix[..12]));
+    fs::create_dir(&dir)?;
+    Ok(dir)
+}
+
+fn free_port() -> io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The directory holding `initdb`, `pg_ctl` and `postgres`.
+fn find_bin_dir() -> io::Result<PathBuf> {
+    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(path) = std::env::var_os("PATH") {
+        if let Some(dir) = std::env::split_paths(&path).find(|d| has_tools(d)) {
+            return Ok(dir);
+        }
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if has_tools(&dir) {
+            return Ok(dir);
+        }
+    }
+    let mut candidates: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
+        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    candidates.sort();
+    candidates.into_iter().rev().find(|d| has_tools(d)).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH, via pg_config, or under \
+             /usr/lib/postgresql/*/bin; install them (apt-get install postgresql)",
+        )
+    })
+}
