@@ -16,7 +16,10 @@ fn main() -> Result<(), Box<dyn Error>> {
         Some(connection) => (None, connection),
         None => {
             let pg = TestPostgres::start()?;
-            println!("Started a throwaway PostgreSQL server on 127.0.0.1:{}\n", pg.port());
+            println!(
+                "Started a throwaway PostgreSQL server on 127.0.0.1:{}\n",
+                pg.port()
+            );
             let connection = pg.connection_string();
             (Some(pg), connection)
         }

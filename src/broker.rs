@@ -15,7 +15,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use zeroize::Zeroizing;
 
 use crate::connection::{Connection, SslMode};
-use crate::credential::{generate_lease_id, generate_password, generate_username, scram_verifier, Credential};
+use crate::credential::{
+    generate_lease_id, generate_password, generate_username, scram_verifier, Credential,
+};
 use crate::error::{Error, ErrorKind};
 use crate::lease::{pg_timestamp, Lease, LeasePolicy};
 use crate::lease_table::{Entry, LeaseTable};
@@ -133,7 +135,8 @@ impl BrokerBuilder {
         let admin_user = check_admin_rights(&mut client)?;
         drop(client);
 
-        let manager = PostgresConnectionManager::new(connection.config.clone(), connection.tls.clone());
+        let manager =
+            PostgresConnectionManager::new(connection.config.clone(), connection.tls.clone());
         let pool = Pool::builder()
             .max_size(self.pool_size)
             // The connection was just verified; a ping before every operation would double the round trips.
@@ -161,7 +164,8 @@ impl BrokerBuilder {
                 .name("credbroker-sweeper".into())
                 .spawn(move || sweeper::run(shared))
                 .map_err(|e| {
-                    Error::new(ErrorKind::Connection, "could not start the sweeper thread").with_source(e)
+                    Error::new(ErrorKind::Connection, "could not start the sweeper thread")
+                        .with_source(e)
                 })?
         };
         Ok(Broker {
@@ -173,9 +177,14 @@ impl BrokerBuilder {
 
 /// Checks that the admin may create roles; returns its name.
 fn check_admin_rights(client: &mut Client) -> Result<String, Error> {
-    let row = client
-        .query_one(sql::ADMIN_RIGHTS, &[])
-        .map_err(|e| Error::postgres(ErrorKind::Connection, "could not read the admin user's rights", e, &[]))?;
+    let row = client.query_one(sql::ADMIN_RIGHTS, &[]).map_err(|e| {
+        Error::postgres(
+            ErrorKind::Connection,
+            "could not read the admin user's rights",
+            e,
+            &[],
+        )
+    })?;
     let (user, superuser, createrole, signal): (String, bool, bool, bool) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
     if !superuser && !createrole {
@@ -271,7 +280,10 @@ impl Broker {
     pub fn write_role(&self, name: &str, role: Role) -> Result<(), Error> {
         let compiled = CompiledRole::compile(name, role, self.shared.policy)?;
         self.check_role_sql(&compiled)?;
-        self.shared.roles.write().insert(name.to_owned(), Arc::new(compiled));
+        self.shared
+            .roles
+            .write()
+            .insert(name.to_owned(), Arc::new(compiled));
         log::info!("wrote role {name}");
         Ok(())
     }
@@ -290,7 +302,12 @@ impl Broker {
             )
         };
         let database = |e: postgres::Error| {
-            Error::postgres(ErrorKind::Database, format!("could not check role {:?}", role.name), e, &[])
+            Error::postgres(
+                ErrorKind::Database,
+                format!("could not check role {:?}", role.name),
+                e,
+                &[],
+            )
         };
         let username = generate_username(&role.name, SystemTime::now())?;
         let password = generate_password()?;
@@ -304,17 +321,25 @@ impl Broker {
         };
         let mut client = self.shared.connection()?;
         let mut tx = client.transaction().map_err(database)?;
-        let xid: i64 = tx.query_one(sql::CURRENT_XID, &[]).map_err(database)?.get(0);
+        let xid: i64 = tx
+            .query_one(sql::CURRENT_XID, &[])
+            .map_err(database)?
+            .get(0);
         let creation = Zeroizing::new(role.creation.render(&values));
         tx.batch_execute(&creation)
             .map_err(|e| rejected("creation SQL", e, &[&verifier, &password]))?;
-        let xid_after: i64 = tx.query_one(sql::CURRENT_XID, &[]).map_err(database)?.get(0);
+        let xid_after: i64 = tx
+            .query_one(sql::CURRENT_XID, &[])
+            .map_err(database)?
+            .get(0);
         if xid_after != xid {
             drop(tx);
             // The template committed: the sample role may exist for real. Remove it before refusing.
             let cleanup = revoke_role(&mut client, &username, role);
             if let Err(e) = &cleanup {
-                log::error!("could not remove sample role {username} left by a committing template: {e}");
+                log::error!(
+                    "could not remove sample role {username} left by a committing template: {e}"
+                );
             }
             return Err(Error::new(
                 ErrorKind::TemplateRejected,
@@ -325,7 +350,11 @@ impl Broker {
                 ),
             ));
         }
-        if tx.query_opt(sql::ROLE_OID, &[&username]).map_err(database)?.is_none() {
+        if tx
+            .query_opt(sql::ROLE_OID, &[&username])
+            .map_err(database)?
+            .is_none()
+        {
             return Err(Error::new(
                 ErrorKind::TemplateRejected,
                 format!(
@@ -342,7 +371,11 @@ impl Broker {
         if let Some(revocation) = &role.revocation {
             tx.batch_execute(&revocation.render(&values))
                 .map_err(|e| rejected("revocation SQL", e, &[]))?;
-            if tx.query_opt(sql::ROLE_OID, &[&username]).map_err(database)?.is_some() {
+            if tx
+                .query_opt(sql::ROLE_OID, &[&username])
+                .map_err(database)?
+                .is_some()
+            {
                 return Err(Error::new(
                     ErrorKind::TemplateRejected,
                     format!(
@@ -385,7 +418,10 @@ impl Broker {
     /// The password leaves the process only as a SCRAM-SHA-256 verifier. On any failure nothing is left behind:
     /// no role in PostgreSQL, no lease in the table; the error carries PostgreSQL's message.
     pub fn creds(&self, name: &str) -> Result<Credential, Error> {
-        let role = self.shared.current_role(name).ok_or_else(|| unknown_role(name))?;
+        let role = self
+            .shared
+            .current_role(name)
+            .ok_or_else(|| unknown_role(name))?;
         let now = SystemTime::now();
         let (issued_at, expires_at, max_expires_at) = role.policy.issue(now);
         let password = generate_password()?;
@@ -405,13 +441,18 @@ impl Broker {
             }));
             match run_in_transaction(&mut client, &sql) {
                 Ok(()) => break username,
-                Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) && attempt < USERNAME_ATTEMPTS => {
+                Err(e)
+                    if e.code() == Some(&SqlState::DUPLICATE_OBJECT)
+                        && attempt < USERNAME_ATTEMPTS =>
+                {
                     log::warn!("username {username} was taken; retrying with another");
                 }
                 Err(e) => {
                     return Err(Error::postgres(
                         ErrorKind::Database,
-                        format!("could not create a credential for role {name:?}; nothing was created"),
+                        format!(
+                            "could not create a credential for role {name:?}; nothing was created"
+                        ),
                         e,
                         &[&verifier, &password],
                     ))
@@ -430,11 +471,18 @@ impl Broker {
             revocation_attempts: 0,
             last_error: None,
         };
-        let earliest = self.shared.state.lock().table.insert(Entry::new(lease, role.clone()));
+        let earliest = self
+            .shared
+            .state
+            .lock()
+            .table
+            .insert(Entry::new(lease, role.clone()));
         if earliest {
             self.shared.wake.notify_one();
         }
-        log::info!("issued lease {lease_id} for role {name}: user {username}, valid until {expiration}");
+        log::info!(
+            "issued lease {lease_id} for role {name}: user {username}, valid until {expiration}"
+        );
         Ok(Credential {
             lease_id,
             lease_duration: role.policy.default,
@@ -462,7 +510,11 @@ impl Broker {
             if entry.lease.expires_at <= now {
                 return Err(expired(id));
             }
-            (entry.role.clone(), entry.lease.username.clone(), entry.lease.max_expires_at)
+            (
+                entry.role.clone(),
+                entry.lease.username.clone(),
+                entry.lease.max_expires_at,
+            )
         };
         let role = self.shared.current_role(&snapshot.name).unwrap_or(snapshot);
         let expires_at = role.policy.renew(now, increment, max_expires_at)?;
@@ -477,7 +529,12 @@ impl Broker {
         };
         let mut client = self.shared.connection()?;
         client.batch_execute(&sql).map_err(|e| {
-            Error::postgres(ErrorKind::Database, format!("could not renew lease {id}"), e, &[])
+            Error::postgres(
+                ErrorKind::Database,
+                format!("could not renew lease {id}"),
+                e,
+                &[],
+            )
         })?;
         drop(client);
 
@@ -488,7 +545,11 @@ impl Broker {
                 format!("lease {id} expired or was revoked while it was being renewed; request new credentials"),
             ));
         }
-        let lease = state.table.get(id).map(|e| e.lease.clone()).ok_or_else(|| unknown_lease(id))?;
+        let lease = state
+            .table
+            .get(id)
+            .map(|e| e.lease.clone())
+            .ok_or_else(|| unknown_lease(id))?;
         drop(state);
         log::info!("renewed lease {id} (user {username}) until {expiration}");
         Ok(lease)
@@ -496,7 +557,12 @@ impl Broker {
 
     /// The lease `id`, if it is in the table (issued, and its role not yet dropped).
     pub fn lease(&self, id: &str) -> Option<Lease> {
-        self.shared.state.lock().table.get(id).map(|e| e.lease.clone())
+        self.shared
+            .state
+            .lock()
+            .table
+            .get(id)
+            .map(|e| e.lease.clone())
     }
 
     /// Every lease in the table, sorted by id.
@@ -515,7 +581,13 @@ impl Broker {
     /// gone counts as revoked. The lease leaves the table only once the role is gone; if revocation fails the
     /// error is returned and the sweeper retries with backoff.
     pub fn revoke(&self, id: &str) -> Result<(), Error> {
-        let lease = self.shared.state.lock().table.claim(id).ok_or_else(|| unknown_lease(id))?;
+        let lease = self
+            .shared
+            .state
+            .lock()
+            .table
+            .claim(id)
+            .ok_or_else(|| unknown_lease(id))?;
         revoke_lease(&self.shared, &lease, "requested")
     }
 

@@ -24,7 +24,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{chain, Error, ErrorKind};
@@ -95,11 +97,12 @@ impl Connection {
                  \"host=localhost user=username password=password\" or a postgres:// URL",
             ));
         }
-        let (rest, ssl) = if source.starts_with("postgres://") || source.starts_with("postgresql://") {
-            take_ssl_from_url(source)?
-        } else {
-            take_ssl_from_key_values(source)?
-        };
+        let (rest, ssl) =
+            if source.starts_with("postgres://") || source.starts_with("postgresql://") {
+                take_ssl_from_url(source)?
+            } else {
+                take_ssl_from_key_values(source)?
+            };
         let mut config: postgres::Config = rest.parse().map_err(|e: postgres::Error| {
             // The parser's messages name the bad key or value, never the password.
             Error::new(
@@ -151,7 +154,9 @@ impl Connection {
 
     /// Opens one client connection, turning failures into errors that say what to fix.
     pub(crate) fn connect(&self) -> Result<postgres::Client, Error> {
-        self.config.connect(self.tls.clone()).map_err(|e| self.explain(e))
+        self.config
+            .connect(self.tls.clone())
+            .map_err(|e| self.explain(e))
     }
 
     /// Explains a failure to connect.
@@ -171,7 +176,10 @@ impl Connection {
                 _ => format!("PostgreSQL refused the admin connection: {}", db.message()),
             };
             let code = db.code().code().to_owned();
-            let mut e = Error::new(ErrorKind::Connection, format!("could not connect to {target}: {hint}"));
+            let mut e = Error::new(
+                ErrorKind::Connection,
+                format!("could not connect to {target}: {hint}"),
+            );
             e = e.with_source(err);
             return e.with_code(code);
         }
@@ -200,7 +208,11 @@ impl Connection {
             } else {
                 "the TLS handshake failed; check the server's certificate and sslmode"
             };
-            return Error::new(ErrorKind::Tls, format!("TLS to {target} failed: {why} ({text})")).with_source(err);
+            return Error::new(
+                ErrorKind::Tls,
+                format!("TLS to {target} failed: {why} ({text})"),
+            )
+            .with_source(err);
         }
         Error::new(
             ErrorKind::Connection,
@@ -265,7 +277,9 @@ fn take_ssl_from_key_values(source: &str) -> Result<(String, SslKeys), Error> {
                     Some('\'') => break,
                     Some('\\') => value.extend(chars.next()),
                     Some(c) => value.push(c),
-                    None => return Err(malformed(&format!("unterminated quoted value for {key:?}"))),
+                    None => {
+                        return Err(malformed(&format!("unterminated quoted value for {key:?}")))
+                    }
                 }
             }
         } else {
@@ -366,7 +380,10 @@ fn load_roots(mode: SslMode, root_cert: Option<PathBuf>) -> Result<RootCertStore
     let unreadable = |why: String| {
         Error::new(
             ErrorKind::InvalidConfig,
-            format!("cannot use sslrootcert {}: {why}; give a readable PEM file of CA certificates", path.display()),
+            format!(
+                "cannot use sslrootcert {}: {why}; give a readable PEM file of CA certificates",
+                path.display()
+            ),
         )
     };
     let mut roots = RootCertStore::empty();
@@ -404,7 +421,12 @@ impl ServerCertVerifier for NoCertificateCheck {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -413,7 +435,12 @@ impl ServerCertVerifier for NoCertificateCheck {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -487,7 +514,9 @@ mod tests {
 
     #[test]
     fn key_values_keep_quoted_values() {
-        let c = parse(r"host=db port = 6543 user='my user' password='it\'s a \\pass' sslmode=disable").unwrap();
+        let c =
+            parse(r"host=db port = 6543 user='my user' password='it\'s a \\pass' sslmode=disable")
+                .unwrap();
         assert_eq!(c.ssl_mode, SslMode::Disable);
         assert_eq!(c.user(), "my user");
         assert_eq!(c.config.get_password(), Some(&br"it's a \pass"[..]));
@@ -520,7 +549,9 @@ mod tests {
 
     #[test]
     fn parse_errors_do_not_echo_the_password() {
-        let err = parse("host=x password=hunter2secret bogus_key=1").map(|_| ()).unwrap_err();
+        let err = parse("host=x password=hunter2secret bogus_key=1")
+            .map(|_| ())
+            .unwrap_err();
         assert!(!err.to_string().contains("hunter2secret"), "{err}");
     }
 }

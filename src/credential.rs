@@ -95,7 +95,10 @@ pub(crate) fn generate_password() -> Result<Zeroizing<String>, Error> {
 /// A fresh username `<role lowercased>-<unix seconds>-<16 random [a-z0-9]>`: at most 32 + 1 + 10 + 1 + 16 = 60
 /// bytes, so within PostgreSQL's 63; the role name makes it traceable, the seconds sortable.
 pub(crate) fn generate_username(role: &str, now: SystemTime) -> Result<String, Error> {
-    let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let random = random_string(USERNAME_ALPHABET, USERNAME_RANDOM_LEN)?;
     let username = format!("{}-{secs}-{}", role.to_ascii_lowercase(), random.as_str());
     debug_assert!(username.len() <= MAX_USERNAME_LEN);
@@ -126,7 +129,9 @@ pub(crate) fn generate_lease_id(role: &str) -> Result<String, Error> {
 /// The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (4096 iterations, random salt). Sending it
 /// instead of the plaintext keeps the password out of the server, its logs and `pg_stat_activity`.
 pub(crate) fn scram_verifier(password: &str) -> Zeroizing<String> {
-    Zeroizing::new(postgres_protocol::password::scram_sha_256(password.as_bytes()))
+    Zeroizing::new(postgres_protocol::password::scram_sha_256(
+        password.as_bytes(),
+    ))
 }
 
 #[cfg(test)]
@@ -140,7 +145,11 @@ mod tests {
         for _ in 0..200 {
             let p = generate_password().unwrap();
             assert_eq!(p.len(), PASSWORD_LEN);
-            assert!(p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'), "{}", p.as_str());
+            assert!(
+                p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+                "{}",
+                p.as_str()
+            );
             assert!(seen.insert(p.to_string()));
         }
         let bits = PASSWORD_LEN as f64 * (PASSWORD_ALPHABET.len() as f64).log2();
@@ -163,8 +172,13 @@ mod tests {
         for role in ["production", "A", long_role.as_str()] {
             let u = generate_username(role, now).unwrap();
             assert!(u.len() <= MAX_USERNAME_LEN, "{u}");
-            assert!(u.starts_with(&format!("{}-1764342245-", role.to_ascii_lowercase())), "{u}");
-            assert!(u.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'));
+            assert!(
+                u.starts_with(&format!("{}-1764342245-", role.to_ascii_lowercase())),
+                "{u}"
+            );
+            assert!(u
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'));
         }
     }
 
@@ -194,6 +208,9 @@ mod tests {
             password: Zeroizing::new("s3cret-pass".into()),
         };
         let shown = format!("{c:?}");
-        assert!(!shown.contains("s3cret-pass") && shown.contains("<redacted>"), "{shown}");
+        assert!(
+            !shown.contains("s3cret-pass") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 }

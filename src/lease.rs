@@ -122,7 +122,10 @@ impl LeasePolicy {
 
 /// `t` rounded down to a whole second since the epoch.
 pub(crate) fn floor_secs(t: SystemTime) -> SystemTime {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
@@ -151,8 +154,16 @@ mod tests {
     fn policy_checks_durations() {
         let s = Duration::from_secs;
         assert!(LeasePolicy::new(s(60), s(60)).is_ok());
-        for (d, m) in [(s(0), s(60)), (s(61), s(60)), (s(1), MAX_LEASE + s(1)), (Duration::from_millis(10), s(60))] {
-            assert_eq!(LeasePolicy::new(d, m).unwrap_err().kind(), ErrorKind::InvalidConfig);
+        for (d, m) in [
+            (s(0), s(60)),
+            (s(61), s(60)),
+            (s(1), MAX_LEASE + s(1)),
+            (Duration::from_millis(10), s(60)),
+        ] {
+            assert_eq!(
+                LeasePolicy::new(d, m).unwrap_err().kind(),
+                ErrorKind::InvalidConfig
+            );
         }
     }
 
@@ -163,11 +174,24 @@ mod tests {
         let (issued, expires, max) = p.issue(now);
         assert_eq!((issued, expires, max), (at(1000), at(1060), at(1300)));
         assert_eq!(p.renew(at(1010), None, max).unwrap(), at(1070));
-        assert_eq!(p.renew(at(1010), Some(Duration::from_secs(30)), max).unwrap(), at(1040));
-        assert_eq!(p.renew(at(1010), Some(Duration::from_secs(9999)), max).unwrap(), at(1300));
-        assert_eq!(p.renew(at(1010), Some(Duration::MAX), max).unwrap(), at(1300));
         assert_eq!(
-            p.renew(at(1010), Some(Duration::ZERO), max).unwrap_err().kind(),
+            p.renew(at(1010), Some(Duration::from_secs(30)), max)
+                .unwrap(),
+            at(1040)
+        );
+        assert_eq!(
+            p.renew(at(1010), Some(Duration::from_secs(9999)), max)
+                .unwrap(),
+            at(1300)
+        );
+        assert_eq!(
+            p.renew(at(1010), Some(Duration::MAX), max).unwrap(),
+            at(1300)
+        );
+        assert_eq!(
+            p.renew(at(1010), Some(Duration::ZERO), max)
+                .unwrap_err()
+                .kind(),
             ErrorKind::InvalidConfig
         );
     }

@@ -23,7 +23,11 @@ pub(crate) struct Entry {
 
 impl Entry {
     pub(crate) fn new(lease: Lease, role: Arc<CompiledRole>) -> Entry {
-        Entry { lease, role, due: None }
+        Entry {
+            lease,
+            role,
+            due: None,
+        }
     }
 
     /// Whether a revocation of this lease is running now.
@@ -146,7 +150,10 @@ impl LeaseTable {
     /// Ids of the leases whose id starts with `prefix`, in order.
     pub(crate) fn ids_with_prefix(&self, prefix: &str) -> Vec<Arc<str>> {
         self.by_id
-            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(|(id, _)| id.starts_with(prefix))
             .map(|(id, _)| id.clone())
             .collect()
@@ -202,13 +209,25 @@ mod tests {
         for (id, exp) in [("a", 30), ("b", 10), ("c", 20), ("d", 100)] {
             t.insert(entry(id, exp));
         }
-        let due: Vec<_> = t.claim_due(at(30), 2).into_iter().map(|d| d.id.to_string()).collect();
+        let due: Vec<_> = t
+            .claim_due(at(30), 2)
+            .into_iter()
+            .map(|d| d.id.to_string())
+            .collect();
         assert_eq!(due, ["b", "c"]);
         assert!(t.get("b").unwrap().in_flight());
-        let due: Vec<_> = t.claim_due(at(30), 10).into_iter().map(|d| d.id.to_string()).collect();
+        let due: Vec<_> = t
+            .claim_due(at(30), 10)
+            .into_iter()
+            .map(|d| d.id.to_string())
+            .collect();
         assert_eq!(due, ["a"]);
         assert_eq!(t.next_due(), Some(at(100)));
-        assert_eq!(t.len(), 4, "claimed leases stay in the table until their role is gone");
+        assert_eq!(
+            t.len(),
+            4,
+            "claimed leases stay in the table until their role is gone"
+        );
     }
 
     #[test]
@@ -219,7 +238,10 @@ mod tests {
         assert_eq!(t.failed("a", "boom".into(), at(15)), Some(1));
         assert_eq!(t.next_due(), Some(at(15)));
         let lease = &t.get("a").unwrap().lease;
-        assert_eq!((lease.revocation_attempts, lease.last_error.as_deref()), (1, Some("boom")));
+        assert_eq!(
+            (lease.revocation_attempts, lease.last_error.as_deref()),
+            (1, Some("boom"))
+        );
         assert!(t.claim_due(at(14), 10).is_empty());
         assert_eq!(t.claim_due(at(15), 10).len(), 1);
     }
@@ -243,7 +265,11 @@ mod tests {
         for id in ["p/x/1", "p/x/2", "p/y/1", "q/x/1"] {
             t.insert(entry(id, 10));
         }
-        let ids: Vec<_> = t.ids_with_prefix("p/x/").iter().map(|i| i.to_string()).collect();
+        let ids: Vec<_> = t
+            .ids_with_prefix("p/x/")
+            .iter()
+            .map(|i| i.to_string())
+            .collect();
         assert_eq!(ids, ["p/x/1", "p/x/2"]);
         assert!(t.remove("p/x/1").is_some());
         assert!(t.remove("p/x/1").is_none());

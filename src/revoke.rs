@@ -25,7 +25,11 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 pub(crate) const FAILURES_BEFORE_ERROR: u32 = 6;
 
 /// Drops `username` by the rules of `role`; `Ok` once the role is gone.
-pub(crate) fn revoke_role(client: &mut Client, username: &str, role: &CompiledRole) -> Result<(), Error> {
+pub(crate) fn revoke_role(
+    client: &mut Client,
+    username: &str,
+    role: &CompiledRole,
+) -> Result<(), Error> {
     let oid = match role_oid(client, username) {
         Ok(Some(oid)) => oid,
         Ok(None) => return Ok(()),
@@ -48,7 +52,9 @@ pub(crate) fn revoke_role(client: &mut Client, username: &str, role: &CompiledRo
         client.query_one(sql::TERMINATE_SESSIONS, &[&oid])?;
         Ok(())
     })();
-    let still_there = role_oid(client, username).map_err(|e| failed(username, e))?.is_some();
+    let still_there = role_oid(client, username)
+        .map_err(|e| failed(username, e))?
+        .is_some();
     match (attempt, still_there) {
         (_, false) => Ok(()),
         (Err(e), true) => Err(failed(username, e)),
@@ -64,7 +70,9 @@ pub(crate) fn revoke_role(client: &mut Client, username: &str, role: &CompiledRo
 }
 
 fn role_oid(client: &mut Client, username: &str) -> Result<Option<u32>, postgres::Error> {
-    Ok(client.query_opt(sql::ROLE_OID, &[&username])?.map(|row| row.get(0)))
+    Ok(client
+        .query_opt(sql::ROLE_OID, &[&username])?
+        .map(|row| row.get(0)))
 }
 
 fn failed(username: &str, err: postgres::Error) -> Error {
@@ -83,20 +91,29 @@ fn failed(username: &str, err: postgres::Error) -> Error {
 /// Revokes a claimed lease and settles the lease table: on success the lease leaves it; on failure it stays,
 /// with the error and a retry time for the sweeper. `why` says who asked, for the log.
 pub(crate) fn revoke_lease(shared: &Shared, lease: &DueLease, why: &str) -> Result<(), Error> {
-    let role = shared.current_role(&lease.role.name).unwrap_or_else(|| lease.role.clone());
+    let role = shared
+        .current_role(&lease.role.name)
+        .unwrap_or_else(|| lease.role.clone());
     let result = shared
         .connection()
         .and_then(|mut client| revoke_role(&mut client, &lease.username, &role));
     match result {
         Ok(()) => {
             shared.state.lock().table.remove(&lease.id);
-            log::info!("revoked lease {} ({why}): dropped role {}", lease.id, lease.username);
+            log::info!(
+                "revoked lease {} ({why}): dropped role {}",
+                lease.id,
+                lease.username
+            );
             Ok(())
         }
         Err(err) => {
             let attempts = {
                 let mut state = shared.state.lock();
-                let previous = state.table.get(&lease.id).map_or(0, |e| e.lease.revocation_attempts);
+                let previous = state
+                    .table
+                    .get(&lease.id)
+                    .map_or(0, |e| e.lease.revocation_attempts);
                 let retry_at = SystemTime::now() + retry_delay(previous + 1);
                 state.table.failed(&lease.id, err.to_string(), retry_at)
             };
@@ -123,7 +140,9 @@ pub(crate) fn revoke_lease(shared: &Shared, lease: &DueLease, why: &str) -> Resu
 /// many leases failing together do not retry in lockstep.
 pub(crate) fn retry_delay(attempt: u32) -> Duration {
     let exponential = FIRST_RETRY_DELAY.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    exponential.min(MAX_RETRY_DELAY).mul_f64(rand::random_range(0.75..1.25))
+    exponential
+        .min(MAX_RETRY_DELAY)
+        .mul_f64(rand::random_range(0.75..1.25))
 }
 
 #[cfg(test)]
@@ -134,9 +153,15 @@ mod tests {
     fn retry_delay_grows_and_is_capped() {
         for _ in 0..50 {
             let first = retry_delay(1);
-            assert!(first >= Duration::from_millis(750) && first <= Duration::from_millis(1250), "{first:?}");
+            assert!(
+                first >= Duration::from_millis(750) && first <= Duration::from_millis(1250),
+                "{first:?}"
+            );
             let fourth = retry_delay(4);
-            assert!(fourth >= Duration::from_secs(6) && fourth <= Duration::from_secs(10), "{fourth:?}");
+            assert!(
+                fourth >= Duration::from_secs(6) && fourth <= Duration::from_secs(10),
+                "{fourth:?}"
+            );
             assert!(retry_delay(u32::MAX) <= MAX_RETRY_DELAY.mul_f64(1.25));
         }
     }

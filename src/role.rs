@@ -118,16 +118,30 @@ pub(crate) struct CompiledRole {
 
 impl CompiledRole {
     /// Checks the name and templates of `role` and resolves its lease durations within `broker_policy`.
-    pub(crate) fn compile(name: &str, role: Role, broker_policy: LeasePolicy) -> Result<CompiledRole, Error> {
+    pub(crate) fn compile(
+        name: &str,
+        role: Role,
+        broker_policy: LeasePolicy,
+    ) -> Result<CompiledRole, Error> {
         check_role_name(name)?;
         use Placeholder::*;
-        let creation = Template::parse("creation SQL", &role.creation_sql, &[Name, Password, Expiration], &[Name])?;
+        let creation = Template::parse(
+            "creation SQL",
+            &role.creation_sql,
+            &[Name, Password, Expiration],
+            &[Name],
+        )?;
         let revocation = match &role.revocation_sql {
             Some(sql) => Some(Template::parse("revocation SQL", sql, &[Name], &[Name])?),
             None => None,
         };
         let renew = match &role.renew_sql {
-            Some(sql) => Some(Template::parse("renew SQL", sql, &[Name, Expiration], &[Name])?),
+            Some(sql) => Some(Template::parse(
+                "renew SQL",
+                sql,
+                &[Name, Expiration],
+                &[Name],
+            )?),
             None => None,
         };
         let policy = match role.lease {
@@ -188,7 +202,15 @@ mod tests {
         for good in ["production", "a", "Read_Only-2", &"x".repeat(32)] {
             assert!(check_role_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "has space", "semi;colon", "quote\"", "ünïcode", "dot.name", &"x".repeat(33)] {
+        for bad in [
+            "",
+            "has space",
+            "semi;colon",
+            "quote\"",
+            "ünïcode",
+            "dot.name",
+            &"x".repeat(33),
+        ] {
             let err = check_role_name(bad).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidRoleName, "{bad}");
         }
@@ -206,7 +228,10 @@ mod tests {
         let role = Role::new().lease(Duration::from_secs(60), Duration::from_secs(2 * 86400));
         let err = CompiledRole::compile("r", role, policy()).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidConfig);
-        assert!(err.to_string().contains("exceeds the broker's max lease"), "{err}");
+        assert!(
+            err.to_string().contains("exceeds the broker's max lease"),
+            "{err}"
+        );
     }
 
     #[test]

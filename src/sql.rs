@@ -14,7 +14,8 @@ pub(crate) const ROLE_OID: &str = "SELECT oid FROM pg_roles WHERE rolname = $1";
 
 /// Ends every session of the role with oid `$1`, waiting up to 5 s for each to exit. By oid, not name: after
 /// `DROP ROLE` a surviving session's `usename` is NULL but its `usesysid` is still the old oid.
-pub(crate) const TERMINATE_SESSIONS: &str = "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
+pub(crate) const TERMINATE_SESSIONS: &str =
+    "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
      WHERE usesysid = $1 AND pid <> pg_backend_pid()";
 
 /// The id of the current transaction, assigning one: a template that commits or rolls back changes it.

@@ -34,7 +34,9 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 let sleep = state
                     .table
                     .next_due()
-                    .map_or(MAX_SLEEP, |t| t.duration_since(now).unwrap_or(Duration::ZERO))
+                    .map_or(MAX_SLEEP, |t| {
+                        t.duration_since(now).unwrap_or(Duration::ZERO)
+                    })
                     .min(MAX_SLEEP);
                 shared.wake.wait_for(&mut state, sleep);
             }

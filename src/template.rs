@@ -63,9 +63,12 @@ impl Template {
         allowed: &[Placeholder],
         required: &[Placeholder],
     ) -> Result<Template, Error> {
-        let invalid = |msg: String| Error::new(ErrorKind::InvalidTemplate, format!("{what}: {msg}"));
+        let invalid =
+            |msg: String| Error::new(ErrorKind::InvalidTemplate, format!("{what}: {msg}"));
         if source.trim().is_empty() {
-            return Err(invalid("the template is empty; give SQL or leave it unset for the default".into()));
+            return Err(invalid(
+                "the template is empty; give SQL or leave it unset for the default".into(),
+            ));
         }
         let mut segments = Vec::new();
         let mut rest = source;
@@ -93,7 +96,11 @@ impl Template {
                 invalid(format!(
                     "unknown placeholder `{{{{{word}}}}}` at byte {}; allowed: {}",
                     offset + open,
-                    allowed.iter().map(|p| p.spelling()).collect::<Vec<_>>().join(", ")
+                    allowed
+                        .iter()
+                        .map(|p| p.spelling())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))
             })?;
             if !allowed.contains(&placeholder) {
@@ -101,7 +108,11 @@ impl Template {
                     "placeholder {} at byte {} is not available here; allowed: {}",
                     placeholder.spelling(),
                     offset + open,
-                    allowed.iter().map(|p| p.spelling()).collect::<Vec<_>>().join(", ")
+                    allowed
+                        .iter()
+                        .map(|p| p.spelling())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
             segments.push(Segment::Value(placeholder));
@@ -179,24 +190,43 @@ mod tests {
     fn unknown_placeholder_is_rejected_with_position() {
         let err = Template::parse("creation SQL", "CREATE ROLE {{nmae}}", ALL, &[]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
-        assert!(err.to_string().contains("unknown placeholder `{{nmae}}` at byte 12"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("unknown placeholder `{{nmae}}` at byte 12"),
+            "{err}"
+        );
     }
 
     #[test]
     fn unbalanced_and_nested_placeholders_are_rejected() {
         let err = Template::parse("x", "CREATE ROLE {{name", ALL, &[]).unwrap_err();
-        assert!(err.to_string().contains("unclosed placeholder at byte 12"), "{err}");
+        assert!(
+            err.to_string().contains("unclosed placeholder at byte 12"),
+            "{err}"
+        );
         let err = Template::parse("x", "{{ {{name}} }}", ALL, &[]).unwrap_err();
-        assert!(err.to_string().contains("nested placeholder at byte 0"), "{err}");
+        assert!(
+            err.to_string().contains("nested placeholder at byte 0"),
+            "{err}"
+        );
     }
 
     #[test]
     fn required_and_allowed_placeholders_are_enforced() {
         let err = Template::parse("creation SQL", "CREATE ROLE foo", ALL, &[Name]).unwrap_err();
         assert!(err.to_string().contains("must use {{name}}"), "{err}");
-        let err = Template::parse("revocation SQL", "ALTER ROLE \"{{name}}\" PASSWORD '{{password}}'", &[Name], &[])
-            .unwrap_err();
-        assert!(err.to_string().contains("{{password}} at byte 32 is not available here"), "{err}");
+        let err = Template::parse(
+            "revocation SQL",
+            "ALTER ROLE \"{{name}}\" PASSWORD '{{password}}'",
+            &[Name],
+            &[],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("{{password}} at byte 32 is not available here"),
+            "{err}"
+        );
         let err = Template::parse("x", "  \n", ALL, &[]).unwrap_err();
         assert!(err.to_string().contains("empty"), "{err}");
     }

@@ -176,7 +176,16 @@ impl TestPostgres {
         let log = self.log_path();
         let out = self.run_pg(
             "pg_ctl",
-            &["-D", path_str(&data)?, "-l", path_str(&log)?, "-w", "-m", "fast", "restart"],
+            &[
+                "-D",
+                path_str(&data)?,
+                "-l",
+                path_str(&log)?,
+                "-w",
+                "-m",
+                "fast",
+                "restart",
+            ],
         )?;
         check(out, "pg_ctl restart")
     }
@@ -252,15 +261,61 @@ impl TestPostgres {
         let key = data.join("server.key");
         let crt = data.join("server.crt");
         fs::write(&ext, "subjectAltName=DNS:localhost,IP:127.0.0.1\n")?;
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        openssl(&[&["req", "-x509"], &ec[..], &["-keyout", path_str(&ca_key)?, "-out", path_str(&ca_crt)?,
-            "-days", "3", "-subj", "/CN=credbroker test CA"]]
-        .concat())?;
-        openssl(&[&["req"], &ec[..], &["-keyout", path_str(&key)?, "-out", path_str(&csr)?, "-subj", "/CN=localhost"]]
-            .concat())?;
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        openssl(
+            &[
+                &["req", "-x509"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    path_str(&ca_key)?,
+                    "-out",
+                    path_str(&ca_crt)?,
+                    "-days",
+                    "3",
+                    "-subj",
+                    "/CN=credbroker test CA",
+                ],
+            ]
+            .concat(),
+        )?;
+        openssl(
+            &[
+                &["req"],
+                &ec[..],
+                &[
+                    "-keyout",
+                    path_str(&key)?,
+                    "-out",
+                    path_str(&csr)?,
+                    "-subj",
+                    "/CN=localhost",
+                ],
+            ]
+            .concat(),
+        )?;
         openssl(&[
-            "x509", "-req", "-in", path_str(&csr)?, "-CA", path_str(&ca_crt)?, "-CAkey", path_str(&ca_key)?,
-            "-CAcreateserial", "-out", path_str(&crt)?, "-days", "3", "-extfile", path_str(&ext)?,
+            "x509",
+            "-req",
+            "-in",
+            path_str(&csr)?,
+            "-CA",
+            path_str(&ca_crt)?,
+            "-CAkey",
+            path_str(&ca_key)?,
+            "-CAcreateserial",
+            "-out",
+            path_str(&crt)?,
+            "-days",
+            "3",
+            "-extfile",
+            path_str(&ext)?,
         ])?;
         for file in [&key, &crt] {
             self.hand_to_postgres(file)?;
@@ -282,7 +337,8 @@ impl TestPostgres {
         let exe = self.bin.join(program);
         let mut cmd = if self.run_as_postgres {
             let mut c = Command::new("setpriv");
-            c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"]).arg(&exe);
+            c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+                .arg(&exe);
             c
         } else {
             Command::new(&exe)
@@ -314,7 +370,10 @@ fn check(out: Output, what: &str) -> io::Result<()> {
 
 fn openssl(args: &[&str]) -> io::Result<()> {
     let out = Command::new("openssl").args(args).output().map_err(|e| {
-        io::Error::new(e.kind(), format!("cannot run openssl (install the openssl package): {e}"))
+        io::Error::new(
+            e.kind(),
+            format!("cannot run openssl (install the openssl package): {e}"),
+        )
     })?;
     check(out, "openssl")
 }
@@ -368,7 +427,12 @@ fn find_bin_dir() -> io::Result<PathBuf> {
         }
     }
     let mut candidates: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.sort();
     candidates.into_iter().rev().find(|d| has_tools(d)).ok_or_else(|| {

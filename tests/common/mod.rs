@@ -1,0 +1,83 @@
+//! Helpers shared by the integration tests: a broker on its own throwaway server, and catalog queries.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::time::{Duration, Instant, SystemTime};
+
+use credbroker::testing::TestPostgres;
+use credbroker::{Broker, BrokerBuilder};
+
+/// A broker and its server; the broker is declared first so it is dropped (and its sweeper joined) first.
+pub struct Env {
+    pub broker: Broker,
+    pub pg: TestPostgres,
+}
+
+pub fn start() -> Env {
+    start_with(|b| b)
+}
+
+pub fn start_with(configure: impl FnOnce(BrokerBuilder) -> BrokerBuilder) -> Env {
+    let pg = TestPostgres::start().expect("start PostgreSQL");
+    let broker = configure(Broker::builder().connection(pg.connection_string()))
+        .build()
+        .expect("build broker");
+    Env { broker, pg }
+}
+
+impl Env {
+    pub fn admin(&self) -> postgres::Client {
+        self.pg.admin_client().expect("admin login")
+    }
+
+    /// Whether a role of that name exists in the catalog.
+    pub fn role_exists(&self, name: &str) -> bool {
+        self.admin()
+            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+            .expect("query pg_roles")
+            .is_some()
+    }
+
+    /// `pg_roles.rolvaliduntil` of a role.
+    pub fn valid_until(&self, name: &str) -> Option<SystemTime> {
+        self.admin()
+            .query_one(
+                "SELECT rolvaliduntil FROM pg_roles WHERE rolname = $1",
+                &[&name],
+            )
+            .expect("query rolvaliduntil")
+            .get(0)
+    }
+
+    /// Names of roles whose name starts with `prefix`, sorted.
+    pub fn roles_with_prefix(&self, prefix: &str) -> Vec<String> {
+        roles_with_prefix(&self.pg, prefix)
+    }
+}
+
+/// Names of roles on `pg` whose name starts with `prefix`, sorted.
+pub fn roles_with_prefix(pg: &TestPostgres, prefix: &str) -> Vec<String> {
+    pg.admin_client()
+        .expect("admin login")
+        .query(
+            "SELECT rolname::text FROM pg_roles WHERE starts_with(rolname, $1) ORDER BY 1",
+            &[&prefix],
+        )
+        .expect("query pg_roles")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Polls `condition` every 50 ms until it holds or `limit` passes; returns whether it held.
+pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if condition() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

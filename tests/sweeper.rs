@@ -1,0 +1,94 @@
+//! The sweeper: expired leases are revoked without any call, while other calls keep working.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use credbroker::Role;
+
+#[test]
+fn a_two_second_lease_is_swept_without_any_call() {
+    let env = common::start();
+    env.broker
+        .write_role(
+            "brief",
+            Role::new().lease(Duration::from_secs(2), Duration::from_secs(60)),
+        )
+        .unwrap();
+    let creds = env.broker.creds("brief").unwrap();
+    let lease = env.broker.lease(creds.lease_id()).unwrap();
+    let mut session = env.pg.login(creds.username(), creds.password()).unwrap();
+
+    assert!(
+        common::eventually(Duration::from_secs(15), || !env
+            .role_exists(creds.username())),
+        "the role is dropped after expiry"
+    );
+    assert!(
+        SystemTime::now() >= lease.expires_at(),
+        "not before the lease ends"
+    );
+    assert!(env.broker.lease(creds.lease_id()).is_none());
+    assert!(
+        env.pg.login(creds.username(), creds.password()).is_err(),
+        "login refused after expiry"
+    );
+    assert!(
+        session.simple_query("SELECT 1").is_err(),
+        "the open session was ended too"
+    );
+}
+
+#[test]
+fn creds_keep_working_while_the_sweeper_drains_many_leases() {
+    let env = common::start_with(|b| b.pool_size(4));
+    env.broker
+        .write_role(
+            "brief",
+            Role::new().lease(Duration::from_secs(1), Duration::from_secs(60)),
+        )
+        .unwrap();
+    env.broker.write_role("long", Role::new()).unwrap();
+    let brief: Vec<_> = (0..300)
+        .map(|_| env.broker.creds("brief").unwrap())
+        .collect();
+
+    let broker = Arc::new(env.broker);
+    let sweeping = Arc::new(AtomicBool::new(true));
+    let issuer = {
+        let (broker, sweeping) = (broker.clone(), sweeping.clone());
+        std::thread::spawn(move || {
+            let mut issued = 0;
+            while sweeping.load(Ordering::Relaxed) {
+                broker.creds("long").expect("creds during a sweep");
+                issued += 1;
+            }
+            issued
+        })
+    };
+    let drained = common::eventually(Duration::from_secs(60), || {
+        broker.leases().iter().all(|l| l.role() == "long")
+    });
+    sweeping.store(false, Ordering::Relaxed);
+    let issued = issuer.join().unwrap();
+    assert!(drained, "all 300 expired leases were swept");
+    assert!(issued > 0);
+    assert_eq!(broker.leases().len(), issued);
+    for c in &brief {
+        assert!(env.pg.login(c.username(), c.password()).is_err());
+    }
+    assert!(common::roles_with_prefix(&env.pg, "brief-").is_empty());
+}
+
+#[test]
+fn dropping_the_broker_stops_the_sweeper_and_leaves_live_roles() {
+    let env = common::start();
+    env.broker.write_role("app", Role::new()).unwrap();
+    let creds = env.broker.creds("app").unwrap();
+    let common::Env { broker, pg } = env;
+    drop(broker);
+    // Live leases are not revoked on drop: their roles expire through VALID UNTIL.
+    pg.login(creds.username(), creds.password()).unwrap();
+}
