@@ -196,7 +196,11 @@ impl Connection {
             .with_source(err);
         }
         if lower.contains("tls handshake") || lower.contains("certificate") {
-            let why = if lower.contains("unknownissuer") || lower.contains("unknown issuer") {
+            // BadSignature: a CA of the same name as the real issuer, but another key.
+            let why = if ["unknownissuer", "unknown issuer", "badsignature"]
+                .iter()
+                .any(|k| lower.contains(k))
+            {
                 "the server's certificate is not signed by the CA in sslrootcert; give the right CA file"
             } else if lower.contains("not valid for name") || lower.contains("notvalidforname") {
                 "the server's certificate does not name the host connected to; connect by a name the certificate \

@@ -44,7 +44,14 @@ pub(crate) fn revoke_role(
                 password: "",
                 expiration: "",
             }),
-            None => sql::drop_role_and_owned(username),
+            None => {
+                let dependencies: bool = client.query_one(sql::HAS_DEPENDENCIES, &[&oid])?.get(0);
+                if dependencies {
+                    sql::drop_role_and_owned(username)
+                } else {
+                    sql::drop_role(username)
+                }
+            }
         };
         let mut tx = client.transaction()?;
         tx.batch_execute(&drop_sql)?;

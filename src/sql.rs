@@ -35,9 +35,22 @@ pub(crate) fn nologin(username: &str) -> String {
     format!("ALTER ROLE {} NOLOGIN", escape_identifier(username))
 }
 
-/// The default revocation, run in one transaction after the sessions are gone: hand what the role owns to the
-/// admin, drop its remaining privileges, drop the role.
+/// Whether the role with oid `$1` owns objects or holds privileges in the current database (or on shared
+/// objects such as databases): then it needs `REASSIGN OWNED` and `DROP OWNED` before `DROP ROLE`.
+pub(crate) const HAS_DEPENDENCIES: &str = "SELECT EXISTS (SELECT 1 FROM pg_shdepend WHERE refclassid = 'pg_authid'::regclass \
+     AND refobjid = $1 AND dbid IN (0, (SELECT oid FROM pg_database WHERE datname = current_database())))";
+
+/// `DROP ROLE …`: the default revocation of a role that owns nothing and holds no privileges.
+pub(crate) fn drop_role(username: &str) -> String {
+    format!("DROP ROLE {};", escape_identifier(username))
+}
+
+/// The default revocation of a role with dependencies, in one transaction after its sessions are gone: become a
+/// member (`REASSIGN OWNED` needs the rights of both roles, and a CREATEROLE admin is not a member of the roles it
+/// creates), hand what the role owns to the admin, drop its remaining privileges, drop the role.
 pub(crate) fn drop_role_and_owned(username: &str) -> String {
     let name = escape_identifier(username);
-    format!("REASSIGN OWNED BY {name} TO CURRENT_USER; DROP OWNED BY {name}; DROP ROLE {name};")
+    format!(
+        "GRANT {name} TO CURRENT_USER; REASSIGN OWNED BY {name} TO CURRENT_USER; DROP OWNED BY {name}; DROP ROLE {name};"
+    )
 }

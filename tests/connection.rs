@@ -1,0 +1,246 @@
+//! The admin connection: sslmode as Vault's backend had it, real TLS, URLs, and clear connection errors.
+
+mod common;
+
+use credbroker::testing::TestPostgres;
+use credbroker::{Broker, ErrorKind, Role};
+
+#[test]
+fn without_sslmode_tls_is_required_and_a_server_without_ssl_is_explained() {
+    let pg = TestPostgres::start().unwrap();
+    let plain = format!(
+        "host=127.0.0.1 port={} dbname=postgres user=admin password={}",
+        pg.port(),
+        pg.admin_password()
+    );
+    let err = Broker::builder()
+        .connection(plain.clone())
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SslNotEnabled, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("SSL is not enabled on the server"), "{text}");
+    assert!(text.contains("highly recommended"), "{text}");
+    assert!(text.contains("sslmode=disable"), "{text}");
+    assert!(!text.contains(pg.admin_password()));
+
+    let err = Broker::builder()
+        .connection(format!("{plain} sslmode=require"))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SslNotEnabled);
+
+    // prefer falls back to plaintext, disable never tries TLS.
+    for mode in ["prefer", "disable"] {
+        let broker = Broker::builder()
+            .connection(format!("{plain} sslmode={mode}"))
+            .build()
+            .unwrap();
+        broker.write_role("app", Role::new()).unwrap();
+        broker.creds("app").unwrap();
+    }
+}
+
+/// Whether every backend of the broker's pool (application_name credbroker) runs over TLS.
+fn broker_sessions_use_tls(pg: &TestPostgres) -> bool {
+    let rows = pg
+        .admin_client()
+        .unwrap()
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'credbroker'",
+            &[],
+        )
+        .unwrap();
+    !rows.is_empty() && rows.iter().all(|r| r.get::<_, bool>(0))
+}
+
+#[test]
+fn verify_full_checks_the_ca_and_the_host_name() {
+    let pg = TestPostgres::builder().tls(true).start().unwrap();
+    let ca = pg.ca_cert().unwrap().display().to_string();
+    let base = |host: &str| {
+        format!(
+            "{host} port={} user=admin password={} dbname=postgres",
+            pg.port(),
+            pg.admin_password()
+        )
+    };
+
+    let broker = Broker::builder()
+        .connection(format!(
+            "{} sslmode=verify-full sslrootcert={ca}",
+            base("host=localhost")
+        ))
+        .build()
+        .expect("verify-full against the test CA");
+    broker.write_role("app", Role::new()).unwrap();
+    let creds = broker.creds("app").unwrap();
+    assert!(broker_sessions_use_tls(&pg));
+    broker.revoke(creds.lease_id()).unwrap();
+
+    // A certificate that does not name the host: verify-full refuses, verify-ca accepts.
+    let wrong_host = base("host=db.invalid hostaddr=127.0.0.1");
+    let err = Broker::builder()
+        .connection(format!("{wrong_host} sslmode=verify-full sslrootcert={ca}"))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Tls, "{err}");
+    assert!(err.to_string().contains("does not name the host"), "{err}");
+    Broker::builder()
+        .connection(format!("{wrong_host} sslmode=verify-ca sslrootcert={ca}"))
+        .build()
+        .expect("verify-ca ignores the host name");
+
+    // Another CA: refused, and the error says so.
+    let other = TestPostgres::builder().tls(true).start().unwrap();
+    let other_ca = other.ca_cert().unwrap().display().to_string();
+    let err = Broker::builder()
+        .connection(format!(
+            "{} sslmode=verify-full sslrootcert={other_ca}",
+            base("host=localhost")
+        ))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Tls, "{err}");
+    assert!(err.to_string().contains("not signed by the CA"), "{err}");
+
+    // require encrypts without checking (as libpq does); a URL works the same way.
+    let url = format!(
+        "postgres://admin:{}@127.0.0.1:{}/postgres?sslmode=require",
+        pg.admin_password(),
+        pg.port()
+    );
+    let broker = Broker::builder()
+        .connection(url)
+        .build()
+        .expect("require over TLS");
+    broker.write_role("app", Role::new()).unwrap();
+    broker.creds("app").unwrap();
+    assert!(broker_sessions_use_tls(&pg));
+}
+
+#[test]
+fn connection_failures_say_what_to_fix() {
+    let pg = TestPostgres::start().unwrap();
+    let err = Broker::builder()
+        .connection(format!(
+            "host=127.0.0.1 port={} user=admin password=wrong-password-123 sslmode=disable",
+            pg.port()
+        ))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection);
+    assert_eq!(err.db_code(), Some("28P01"));
+    assert!(
+        err.to_string().contains("password authentication failed"),
+        "{err}"
+    );
+    assert!(!err.to_string().contains("wrong-password-123"));
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = Broker::builder()
+        .connection(format!(
+            "host=127.0.0.1 port={closed} user=admin password=x sslmode=disable"
+        ))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection);
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{closed}")),
+        "{err}"
+    );
+
+    let err = Broker::builder().build().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    let err = Broker::builder()
+        .connection("host=x bogus=1")
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    let err = Broker::builder()
+        .connection(pg.connection_string())
+        .pool_size(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+}
+
+#[test]
+fn an_admin_that_cannot_create_roles_is_refused_with_the_fix() {
+    let pg = TestPostgres::start().unwrap();
+    pg.admin_client()
+        .unwrap()
+        .batch_execute(
+            "CREATE ROLE weak LOGIN PASSWORD 'weak-password-1';
+             CREATE ROLE manager LOGIN CREATEROLE PASSWORD 'manager-password-1';",
+        )
+        .unwrap();
+    let as_user = |user: &str, password: &str| {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname=postgres sslmode=disable",
+            pg.port()
+        )
+    };
+    let err = Broker::builder()
+        .connection(as_user("weak", "weak-password-1"))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Permission);
+    assert!(
+        err.to_string().contains(r#"ALTER ROLE "weak" CREATEROLE"#),
+        "{err}"
+    );
+
+    // CREATEROLE alone is enough to issue credentials, and to revoke them when their sessions have ended,
+    // even a role that owns a table (the broker makes itself a member for REASSIGN OWNED).
+    let broker = Broker::builder()
+        .connection(as_user("manager", "manager-password-1"))
+        .build()
+        .unwrap();
+    pg.admin_client()
+        .unwrap()
+        .batch_execute("GRANT CREATE ON SCHEMA public TO manager WITH GRANT OPTION")
+        .unwrap();
+    let role = Role::new().creation_sql(
+        r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';
+           GRANT CREATE ON SCHEMA public TO "{{name}}";"#,
+    );
+    broker.write_role("app", role).unwrap();
+    let creds = broker.creds("app").unwrap();
+    let mut session = pg.login(creds.username(), creds.password()).unwrap();
+    session
+        .batch_execute("CREATE TABLE owned_by_app (x int)")
+        .unwrap();
+    drop(session);
+    assert!(common::eventually(
+        std::time::Duration::from_secs(5),
+        || {
+            let active: i64 = pg
+                .admin_client()
+                .unwrap()
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                    &[&creds.username()],
+                )
+                .unwrap()
+                .get(0);
+            active == 0
+        }
+    ));
+    broker.revoke(creds.lease_id()).unwrap();
+    assert!(common::roles_with_prefix(&pg, "app-").is_empty());
+    let owner: String = pg
+        .admin_client()
+        .unwrap()
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE tablename = 'owned_by_app'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "manager");
+}
