@@ -49,7 +49,7 @@
 //! - `sweeper`: the background thread where leases expire.
 //! - `revoke`: where roles are dropped.
 //! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `template`: role SQL.
-//! - [`testing`] (feature `testing`): a throwaway PostgreSQL server for tests.
+//! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
 #![warn(missing_docs)]
 
 mod broker;

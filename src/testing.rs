@@ -85,7 +85,7 @@ impl TestPostgres {
         let password = generate_password()
             .map_err(|e| io::Error::other(e.to_string()))?
             .to_string();
-        let dir = make_temp_dir()?;
+        let dir = make_temp_dir(run_as_postgres)?;
         let mut pg = TestPostgres {
             dir,
             bin,
@@ -401,9 +401,15 @@ fn postgres_ids() -> io::Result<(u32, u32)> {
     Ok((id("-u")?, id("-g")?))
 }
 
-fn make_temp_dir() -> io::Result<PathBuf> {
+fn make_temp_dir(run_as_postgres: bool) -> io::Result<PathBuf> {
     let suffix = generate_password().map_err(|e| io::Error::other(e.to_string()))?;
-    let dir = std::env::temp_dir().join(format!("credbroker-pg-{}", &suffix[..12]));
+    // The server's user must reach the directory: root's TMPDIR may sit under a private home.
+    let base = if run_as_postgres {
+        PathBuf::from("/tmp")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!("credbroker-pg-{}", &suffix[..12]));
     fs::create_dir(&dir)?;
     Ok(dir)
 }
