@@ -63,6 +63,17 @@ impl fmt::Debug for Credential {
     }
 }
 
+/// Fills `buf` from the operating system's CSPRNG.
+fn os_random(buf: &mut [u8]) -> Result<(), Error> {
+    SysRng.try_fill_bytes(buf).map_err(|e| {
+        Error::new(
+            ErrorKind::Random,
+            "the operating system's random number generator failed; no credential was issued",
+        )
+        .with_source(e)
+    })
+}
+
 /// `len` characters drawn uniformly from `alphabet` (at most 256 symbols) with the OS CSPRNG.
 fn random_string(alphabet: &[u8], len: usize) -> Result<Zeroizing<String>, Error> {
     // Rejection sampling: bytes at or above the largest multiple of the alphabet size would bias the result.
@@ -70,13 +81,7 @@ fn random_string(alphabet: &[u8], len: usize) -> Result<Zeroizing<String>, Error
     let mut out = Zeroizing::new(String::with_capacity(len));
     let mut buf = Zeroizing::new([0u8; 64]);
     while out.len() < len {
-        SysRng.try_fill_bytes(buf.as_mut()).map_err(|e| {
-            Error::new(
-                ErrorKind::Random,
-                "the operating system's random number generator failed; no credential was issued",
-            )
-            .with_source(e)
-        })?;
+        os_random(buf.as_mut())?;
         for &b in buf.iter().filter(|&&b| usize::from(b) < limit) {
             if out.len() == len {
                 break;
@@ -108,13 +113,7 @@ pub(crate) fn generate_username(role: &str, now: SystemTime) -> Result<String, E
 /// A lease id `postgresql/creds/<role>/<128 random bits as a UUID-shaped hex string>`.
 pub(crate) fn generate_lease_id(role: &str) -> Result<String, Error> {
     let mut bytes = [0u8; 16];
-    SysRng.try_fill_bytes(&mut bytes).map_err(|e| {
-        Error::new(
-            ErrorKind::Random,
-            "the operating system's random number generator failed; no credential was issued",
-        )
-        .with_source(e)
-    })?;
+    os_random(&mut bytes)?;
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     Ok(format!(
         "postgresql/creds/{role}/{}-{}-{}-{}-{}",

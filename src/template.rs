@@ -41,6 +41,14 @@ enum Segment {
     Value(Placeholder),
 }
 
+fn spellings(placeholders: &[Placeholder]) -> String {
+    placeholders
+        .iter()
+        .map(|p| p.spelling())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The values substituted into a template.
 pub(crate) struct Values<'a> {
     pub name: &'a str,
@@ -96,11 +104,7 @@ impl Template {
                 invalid(format!(
                     "unknown placeholder `{{{{{word}}}}}` at byte {}; allowed: {}",
                     offset + open,
-                    allowed
-                        .iter()
-                        .map(|p| p.spelling())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    spellings(allowed)
                 ))
             })?;
             if !allowed.contains(&placeholder) {
@@ -108,11 +112,7 @@ impl Template {
                     "placeholder {} at byte {} is not available here; allowed: {}",
                     placeholder.spelling(),
                     offset + open,
-                    allowed
-                        .iter()
-                        .map(|p| p.spelling())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    spellings(allowed)
                 )));
             }
             segments.push(Segment::Value(placeholder));

@@ -172,22 +172,7 @@ impl TestPostgres {
 
     /// Runs `pg_ctl restart` (fast shutdown, then start on the same port): every connection is broken.
     pub fn restart(&self) -> io::Result<()> {
-        let data = self.data_dir();
-        let log = self.log_path();
-        let out = self.run_pg(
-            "pg_ctl",
-            &[
-                "-D",
-                path_str(&data)?,
-                "-l",
-                path_str(&log)?,
-                "-w",
-                "-m",
-                "fast",
-                "restart",
-            ],
-        )?;
-        check(out, "pg_ctl restart")
+        self.pg_ctl(&["-m", "fast", "restart"])
     }
 
     fn init(&mut self, options: &TestPostgresBuilder) -> io::Result<()> {
@@ -233,22 +218,18 @@ impl TestPostgres {
     }
 
     fn pg_ctl_start(&self) -> io::Result<()> {
+        self.pg_ctl(&["-o", &format!("-p {}", self.port), "start"])
+    }
+
+    /// `pg_ctl -D <data> -l <log> -w <args>`, failing with its output.
+    fn pg_ctl(&self, args: &[&str]) -> io::Result<()> {
         let data = self.data_dir();
         let log = self.log_path();
-        let out = self.run_pg(
-            "pg_ctl",
-            &[
-                "-D",
-                path_str(&data)?,
-                "-l",
-                path_str(&log)?,
-                "-o",
-                &format!("-p {}", self.port),
-                "-w",
-                "start",
-            ],
-        )?;
-        check(out, "pg_ctl start")
+        let all = [&["-D", path_str(&data)?, "-l", path_str(&log)?, "-w"], args].concat();
+        check(
+            self.run_pg("pg_ctl", &all)?,
+            &format!("pg_ctl {}", args.join(" ")),
+        )
     }
 
     /// A CA and a server certificate in the data directory, the key readable by the server's user only.
@@ -349,9 +330,7 @@ impl TestPostgres {
 
 impl Drop for TestPostgres {
     fn drop(&mut self) {
-        if let Ok(data) = path_str(&self.data_dir()) {
-            let _ = self.run_pg("pg_ctl", &["-D", data, "-m", "immediate", "-w", "stop"]);
-        }
+        let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
