@@ -185,8 +185,14 @@ fn check_admin_rights(client: &mut Client) -> Result<String, Error> {
             &[],
         )
     })?;
-    let (user, superuser, createrole, signal): (String, bool, bool, bool) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (user, superuser, createrole, signal, version): (String, bool, bool, bool, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    if version < sql::MIN_SERVER_VERSION {
+        return Err(Error::new(
+            ErrorKind::Connection,
+            format!("the server runs PostgreSQL version number {version}; credbroker needs PostgreSQL 14 or later"),
+        ));
+    }
     if !superuser && !createrole {
         return Err(Error::new(
             ErrorKind::Permission,
@@ -246,8 +252,9 @@ impl Shared {
 
 /// The credential broker. See the [crate documentation](crate) for a walk-through.
 ///
-/// `Broker` is `Send + Sync`: share it by reference or in an `Arc`. Dropping it stops and joins the sweeper;
-/// leases still live are not revoked, and their roles expire through `VALID UNTIL`.
+/// `Broker` is `Send + Sync`: share it by reference or in an `Arc`. Dropping it stops and joins the sweeper
+/// (waiting for a revocation in flight, at most about `connect_timeout` plus its SQL); leases still live are not
+/// revoked, and their roles stop accepting logins at `VALID UNTIL`.
 pub struct Broker {
     shared: Arc<Shared>,
     sweeper: Option<JoinHandle<()>>,

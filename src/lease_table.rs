@@ -42,6 +42,8 @@ pub(crate) struct DueLease {
     pub id: Arc<str>,
     pub username: String,
     pub role: Arc<CompiledRole>,
+    /// Failed revocations so far: 0 for a lease that just expired.
+    pub attempts: u32,
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +114,7 @@ impl LeaseTable {
             id: key,
             username: entry.lease.username.clone(),
             role: entry.role.clone(),
+            attempts: entry.lease.revocation_attempts,
         })
     }
 

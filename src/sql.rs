@@ -4,15 +4,19 @@
 
 use postgres_protocol::escape::{escape_identifier, escape_literal};
 
-/// The admin's own rights: superuser, CREATEROLE, and whether it may signal other backends.
+/// The admin's own rights (superuser, CREATEROLE, whether it may signal other backends) and the server version.
 pub(crate) const ADMIN_RIGHTS: &str = "SELECT current_user::text, r.rolsuper, r.rolcreaterole, \
-     pg_has_role(current_user, 'pg_signal_backend', 'MEMBER') \
+     pg_has_role(current_user, 'pg_signal_backend', 'MEMBER'), current_setting('server_version_num')::int \
      FROM pg_roles r WHERE r.rolname = current_user";
+
+/// The oldest PostgreSQL the broker's SQL runs on, as `server_version_num`.
+pub(crate) const MIN_SERVER_VERSION: i32 = 140000;
 
 /// The oid of a role by name (`$1`), if it exists.
 pub(crate) const ROLE_OID: &str = "SELECT oid FROM pg_roles WHERE rolname = $1";
 
-/// Ends every session of the role with oid `$1`, waiting up to 5 s for each to exit. By oid, not name: after
+/// Ends every session of the role with oid `$1`, waiting up to 5 s for each to exit (the timeout argument needs
+/// PostgreSQL 14, hence [`MIN_SERVER_VERSION`]). By oid, not name: after
 /// `DROP ROLE` a surviving session's `usename` is NULL but its `usesysid` is still the old oid.
 pub(crate) const TERMINATE_SESSIONS: &str =
     "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \

@@ -45,8 +45,13 @@ pub(crate) fn run(shared: Arc<Shared>) {
             if shared.state.lock().shutdown {
                 return;
             }
+            let why = if lease.attempts == 0 {
+                "expired"
+            } else {
+                "retried"
+            };
             // Failures are recorded in the lease table and logged by revoke_lease.
-            let _ = revoke_lease(&shared, lease, "swept: expired or retried");
+            let _ = revoke_lease(&shared, lease, why);
         }
     }
 }
