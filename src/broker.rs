@@ -244,6 +244,29 @@ impl Shared {
         })
     }
 
+    /// Runs `op` on a pooled connection. The pool does not ping connections on checkout (that would double the
+    /// round trips), so pooled connections may have died since their last use, all at once when the server
+    /// restarted: while `op` fails on a connection that turns out closed (and is then discarded by the pool), it
+    /// runs again on another, at most once per pool slot plus one. Every `op` given here is safe to repeat after
+    /// such a failure: it changed nothing, or it is idempotent.
+    pub(crate) fn with_client<T, E>(
+        &self,
+        mut op: impl FnMut(&mut Client) -> Result<T, E>,
+    ) -> Result<Result<T, E>, Error> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut client = self.connection()?;
+            let result = op(&mut client);
+            if result.is_ok() || !client.is_closed() || tries > self.pool.max_size() {
+                return Ok(result);
+            }
+            log::info!(
+                "a pooled PostgreSQL connection was closed (server restart?); retrying on another"
+            );
+        }
+    }
+
     /// The role currently defined under `name`, if any.
     pub(crate) fn current_role(&self, name: &str) -> Option<Arc<CompiledRole>> {
         self.roles.read().get(name).cloned()
@@ -326,7 +349,7 @@ impl Broker {
             password: &verifier,
             expiration: &expiration,
         };
-        let mut client = self.shared.connection()?;
+        self.shared.with_client(|client| {
         let mut tx = client.transaction().map_err(database)?;
         let xid: i64 = tx
             .query_one(sql::CURRENT_XID, &[])
@@ -342,7 +365,7 @@ impl Broker {
         if xid_after != xid {
             drop(tx);
             // The template committed: the sample role may exist for real. Remove it before refusing.
-            let cleanup = revoke_role(&mut client, &username, role);
+            let cleanup = revoke_role(client, &username, role);
             if let Err(e) = &cleanup {
                 log::error!(
                     "could not remove sample role {username} left by a committing template: {e}"
@@ -393,6 +416,7 @@ impl Broker {
             }
         }
         tx.rollback().map_err(database)
+        })?
     }
 
     /// The definition of role `name`, if defined.
@@ -436,7 +460,6 @@ impl Broker {
         let lease_id = generate_lease_id(name)?;
         let expiration = pg_timestamp(expires_at);
 
-        let mut client = self.shared.connection()?;
         let mut attempt = 0;
         let username = loop {
             attempt += 1;
@@ -446,7 +469,10 @@ impl Broker {
                 password: &verifier,
                 expiration: &expiration,
             }));
-            match run_in_transaction(&mut client, &sql) {
+            match self
+                .shared
+                .with_client(|client| run_in_transaction(client, &sql))?
+            {
                 Ok(()) => break username,
                 Err(e)
                     if e.code() == Some(&SqlState::DUPLICATE_OBJECT)
@@ -466,7 +492,6 @@ impl Broker {
                 }
             }
         };
-        drop(client);
 
         let lease = Lease {
             id: lease_id.clone(),
@@ -534,16 +559,16 @@ impl Broker {
             }),
             None => sql::set_valid_until(&username, &expiration),
         };
-        let mut client = self.shared.connection()?;
-        client.batch_execute(&sql).map_err(|e| {
-            Error::postgres(
-                ErrorKind::Database,
-                format!("could not renew lease {id}"),
-                e,
-                &[],
-            )
-        })?;
-        drop(client);
+        self.shared
+            .with_client(|client| client.batch_execute(&sql))?
+            .map_err(|e| {
+                Error::postgres(
+                    ErrorKind::Database,
+                    format!("could not renew lease {id}"),
+                    e,
+                    &[],
+                )
+            })?;
 
         let mut state = self.shared.state.lock();
         if !state.table.set_expiry(id, expires_at) {

@@ -102,8 +102,8 @@ pub(crate) fn revoke_lease(shared: &Shared, lease: &DueLease, why: &str) -> Resu
         .current_role(&lease.role.name)
         .unwrap_or_else(|| lease.role.clone());
     let result = shared
-        .connection()
-        .and_then(|mut client| revoke_role(&mut client, &lease.username, &role));
+        .with_client(|client| revoke_role(client, &lease.username, &role))
+        .and_then(|revoked| revoked);
     match result {
         Ok(()) => {
             shared.state.lock().table.remove(&lease.id);
