@@ -21,7 +21,7 @@ use crate::credential::{
 use crate::error::{Error, ErrorKind};
 use crate::lease::{pg_timestamp, Lease, LeasePolicy};
 use crate::lease_table::{Entry, LeaseTable};
-use crate::revoke::{revoke_lease, revoke_role};
+use crate::revoke::revoke_lease;
 use crate::role::{check_role_name, CompiledRole, Role};
 use crate::template::Values;
 use crate::{sql, sweeper};
@@ -309,114 +309,14 @@ impl Broker {
     /// earlier definition of the role are renewed and revoked with the new one.
     pub fn write_role(&self, name: &str, role: Role) -> Result<(), Error> {
         let compiled = CompiledRole::compile(name, role, self.shared.policy)?;
-        self.check_role_sql(&compiled)?;
+        self.shared
+            .with_client(|client| compiled.try_on_server(client))??;
         self.shared
             .roles
             .write()
             .insert(name.to_owned(), Arc::new(compiled));
         log::info!("wrote role {name}");
         Ok(())
-    }
-
-    /// Runs a role's templates with sample values in a transaction that is rolled back.
-    fn check_role_sql(&self, role: &CompiledRole) -> Result<(), Error> {
-        let rejected = |what: &str, e: postgres::Error, secrets: &[&str]| {
-            Error::postgres(
-                ErrorKind::TemplateRejected,
-                format!(
-                    "PostgreSQL rejected the {what} of role {:?} (tried with sample values and rolled back); fix the SQL",
-                    role.name
-                ),
-                e,
-                secrets,
-            )
-        };
-        let database = |e: postgres::Error| {
-            Error::postgres(
-                ErrorKind::Database,
-                format!("could not check role {:?}", role.name),
-                e,
-                &[],
-            )
-        };
-        let username = generate_username(&role.name, SystemTime::now())?;
-        let password = generate_password()?;
-        let verifier = scram_verifier(&password);
-        let (_, expires, _) = role.policy.issue(SystemTime::now());
-        let expiration = pg_timestamp(expires);
-        let values = Values {
-            name: &username,
-            password: &verifier,
-            expiration: &expiration,
-        };
-        self.shared.with_client(|client| {
-        let mut tx = client.transaction().map_err(database)?;
-        let xid: i64 = tx
-            .query_one(sql::CURRENT_XID, &[])
-            .map_err(database)?
-            .get(0);
-        let creation = Zeroizing::new(role.creation.render(&values));
-        tx.batch_execute(&creation)
-            .map_err(|e| rejected("creation SQL", e, &[&verifier, &password]))?;
-        let xid_after: i64 = tx
-            .query_one(sql::CURRENT_XID, &[])
-            .map_err(database)?
-            .get(0);
-        if xid_after != xid {
-            drop(tx);
-            // The template committed: the sample role may exist for real. Remove it before refusing.
-            let cleanup = revoke_role(client, &username, role);
-            if let Err(e) = &cleanup {
-                log::error!(
-                    "could not remove sample role {username} left by a committing template: {e}"
-                );
-            }
-            return Err(Error::new(
-                ErrorKind::TemplateRejected,
-                format!(
-                    "the creation SQL of role {:?} ends the transaction (COMMIT, ROLLBACK or END); \
-                     remove those statements: the broker runs the SQL in its own transaction",
-                    role.name
-                ),
-            ));
-        }
-        if tx
-            .query_opt(sql::ROLE_OID, &[&username])
-            .map_err(database)?
-            .is_none()
-        {
-            return Err(Error::new(
-                ErrorKind::TemplateRejected,
-                format!(
-                    "the creation SQL of role {:?} did not create a role named {{{{name}}}}; create exactly that role, \
-                     e.g. CREATE ROLE \"{{{{name}}}}\" WITH LOGIN PASSWORD '{{{{password}}}}' VALID UNTIL '{{{{expiration}}}}'",
-                    role.name
-                ),
-            ));
-        }
-        if let Some(renew) = &role.renew {
-            tx.batch_execute(&renew.render(&values))
-                .map_err(|e| rejected("renew SQL", e, &[]))?;
-        }
-        if let Some(revocation) = &role.revocation {
-            tx.batch_execute(&revocation.render(&values))
-                .map_err(|e| rejected("revocation SQL", e, &[]))?;
-            if tx
-                .query_opt(sql::ROLE_OID, &[&username])
-                .map_err(database)?
-                .is_some()
-            {
-                return Err(Error::new(
-                    ErrorKind::TemplateRejected,
-                    format!(
-                        "the revocation SQL of role {:?} does not drop the role; include DROP ROLE \"{{{{name}}}}\"",
-                        role.name
-                    ),
-                ));
-            }
-        }
-        tx.rollback().map_err(database)
-        })?
     }
 
     /// The definition of role `name`, if defined.

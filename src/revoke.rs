@@ -2,8 +2,8 @@
 //!
 //! The order matters. `NOLOGIN` is committed first, so no new session can start; then the role's sessions are
 //! ended (a session outlives `DROP ROLE`, keeping the privileges of any group it did `SET ROLE` to); then one
-//! transaction hands the role's objects to the admin, drops its privileges and drops it; then sessions are
-//! ended once more, by oid, in case one slipped in. A role that is already gone counts as revoked, and so does
+//! transaction hands the role's objects to the admin, drops its privileges and drops it; then every session
+//! whose role no longer exists is ended, in case one was still authenticating when the role was fenced. A role that is already gone counts as revoked, and so does
 //! any failure after which the role turns out to be gone (a concurrent revocation of the same lease).
 
 use std::time::{Duration, SystemTime};
@@ -56,7 +56,7 @@ pub(crate) fn revoke_role(
         let mut tx = client.transaction()?;
         tx.batch_execute(&drop_sql)?;
         tx.commit()?;
-        client.query_one(sql::TERMINATE_SESSIONS, &[&oid])?;
+        client.query_one(sql::TERMINATE_ORPHAN_SESSIONS, &[])?;
         Ok(())
     })();
     let still_there = role_oid(client, username)

@@ -1,10 +1,16 @@
 //! Roles: named recipes for the PostgreSQL login roles the broker creates.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use postgres::Client;
+use zeroize::Zeroizing;
+
+use crate::credential::{generate_password, generate_username, scram_verifier};
 use crate::error::{Error, ErrorKind};
-use crate::lease::LeasePolicy;
-use crate::template::{Placeholder, Template};
+use crate::lease::{pg_timestamp, LeasePolicy};
+use crate::revoke::revoke_role;
+use crate::sql;
+use crate::template::{Placeholder, Template, Values};
 
 /// The creation SQL of [`Role::new`]: a login role with the password and expiry, and nothing else.
 pub const DEFAULT_CREATION_SQL: &str =
@@ -170,6 +176,92 @@ impl CompiledRole {
             renew,
             policy,
         })
+    }
+}
+
+impl CompiledRole {
+    /// Runs the role's templates with sample values in a transaction that is rolled back, so SQL errors show
+    /// when the role is written, not at the first `creds`. Also refuses a creation SQL that ends the transaction
+    /// itself or creates a role of another name, and a revocation SQL that leaves the role in place.
+    pub(crate) fn try_on_server(&self, client: &mut Client) -> Result<(), Error> {
+        let database = |e: postgres::Error| {
+            let context = format!("could not check role {:?}", self.name);
+            Error::postgres(ErrorKind::Database, context, e, &[])
+        };
+        let refuse = |what: String| {
+            let message = format!("the {what} of role {:?}", self.name);
+            Error::new(ErrorKind::TemplateRejected, message)
+        };
+        let username = generate_username(&self.name, SystemTime::now())?;
+        let password = generate_password()?;
+        let verifier = scram_verifier(&password);
+        let (_, expires, _) = self.policy.issue(SystemTime::now());
+        let expiration = pg_timestamp(expires);
+        let values = Values {
+            name: &username,
+            password: &verifier,
+            expiration: &expiration,
+        };
+        let run = |tx: &mut postgres::Transaction<'_>, what: &str, sql: &str, secrets: &[&str]| {
+            tx.batch_execute(sql).map_err(|e| {
+                let context = format!(
+                    "PostgreSQL rejected the {what} of role {:?} (tried with sample values and rolled back); \
+                     fix the SQL",
+                    self.name
+                );
+                Error::postgres(ErrorKind::TemplateRejected, context, e, secrets)
+            })
+        };
+        let role_exists = |tx: &mut postgres::Transaction<'_>| -> Result<bool, Error> {
+            Ok(tx
+                .query_opt(sql::ROLE_OID, &[&username])
+                .map_err(database)?
+                .is_some())
+        };
+
+        let mut tx = client.transaction().map_err(database)?;
+        let xid: i64 = tx
+            .query_one(sql::CURRENT_XID, &[])
+            .map_err(database)?
+            .get(0);
+        let creation = Zeroizing::new(self.creation.render(&values));
+        run(&mut tx, "creation SQL", &creation, &[&verifier, &password])?;
+        let xid_after: i64 = tx
+            .query_one(sql::CURRENT_XID, &[])
+            .map_err(database)?
+            .get(0);
+        if xid_after != xid {
+            drop(tx);
+            // The template committed: the sample role may exist for real. Remove it before refusing.
+            if let Err(e) = revoke_role(client, &username, self) {
+                log::error!(
+                    "could not remove sample role {username} left by a committing template: {e}"
+                );
+            }
+            return Err(refuse(
+                "creation SQL ends the transaction (COMMIT, ROLLBACK or END); remove those statements: \
+                 the broker runs the SQL in its own transaction"
+                    .into(),
+            ));
+        }
+        if !role_exists(&mut tx)? {
+            return Err(refuse(format!(
+                "creation SQL did not create a role named {{{{name}}}}; create exactly that role, e.g. {}",
+                DEFAULT_CREATION_SQL
+            )));
+        }
+        if let Some(renew) = &self.renew {
+            run(&mut tx, "renew SQL", &renew.render(&values), &[])?;
+        }
+        if let Some(revocation) = &self.revocation {
+            run(&mut tx, "revocation SQL", &revocation.render(&values), &[])?;
+            if role_exists(&mut tx)? {
+                return Err(refuse(
+                    "revocation SQL does not drop the role; include DROP ROLE \"{{name}}\"".into(),
+                ));
+            }
+        }
+        tx.rollback().map_err(database)
     }
 }
 

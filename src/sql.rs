@@ -16,11 +16,18 @@ pub(crate) const MIN_SERVER_VERSION: i32 = 140000;
 pub(crate) const ROLE_OID: &str = "SELECT oid FROM pg_roles WHERE rolname = $1";
 
 /// Ends every session of the role with oid `$1`, waiting up to 5 s for each to exit (the timeout argument needs
-/// PostgreSQL 14, hence [`MIN_SERVER_VERSION`]). By oid, not name: after
-/// `DROP ROLE` a surviving session's `usename` is NULL but its `usesysid` is still the old oid.
+/// PostgreSQL 14, hence [`MIN_SERVER_VERSION`]). By oid, not name: after `DROP ROLE` a surviving session's
+/// `usename` is NULL but its `usesysid` is still the old oid.
 pub(crate) const TERMINATE_SESSIONS: &str =
     "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
      WHERE usesysid = $1 AND pid <> pg_backend_pid()";
+
+/// Ends every client session whose role no longer exists: one that was still authenticating when its role was
+/// fenced and ended, and registered only after. Run after each drop, it also ends stragglers of earlier ones.
+pub(crate) const TERMINATE_ORPHAN_SESSIONS: &str =
+    "SELECT count(pg_terminate_backend(a.pid, 5000)) \
+     FROM pg_stat_activity a WHERE a.backend_type = 'client backend' AND a.usesysid IS NOT NULL \
+     AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = a.usesysid)";
 
 /// The id of the current transaction, assigning one: a template that commits or rolls back changes it.
 pub(crate) const CURRENT_XID: &str = "SELECT txid_current()";

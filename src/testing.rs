@@ -200,7 +200,8 @@ impl TestPostgres {
         fs::remove_file(&pwfile)?;
 
         let mut conf = format!(
-            "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 200\n",
+            "\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 200\n\
+             log_connections = on\nlog_disconnections = on\nlog_line_prefix = '%m [%p] %u '\n",
             path_str(&self.dir)?
         );
         if options.tls {
@@ -331,6 +332,14 @@ impl TestPostgres {
 impl Drop for TestPostgres {
     fn drop(&mut self) {
         let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
+        if std::thread::panicking() {
+            // A failing test: keep the server log for the post-mortem.
+            eprintln!(
+                "TestPostgres: test failed; server log kept at {}",
+                self.log_path().display()
+            );
+            return;
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
