@@ -247,8 +247,9 @@ impl Shared {
     /// Runs `op` on a pooled connection. The pool does not ping connections on checkout (that would double the
     /// round trips), so pooled connections may have died since their last use, all at once when the server
     /// restarted: while `op` fails on a connection that turns out closed (and is then discarded by the pool), it
-    /// runs again on another, at most once per pool slot plus one. Every `op` given here is safe to repeat after
-    /// such a failure: it changed nothing, or it is idempotent.
+    /// runs again on another, at most once per pool slot plus one. Renew, revoke and the role check are safe to
+    /// repeat; `creds` is too, except when the connection is lost while its COMMIT is in flight: then a role may
+    /// exist that no lease knows of, fenced by its `VALID UNTIL`.
     pub(crate) fn with_client<T, E>(
         &self,
         mut op: impl FnMut(&mut Client) -> Result<T, E>,
