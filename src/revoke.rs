@@ -59,6 +59,10 @@ pub(crate) fn revoke_role(
         client.query_one(sql::TERMINATE_ORPHAN_SESSIONS, &[])?;
         Ok(())
     })();
+    if attempt.is_ok() && role.revocation.is_none() {
+        // Our own DROP ROLE committed: the role is gone, no need to ask.
+        return Ok(());
+    }
     let still_there = role_oid(client, username)
         .map_err(|e| failed(username, e))?
         .is_some();
