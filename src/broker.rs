@@ -505,9 +505,7 @@ impl Broker {
 
     /// Leases whose revocation has failed at least once; they stay in the table and are retried with backoff.
     pub fn failed_leases(&self) -> Vec<Lease> {
-        let mut leases = self.leases();
-        leases.retain(|l| l.revocation_attempts > 0);
-        leases
+        self.shared.state.lock().table.failed_leases()
     }
 
     /// Revokes lease `id` now: ends the role's sessions, drops what it owns and the role itself. A role already

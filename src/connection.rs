@@ -176,12 +176,12 @@ impl Connection {
                 _ => format!("PostgreSQL refused the admin connection: {}", db.message()),
             };
             let code = db.code().code().to_owned();
-            let mut e = Error::new(
+            return Error::new(
                 ErrorKind::Connection,
                 format!("could not connect to {target}: {hint}"),
-            );
-            e = e.with_source(err);
-            return e.with_code(code);
+            )
+            .with_code(code)
+            .with_source(err);
         }
         let text = chain(&err);
         let lower = text.to_ascii_lowercase();

@@ -83,33 +83,32 @@ impl LeaseTable {
         Some(entry)
     }
 
+    /// Takes a lease out of the due index (leaving it in flight) and returns its key, its entry, and when it was
+    /// due (`None` if it was already in flight), for the caller to reschedule or claim.
+    fn unschedule(&mut self, id: &str) -> Option<(Arc<str>, &mut Entry, Option<SystemTime>)> {
+        let key = self.by_id.get_key_value(id)?.0.clone();
+        let entry = self.by_id.get_mut(&key)?;
+        let was_due = entry.due.take();
+        if let Some(due) = was_due {
+            self.due.remove(&(due, key.clone()));
+        }
+        Some((key, entry, was_due))
+    }
+
     /// Moves the expiry of a lease that is not being revoked. Returns false if the lease is gone or in flight.
     pub(crate) fn set_expiry(&mut self, id: &str, expires_at: SystemTime) -> bool {
-        let Some((key, entry)) = self.by_id.get_key_value(id) else {
+        let Some((key, entry, Some(_))) = self.unschedule(id) else {
             return false;
         };
-        let key = key.clone();
-        let Some(old_due) = entry.due else {
-            return false;
-        };
-        self.due.remove(&(old_due, key.clone()));
-        self.due.insert((expires_at, key.clone()));
-        if let Some(entry) = self.by_id.get_mut(&key) {
-            entry.due = Some(expires_at);
-            entry.lease.expires_at = expires_at;
-        }
+        entry.due = Some(expires_at);
+        entry.lease.expires_at = expires_at;
+        self.due.insert((expires_at, key));
         true
     }
 
     /// Marks a lease in flight (so the sweeper leaves it alone) and returns what revoking it needs.
     pub(crate) fn claim(&mut self, id: &str) -> Option<DueLease> {
-        let (key, entry) = self.by_id.get_key_value(id)?;
-        let key = key.clone();
-        if let Some(due) = entry.due {
-            self.due.remove(&(due, key.clone()));
-        }
-        let entry = self.by_id.get_mut(&key)?;
-        entry.due = None;
+        let (key, entry, _) = self.unschedule(id)?;
         Some(DueLease {
             id: key,
             username: entry.lease.username.clone(),
@@ -132,17 +131,13 @@ impl LeaseTable {
 
     /// Records a failed revocation and makes the lease due again at `retry_at`. Returns the attempt count.
     pub(crate) fn failed(&mut self, id: &str, error: String, retry_at: SystemTime) -> Option<u32> {
-        let (key, entry) = self.by_id.get_key_value(id)?;
-        let key = key.clone();
-        if let Some(due) = entry.due {
-            self.due.remove(&(due, key.clone()));
-        }
-        let entry = self.by_id.get_mut(&key)?;
+        let (key, entry, _) = self.unschedule(id)?;
         entry.lease.revocation_attempts += 1;
         entry.lease.last_error = Some(error);
         entry.due = Some(retry_at);
+        let attempts = entry.lease.revocation_attempts;
         self.due.insert((retry_at, key));
-        Some(entry.lease.revocation_attempts)
+        Some(attempts)
     }
 
     /// When the earliest lease is due, if any lease is waiting.
@@ -164,6 +159,15 @@ impl LeaseTable {
 
     pub(crate) fn leases(&self) -> Vec<Lease> {
         self.by_id.values().map(|e| e.lease.clone()).collect()
+    }
+
+    /// Leases whose revocation has failed at least once.
+    pub(crate) fn failed_leases(&self) -> Vec<Lease> {
+        let failed = self
+            .by_id
+            .values()
+            .filter(|e| e.lease.revocation_attempts > 0);
+        failed.map(|e| e.lease.clone()).collect()
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use postgres::Client;
 
 use crate::broker::Shared;
-use crate::error::{describe, Error, ErrorKind};
+use crate::error::{Error, ErrorKind};
 use crate::lease_table::DueLease;
 use crate::role::CompiledRole;
 use crate::sql;
@@ -87,16 +87,8 @@ fn role_oid(client: &mut Client, username: &str) -> Result<Option<u32>, postgres
 }
 
 fn failed(username: &str, err: postgres::Error) -> Error {
-    let code = err.code().map(|c| c.code().to_owned());
-    let mut e = Error::new(
-        ErrorKind::Revocation,
-        format!("could not drop role {username:?}: {}", describe(&err)),
-    )
-    .with_source(err);
-    if let Some(code) = code {
-        e = e.with_code(code);
-    }
-    e
+    let context = format!("could not drop role {username:?}");
+    Error::postgres(ErrorKind::Revocation, context, err, &[])
 }
 
 /// Revokes a claimed lease and settles the lease table: on success the lease leaves it; on failure it stays,

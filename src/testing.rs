@@ -62,7 +62,8 @@ pub struct TestPostgres {
     port: u16,
     password: String,
     ca_cert: Option<PathBuf>,
-    run_as_postgres: bool,
+    /// The `postgres` OS user's uid and gid when the server must run as that user (this process is root).
+    run_as: Option<(u32, u32)>,
 }
 
 /// The superuser `initdb` creates.
@@ -81,18 +82,22 @@ impl TestPostgres {
 
     fn start_with(options: TestPostgresBuilder) -> io::Result<TestPostgres> {
         let bin = find_bin_dir()?;
-        let run_as_postgres = is_root();
+        let run_as = if is_root() {
+            Some(postgres_ids()?)
+        } else {
+            None
+        };
         let password = generate_password()
             .map_err(|e| io::Error::other(e.to_string()))?
             .to_string();
-        let dir = make_temp_dir(run_as_postgres)?;
+        let dir = make_temp_dir(run_as.is_some())?;
         let mut pg = TestPostgres {
             dir,
             bin,
             port: 0,
             password,
             ca_cert: None,
-            run_as_postgres,
+            run_as,
         };
         pg.init(&options)?;
         let mut last_error = None;
@@ -308,8 +313,7 @@ impl TestPostgres {
     }
 
     fn hand_to_postgres(&self, path: &Path) -> io::Result<()> {
-        if self.run_as_postgres {
-            let (uid, gid) = postgres_ids()?;
+        if let Some((uid, gid)) = self.run_as {
             std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
         }
         Ok(())
@@ -317,7 +321,7 @@ impl TestPostgres {
 
     fn run_pg(&self, program: &str, args: &[&str]) -> io::Result<Output> {
         let exe = self.bin.join(program);
-        let mut cmd = if self.run_as_postgres {
+        let mut cmd = if self.run_as.is_some() {
             let mut c = Command::new("setpriv");
             c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
                 .arg(&exe);
