@@ -18,13 +18,19 @@ use crate::connection::{Connection, SslMode};
 use crate::credential::{
     generate_lease_id, generate_password, generate_username, scram_verifier, Credential,
 };
+use crate::error::describe;
 use crate::error::{Error, ErrorKind};
 use crate::lease::{pg_timestamp, Lease, LeasePolicy};
 use crate::lease_table::{Entry, LeaseTable};
-use crate::revoke::revoke_lease;
+use crate::marker::{check_instance_name, default_instance_name, LeaseMark, DEFAULT_MARKER_ROLE};
+use crate::preflight::{self, Needs};
+use crate::recovery::{self, RecoveryMode, DEFAULT_ORPHAN_INTERVAL};
+use crate::revoke::{revoke_lease, revoke_leases, RevokeSettings, BATCH};
 use crate::role::{check_role_name, CompiledRole, Role};
-use crate::template::Values;
+use crate::shutdown::{revoke_all, ShutdownMode};
+use crate::template::{Placeholder, Values};
 use crate::{sql, sweeper};
+use postgres_protocol::escape::escape_identifier;
 
 type Manager = PostgresConnectionManager<MakeRustlsConnect>;
 
@@ -39,12 +45,26 @@ const USERNAME_ATTEMPTS: usize = 3;
 /// | [`lease`](BrokerBuilder::lease) | 1 hour default, 24 hours max |
 /// | [`pool_size`](BrokerBuilder::pool_size) | 4 connections |
 /// | [`connect_timeout`](BrokerBuilder::connect_timeout) | 10 seconds |
+/// | [`instance_name`](BrokerBuilder::instance_name) | `<host name>/<executable name>` |
+/// | [`marker_role`](BrokerBuilder::marker_role) | [`DEFAULT_MARKER_ROLE`](crate::DEFAULT_MARKER_ROLE) (`credbroker_lease`) |
+/// | [`reassign_owned_to`](BrokerBuilder::reassign_owned_to) | the admin user |
+/// | [`recovery`](BrokerBuilder::recovery) | [`RecoveryMode::Adopt`] |
+/// | [`shutdown_mode`](BrokerBuilder::shutdown_mode) | [`ShutdownMode::Keep`] |
+/// | [`terminate_sessions`](BrokerBuilder::terminate_sessions) | true |
+/// | [`orphan_sweep_interval`](BrokerBuilder::orphan_sweep_interval) | 60 seconds |
 pub struct BrokerBuilder {
     connection: Option<Zeroizing<String>>,
     default_lease: Duration,
     max_lease: Duration,
     pool_size: u32,
     connect_timeout: Duration,
+    instance_name: Option<String>,
+    marker_role: String,
+    reassign_owner: Option<String>,
+    recovery: RecoveryMode,
+    shutdown_mode: ShutdownMode,
+    terminate_sessions: bool,
+    orphan_interval: Duration,
 }
 
 impl Default for BrokerBuilder {
@@ -55,6 +75,13 @@ impl Default for BrokerBuilder {
             max_lease: Duration::from_secs(24 * 3600),
             pool_size: 4,
             connect_timeout: Duration::from_secs(10),
+            instance_name: None,
+            marker_role: DEFAULT_MARKER_ROLE.to_owned(),
+            reassign_owner: None,
+            recovery: RecoveryMode::Adopt,
+            shutdown_mode: ShutdownMode::Keep,
+            terminate_sessions: true,
+            orphan_interval: DEFAULT_ORPHAN_INTERVAL,
         }
     }
 }
@@ -67,6 +94,13 @@ impl fmt::Debug for BrokerBuilder {
             .field("max_lease", &self.max_lease)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("instance_name", &self.instance_name)
+            .field("marker_role", &self.marker_role)
+            .field("reassign_owner", &self.reassign_owner)
+            .field("recovery", &self.recovery)
+            .field("shutdown_mode", &self.shutdown_mode)
+            .field("terminate_sessions", &self.terminate_sessions)
+            .field("orphan_interval", &self.orphan_interval)
             .finish()
     }
 }
@@ -102,12 +136,66 @@ impl BrokerBuilder {
         self
     }
 
-    /// Connects, checks that the admin user may create roles, and starts the sweeper.
+    /// This broker's name among the instances sharing a database: 1–63 characters of `[A-Za-z0-9_.:@/-]`. It is
+    /// written on every role it issues, and recovery at start adopts the roles of the same name. The default,
+    /// `<host name>/<executable name>`, survives a restart; give each process that runs at the same time as
+    /// another of the same program on the same host a name of its own.
+    pub fn instance_name(mut self, name: impl Into<String>) -> BrokerBuilder {
+        self.instance_name = Some(name.into());
+        self
+    }
+
+    /// The `NOLOGIN` role every issued role is made a member of, so the catalog says which roles are
+    /// credentials; created by [`build`](BrokerBuilder::build) if missing. Instances that share a marker role
+    /// sweep each other's expired roles.
+    pub fn marker_role(mut self, name: impl Into<String>) -> BrokerBuilder {
+        self.marker_role = name.into();
+        self
+    }
+
+    /// Who receives the objects a revoked role owned (`REASSIGN OWNED BY … TO owner`); default: the admin user.
+    /// The admin must be a member of this role; [`build`](BrokerBuilder::build) checks.
+    pub fn reassign_owned_to(mut self, owner: impl Into<String>) -> BrokerBuilder {
+        self.reassign_owner = Some(owner.into());
+        self
+    }
+
+    /// What [`build`](BrokerBuilder::build) does with live roles an earlier run of this instance issued: adopt
+    /// them (default) or revoke them all. Expired ones are always dropped.
+    pub fn recovery(mut self, mode: RecoveryMode) -> BrokerBuilder {
+        self.recovery = mode;
+        self
+    }
+
+    /// What dropping the [`Broker`] does with the leases it still holds; [`Broker::shutdown`] takes the mode as
+    /// an argument instead.
+    pub fn shutdown_mode(mut self, mode: ShutdownMode) -> BrokerBuilder {
+        self.shutdown_mode = mode;
+        self
+    }
+
+    /// Whether revocation ends the sessions of the role it drops (default: true, which needs
+    /// `pg_signal_backend`). `false` is a degraded mode: an open session outlives the revocation of its role,
+    /// with every privilege it had, until it disconnects.
+    pub fn terminate_sessions(mut self, terminate: bool) -> BrokerBuilder {
+        self.terminate_sessions = terminate;
+        self
+    }
+
+    /// How often this instance looks for orphans: marked roles that no lease table holds (a crashed instance's,
+    /// say), expired for at least this long. Default: 60 seconds.
+    pub fn orphan_sweep_interval(mut self, interval: Duration) -> BrokerBuilder {
+        self.orphan_interval = interval;
+        self
+    }
+
+    /// Connects, runs the pre-flight check of the admin's rights (creating the marker role if missing), recovers
+    /// the roles an earlier run of this instance left, and starts the sweeper.
     ///
     /// Fails with [`ErrorKind::InvalidConfig`] for bad settings, [`ErrorKind::SslNotEnabled`] when TLS is
     /// required but the server has no SSL, [`ErrorKind::Tls`] when the certificate check fails,
     /// [`ErrorKind::Connection`] when the server cannot be reached or refuses the login, and
-    /// [`ErrorKind::Permission`] when the admin user can neither create roles nor is a superuser.
+    /// [`ErrorKind::Permission`] listing every right the admin user lacks, each with the `GRANT` that fixes it.
     pub fn build(self) -> Result<Broker, Error> {
         let source = self.connection.ok_or_else(|| {
             Error::new(
@@ -128,11 +216,35 @@ impl BrokerBuilder {
                 "connect_timeout is zero; give the time a connection may take, e.g. Duration::from_secs(10)",
             ));
         }
+        if self.orphan_interval.is_zero() {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "orphan_sweep_interval is zero; give how often to look for orphaned roles, e.g. Duration::from_secs(60)",
+            ));
+        }
+        let instance = match self.instance_name {
+            Some(name) => {
+                check_instance_name(&name)?;
+                name
+            }
+            None => default_instance_name(),
+        };
+        check_identifier("marker_role", &self.marker_role)?;
+        if let Some(owner) = &self.reassign_owner {
+            check_identifier("reassign_owned_to", owner)?;
+        }
         let connection = Connection::parse(&source, self.connect_timeout)?;
         drop(source);
 
         let mut client = connection.connect()?;
-        let admin_user = check_admin_rights(&mut client)?;
+        let admin = preflight::check(
+            &mut client,
+            &Needs {
+                owner: self.reassign_owner.as_deref(),
+                marker: &self.marker_role,
+                terminate_sessions: self.terminate_sessions,
+            },
+        )?;
         drop(client);
 
         let manager =
@@ -144,20 +256,41 @@ impl BrokerBuilder {
             .connection_timeout(self.connect_timeout)
             .build_unchecked(manager);
         log::info!(
-            "connected to PostgreSQL at {} as {admin_user} (sslmode={}), pool of {}",
+            "instance {instance} connected to PostgreSQL at {} as {}{} (sslmode={}), pool of {}",
             connection.target(),
+            admin.user,
+            if admin.superuser { " (superuser)" } else { "" },
             connection.ssl_mode,
             self.pool_size
         );
+        if !self.terminate_sessions {
+            log::warn!("terminate_sessions(false): sessions of revoked credentials stay open until they disconnect");
+        }
 
+        let ssl_mode = connection.ssl_mode;
         let shared = Arc::new(Shared {
             pool,
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             roles: RwLock::new(BTreeMap::new()),
             policy,
-            ssl_mode: connection.ssl_mode,
+            ssl_mode,
+            revoke_settings: RevokeSettings {
+                connection,
+                owner: self.reassign_owner.unwrap_or(admin.user),
+                terminate_sessions: self.terminate_sessions,
+            },
+            marker: self.marker_role,
+            instance,
+            orphan_interval: self.orphan_interval,
         });
+        let recovered = recovery::recover(&shared, self.recovery)?;
+        log::info!(
+            "recovery: adopted {} live leases, dropped {} roles of earlier runs ({} left to retry)",
+            recovered.adopted,
+            recovered.dropped,
+            recovered.failed
+        );
         let sweeper = {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -171,46 +304,22 @@ impl BrokerBuilder {
         Ok(Broker {
             shared,
             sweeper: Some(sweeper),
+            shutdown_mode: self.shutdown_mode,
         })
     }
 }
 
-/// Checks that the admin may create roles; returns its name.
-fn check_admin_rights(client: &mut Client) -> Result<String, Error> {
-    let row = client.query_one(sql::ADMIN_RIGHTS, &[]).map_err(|e| {
-        Error::postgres(
-            ErrorKind::Connection,
-            "could not read the admin user's rights",
-            e,
-            &[],
-        )
-    })?;
-    let (user, superuser, createrole, signal, version): (String, bool, bool, bool, i32) =
-        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-    if version < sql::MIN_SERVER_VERSION {
+/// Checks a role name the builder was given: PostgreSQL truncates identifiers beyond 63 bytes.
+fn check_identifier(setting: &str, name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.len() > 63 {
         return Err(Error::new(
-            ErrorKind::Connection,
-            format!("the server runs PostgreSQL version number {version}; credbroker needs PostgreSQL 14 or later"),
-        ));
-    }
-    if !superuser && !createrole {
-        return Err(Error::new(
-            ErrorKind::Permission,
+            ErrorKind::InvalidConfig,
             format!(
-                "admin user {user:?} may not create roles; grant it with `ALTER ROLE {} CREATEROLE;` \
-                 (run as a superuser), or connect as a superuser",
-                postgres_protocol::escape::escape_identifier(&user)
+                "{setting} {name:?} must be 1–63 bytes long (PostgreSQL's limit for role names)"
             ),
         ));
     }
-    if !superuser && !signal {
-        log::warn!(
-            "admin user {user:?} is not a member of pg_signal_backend: revoking a credential with open sessions will fail; \
-             fix with `GRANT pg_signal_backend TO {};`",
-            postgres_protocol::escape::escape_identifier(&user)
-        );
-    }
-    Ok(user)
+    Ok(())
 }
 
 /// State the sweeper and the callers share.
@@ -220,8 +329,15 @@ pub(crate) struct Shared {
     /// Wakes the sweeper: a lease that is due sooner, a failed revocation to schedule, or shutdown.
     pub(crate) wake: Condvar,
     roles: RwLock<BTreeMap<String, Arc<CompiledRole>>>,
-    policy: LeasePolicy,
+    pub(crate) policy: LeasePolicy,
     ssl_mode: SslMode,
+    pub(crate) revoke_settings: RevokeSettings,
+    /// The marker role every issued role is a member of.
+    pub(crate) marker: String,
+    /// This broker's instance name, written on every role it issues.
+    pub(crate) instance: String,
+    /// How often the sweeper looks for orphans, and how long past expiry a role must be to count as one.
+    pub(crate) orphan_interval: Duration,
 }
 
 #[derive(Default)]
@@ -277,11 +393,13 @@ impl Shared {
 /// The credential broker. See the [crate documentation](crate) for a walk-through.
 ///
 /// `Broker` is `Send + Sync`: share it by reference or in an `Arc`. Dropping it stops and joins the sweeper
-/// (waiting for a revocation in flight, at most about `connect_timeout` plus its SQL); leases still live are not
-/// revoked, and their roles stop accepting logins at `VALID UNTIL`.
+/// (waiting for the revocations in flight, at most about `connect_timeout` plus their SQL), then does what the
+/// builder's [`shutdown_mode`](BrokerBuilder::shutdown_mode) says: by default leases still live are kept, their
+/// roles stop accepting logins at `VALID UNTIL`, and the next start of the same instance adopts them.
 pub struct Broker {
     shared: Arc<Shared>,
     sweeper: Option<JoinHandle<()>>,
+    shutdown_mode: ShutdownMode,
 }
 
 impl fmt::Debug for Broker {
@@ -291,6 +409,8 @@ impl fmt::Debug for Broker {
             .field("leases", &self.shared.state.lock().table.len())
             .field("policy", &self.shared.policy)
             .field("ssl_mode", &self.shared.ssl_mode)
+            .field("instance", &self.shared.instance)
+            .field("marker", &self.shared.marker)
             .finish()
     }
 }
@@ -311,7 +431,7 @@ impl Broker {
     pub fn write_role(&self, name: &str, role: Role) -> Result<(), Error> {
         let compiled = CompiledRole::compile(name, role, self.shared.policy)?;
         self.shared
-            .with_client(|client| compiled.try_on_server(client))??;
+            .with_client(|client| compiled.try_on_server(client, &self.shared.revoke_settings))??;
         self.shared
             .roles
             .write()
@@ -345,10 +465,13 @@ impl Broker {
     }
 
     /// Issues a credential for role `name`: creates a PostgreSQL login role with a fresh random password and
-    /// `VALID UNTIL` at the lease's end, in one transaction, and records the lease.
+    /// `VALID UNTIL` at the lease's end, marks it (membership in the marker role and a comment recording the
+    /// lease), in one transaction, and records the lease.
     ///
     /// The password leaves the process only as a SCRAM-SHA-256 verifier. On any failure nothing is left behind:
-    /// no role in PostgreSQL, no lease in the table; the error carries PostgreSQL's message.
+    /// no role in PostgreSQL, no lease in the table; the error carries PostgreSQL's message. (If the connection
+    /// is lost while the transaction commits, the outcome is unknown: the broker then records the attempt as an
+    /// expired lease, so the sweeper makes sure its role is gone.)
     pub fn creds(&self, name: &str) -> Result<Credential, Error> {
         let role = self
             .shared
@@ -358,44 +481,63 @@ impl Broker {
         let (issued_at, expires_at, max_expires_at) = role.policy.issue(now);
         let password = generate_password()?;
         let verifier = scram_verifier(&password);
-        let lease_id = generate_lease_id(name)?;
         let expiration = pg_timestamp(expires_at);
 
+        let mut uncertain: Vec<(LeaseMark, String)> = Vec::new();
         let mut attempt = 0;
-        let username = loop {
+        let outcome = loop {
             attempt += 1;
             let username = generate_username(name, now)?;
-            let sql = Zeroizing::new(role.creation.render(&Values {
-                name: &username,
-                password: &verifier,
-                expiration: &expiration,
-            }));
-            match self
-                .shared
-                .with_client(|client| run_in_transaction(client, &sql))?
-            {
-                Ok(()) => break username,
-                Err(e)
+            let mark = LeaseMark {
+                lease_id: generate_lease_id(name)?,
+                role: name.to_owned(),
+                instance: self.shared.instance.clone(),
+                issued_at,
+                max_expires_at,
+            };
+            let sql =
+                Zeroizing::new(self.creation_sql(&role, &username, &verifier, &expiration, &mark));
+            let result = self.shared.with_client(|client| {
+                let result = run_in_transaction(client, &sql);
+                if result.is_err() && client.is_closed() {
+                    // The COMMIT may have reached the server before the connection died.
+                    uncertain.push((mark.clone(), username.clone()));
+                }
+                result
+            });
+            match result {
+                Err(no_connection) => break Err((no_connection, username)),
+                Ok(Ok(())) => break Ok((mark, username)),
+                Ok(Err(e))
                     if e.code() == Some(&SqlState::DUPLICATE_OBJECT)
                         && attempt < USERNAME_ATTEMPTS =>
                 {
                     log::warn!("username {username} was taken; retrying with another");
                 }
-                Err(e) => {
-                    return Err(Error::postgres(
+                Ok(Err(e)) => {
+                    let err = Error::postgres(
                         ErrorKind::Database,
                         format!(
                             "could not create a credential for role {name:?}; nothing was created"
                         ),
                         e,
                         &[&verifier, &password],
-                    ))
+                    );
+                    break Err((err, username));
                 }
             }
         };
+        let created = outcome.as_ref().ok().map(|(mark, _)| mark.lease_id.clone());
+        for (mark, username) in uncertain
+            .into_iter()
+            .filter(|(m, _)| Some(&m.lease_id) != created.as_ref())
+        {
+            self.sweep_uncertain(mark, username, &role);
+        }
+        let (mark, username) = outcome.map_err(|(err, _)| err)?;
 
         let lease = Lease {
-            id: lease_id.clone(),
+            id: mark.lease_id.clone(),
             role: name.to_owned(),
             username: username.clone(),
             issued_at,
@@ -414,14 +556,65 @@ impl Broker {
             self.shared.wake.notify_one();
         }
         log::info!(
-            "issued lease {lease_id} for role {name}: user {username}, valid until {expiration}"
+            "issued lease {} for role {name}: user {username}, valid until {expiration}",
+            mark.lease_id
         );
         Ok(Credential {
-            lease_id,
+            lease_id: mark.lease_id,
             lease_duration: role.policy.default,
             username,
             password,
         })
+    }
+
+    /// The whole creation transaction's SQL: the role's template, `VALID UNTIL` if the template does not set it,
+    /// and the marker. Newlines around the separators keep a trailing `--` comment in the template from
+    /// swallowing what follows.
+    fn creation_sql(
+        &self,
+        role: &CompiledRole,
+        username: &str,
+        verifier: &str,
+        expiration: &str,
+        mark: &LeaseMark,
+    ) -> String {
+        let mut sql = role.creation.render(&Values {
+            name: username,
+            password: verifier,
+            expiration,
+        });
+        if !role.creation.uses(Placeholder::Expiration) {
+            sql.push_str("\n;\n");
+            sql.push_str(&sql::set_valid_until(username, expiration));
+        }
+        sql.push_str("\n;\n");
+        sql.push_str(&sql::mark(&self.shared.marker, username, &mark.comment()));
+        sql
+    }
+
+    /// Records a creation whose outcome was lost with its connection as an expired lease: the sweeper drops
+    /// its role if the transaction committed after all, and forgets the lease either way.
+    fn sweep_uncertain(&self, mark: LeaseMark, username: String, role: &Arc<CompiledRole>) {
+        log::warn!(
+            "the connection was lost while creating lease {}; the sweeper makes sure its role is gone",
+            mark.lease_id
+        );
+        let lease = Lease {
+            id: mark.lease_id,
+            role: mark.role,
+            username,
+            issued_at: mark.issued_at,
+            expires_at: SystemTime::now(),
+            max_expires_at: mark.max_expires_at,
+            revocation_attempts: 0,
+            last_error: None,
+        };
+        self.shared
+            .state
+            .lock()
+            .table
+            .insert(Entry::new(lease, role.clone()));
+        self.shared.wake.notify_one();
     }
 
     /// Renews lease `id`: its new end is now plus `increment` (`None`: the role's default lease), capped at the
@@ -452,12 +645,22 @@ impl Broker {
         let role = self.shared.current_role(&snapshot.name).unwrap_or(snapshot);
         let expires_at = role.policy.renew(now, increment, max_expires_at)?;
         let expiration = pg_timestamp(expires_at);
+        // VALID UNTIL moves first and always: recovery reads the lease's end from it.
         let sql = match &role.renew {
-            Some(template) => template.render(&Values {
+            Some(template) if template.uses(Placeholder::Expiration) => template.render(&Values {
                 name: &username,
                 password: "",
                 expiration: &expiration,
             }),
+            Some(template) => format!(
+                "{}\n;\n{}",
+                template.render(&Values {
+                    name: &username,
+                    password: "",
+                    expiration: &expiration,
+                }),
+                sql::set_valid_until(&username, &expiration)
+            ),
             None => sql::set_valid_until(&username, &expiration),
         };
         self.shared
@@ -522,19 +725,30 @@ impl Broker {
         revoke_lease(&self.shared, &lease, "requested")
     }
 
-    /// Revokes every lease whose id starts with `prefix` (e.g. `postgresql/creds/production/`) and returns how
-    /// many were revoked. If any fails, the others are still revoked, the failed ones stay in the table to be
-    /// retried, and the error says how many failed.
+    /// Revokes every lease whose id starts with `prefix` (e.g. `postgresql/creds/production/`), in batches, and
+    /// returns how many were revoked. If any fails, the others are still revoked, the failed ones stay in the
+    /// table to be retried, and the error says how many failed.
     pub fn revoke_prefix(&self, prefix: &str) -> Result<usize, Error> {
         let ids = self.shared.state.lock().table.ids_with_prefix(prefix);
         let mut revoked = 0;
         let mut failures = Vec::new();
-        for id in &ids {
-            match self.revoke(id) {
-                Ok(()) => revoked += 1,
-                // Revoked meanwhile by someone else (the sweeper, another thread): nothing left to do.
-                Err(e) if e.kind() == ErrorKind::UnknownLease => {}
-                Err(e) => failures.push(e),
+        for chunk in ids.chunks(BATCH) {
+            // Leases revoked or claimed meanwhile by someone else (the sweeper, another thread) are skipped.
+            let claimed: Vec<_> = {
+                let mut state = self.shared.state.lock();
+                let mut claimed = Vec::new();
+                for id in chunk {
+                    if state.table.get(id).is_some_and(|e| !e.in_flight()) {
+                        claimed.extend(state.table.claim(id));
+                    }
+                }
+                claimed
+            };
+            for result in revoke_leases(&self.shared, &claimed, "requested") {
+                match result {
+                    Ok(()) => revoked += 1,
+                    Err(e) => failures.push(e),
+                }
             }
         }
         match failures.first() {
@@ -553,16 +767,79 @@ impl Broker {
             )),
         }
     }
+
+    /// Revokes lease `id`, and if its role cannot be dropped, forgets the lease anyway: it leaves the table, the
+    /// reason is logged at warn level, and the role loses the marker (so recovery and orphan sweeps leave it
+    /// alone too). The role stays `NOLOGIN` if revocation got that far, for an operator to drop by hand. For a
+    /// role that an operator has taken out of the broker's hands, or a revocation that can never succeed.
+    ///
+    /// Fails only with [`ErrorKind::UnknownLease`].
+    pub fn revoke_force(&self, id: &str) -> Result<(), Error> {
+        let lease = self
+            .shared
+            .state
+            .lock()
+            .table
+            .claim(id)
+            .ok_or_else(|| unknown_lease(id))?;
+        let Err(err) = revoke_lease(&self.shared, &lease, "forced") else {
+            return Ok(());
+        };
+        self.shared.state.lock().table.remove(id);
+        let unmark = sql::unmark(&self.shared.marker, &lease.username);
+        let unmarked = match self
+            .shared
+            .with_client(|client| client.batch_execute(&unmark))
+        {
+            Ok(Ok(())) => "the marker was taken away".to_owned(),
+            Ok(Err(e)) => format!("the marker could not be taken away ({})", describe(&e)),
+            Err(e) => format!("the marker could not be taken away ({e})"),
+        };
+        log::warn!(
+            "forced revocation: forgot lease {id}, whose role {} could not be dropped: {err}; {unmarked}. \
+             The role is NOLOGIN if revocation got that far; drop it by hand (DROP OWNED BY / DROP ROLE {})",
+            lease.username,
+            escape_identifier(&lease.username)
+        );
+        Ok(())
+    }
+
+    /// Stops the broker: stops and joins the sweeper, then keeps or revokes the leases still in the table as
+    /// `mode` says. With [`ShutdownMode::Revoke`], fails with [`ErrorKind::Revocation`] if some leases could not
+    /// be revoked within the timeout (their roles stay fenced by `VALID UNTIL`, for the next start or another
+    /// instance to drop).
+    pub fn shutdown(mut self, mode: ShutdownMode) -> Result<(), Error> {
+        self.stop(mode)
+    }
+
+    fn stop(&mut self, mode: ShutdownMode) -> Result<(), Error> {
+        let Some(sweeper) = self.sweeper.take() else {
+            return Ok(());
+        };
+        self.shared.state.lock().shutdown = true;
+        self.shared.wake.notify_all();
+        if sweeper.join().is_err() {
+            log::error!("the sweeper thread panicked");
+        }
+        match mode {
+            ShutdownMode::Keep => {
+                let left = self.shared.state.lock().table.len();
+                log::info!(
+                    "shut down; kept {left} leases: their roles work until VALID UNTIL, and the next start of \
+                     instance {} adopts them",
+                    self.shared.instance
+                );
+                Ok(())
+            }
+            ShutdownMode::Revoke { timeout } => revoke_all(&self.shared, timeout).map(|_| ()),
+        }
+    }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        self.shared.state.lock().shutdown = true;
-        self.shared.wake.notify_all();
-        if let Some(sweeper) = self.sweeper.take() {
-            if sweeper.join().is_err() {
-                log::error!("the sweeper thread panicked");
-            }
+        if let Err(err) = self.stop(self.shutdown_mode) {
+            log::error!("{err}");
         }
     }
 }

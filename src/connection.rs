@@ -159,6 +159,15 @@ impl Connection {
             .map_err(|e| self.explain(e))
     }
 
+    /// Opens one client connection to another database of the same server, with the same credentials and TLS.
+    pub(crate) fn connect_to(&self, database: &str) -> Result<postgres::Client, Error> {
+        let mut config = self.config.clone();
+        config.dbname(database);
+        config
+            .connect(self.tls.clone())
+            .map_err(|e| self.explain(e))
+    }
+
     /// Explains a failure to connect.
     pub(crate) fn explain(&self, err: postgres::Error) -> Error {
         let target = self.target();

@@ -129,6 +129,17 @@ impl LeaseTable {
         ids.iter().filter_map(|id| self.claim(id)).collect()
     }
 
+    /// Claims up to `limit` leases that are not in flight, whenever they are due (for shutdown).
+    pub(crate) fn claim_all(&mut self, limit: usize) -> Vec<DueLease> {
+        let ids: Vec<Arc<str>> = self
+            .due
+            .iter()
+            .take(limit)
+            .map(|(_, id)| id.clone())
+            .collect();
+        ids.iter().filter_map(|id| self.claim(id)).collect()
+    }
+
     /// Records a failed revocation and makes the lease due again at `retry_at`. Returns the attempt count.
     pub(crate) fn failed(&mut self, id: &str, error: String, retry_at: SystemTime) -> Option<u32> {
         let (key, entry, _) = self.unschedule(id)?;

@@ -1,22 +1,32 @@
-//! Revocation: where a credential's role is dropped, whether the user asked or the lease expired.
+//! Revocation: where a credential's role is dropped, whether the user asked, the lease expired, recovery found
+//! it, or the broker shuts down.
 //!
 //! The order matters. `NOLOGIN` is committed first, so no new session can start; then the role's sessions are
-//! ended (a session outlives `DROP ROLE`, keeping the privileges of any group it did `SET ROLE` to); then one
-//! transaction hands the role's objects to the admin, drops its privileges and drops it; then every session
-//! whose role no longer exists is ended, in case one was still authenticating when the role was fenced. A role that is already gone counts as revoked, and so does
-//! any failure after which the role turns out to be gone (a concurrent revocation of the same lease).
+//! ended (a session outlives `DROP ROLE`, keeping the privileges of any group it did `SET ROLE` to); then, in
+//! every database where the role owns objects or holds privileges, what it owns is handed to the owner and its
+//! privileges are dropped; then the role is dropped; then every session whose role no longer exists is ended, in
+//! case one was still authenticating when the role was fenced. A role that is already gone counts as revoked,
+//! and so does any failure after which the role turns out to be gone (a concurrent drop by another instance).
+//!
+//! Roles with the default revocation are dropped in batches of up to [`BATCH`]: one `NOLOGIN` transaction, one
+//! `pg_terminate_backend` query and one `DROP ROLE a, b, …` for the whole batch. Roles that own objects or hold
+//! privileges, roles with a custom revocation SQL, and every role of a batch that failed are then dropped one
+//! per transaction, so one bad role never holds back the rest. Batches are bounded because dropping tens of
+//! thousands of roles in one transaction runs out of lock table ("out of shared memory").
 
 use std::time::{Duration, SystemTime};
 
 use postgres::Client;
 
 use crate::broker::Shared;
+use crate::connection::Connection;
 use crate::error::{Error, ErrorKind};
 use crate::lease_table::DueLease;
-use crate::role::CompiledRole;
 use crate::sql;
-use crate::template::Values;
+use crate::template::{Template, Values};
 
+/// Most roles dropped in one transaction.
+pub(crate) const BATCH: usize = 256;
 /// First retry delay after a failed revocation; it doubles with each failure up to [`MAX_RETRY_DELAY`].
 const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// Longest wait between two attempts to revoke the same lease.
@@ -24,42 +34,129 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 /// After this many failures a lease is reported at error level (it is still retried).
 pub(crate) const FAILURES_BEFORE_ERROR: u32 = 6;
 
-/// Drops `username` by the rules of `role`; `Ok` once the role is gone.
+/// How roles are dropped; fixed when the broker is built.
+#[derive(Clone)]
+pub(crate) struct RevokeSettings {
+    /// The admin connection, to reach the other databases where a role owns objects.
+    pub connection: Connection,
+    /// Who receives the objects a dropped role owned (`REASSIGN OWNED BY … TO owner`).
+    pub owner: String,
+    /// Whether sessions are ended (off only in the degraded mode chosen with `terminate_sessions(false)`).
+    pub terminate_sessions: bool,
+}
+
+/// A role to drop, with the custom revocation SQL of its broker role, if any.
+pub(crate) struct Target<'a> {
+    pub username: &'a str,
+    pub revocation: Option<&'a Template>,
+}
+
+/// Drops the roles of `targets`, batching those with the default revocation. One result per target, in order:
+/// `Ok` once the role is gone.
+pub(crate) fn drop_roles(shared: &Shared, targets: &[Target<'_>]) -> Vec<Result<(), Error>> {
+    let mut results: Vec<Option<Result<(), Error>>> = targets.iter().map(|_| None).collect();
+    let batchable: Vec<usize> = (0..targets.len())
+        .filter(|&i| targets[i].revocation.is_none())
+        .collect();
+    for chunk in batchable.chunks(BATCH) {
+        let names: Vec<&str> = chunk.iter().map(|&i| targets[i].username).collect();
+        let settings = &shared.revoke_settings;
+        match shared.with_client(|client| revoke_batch(client, settings, &names)) {
+            Ok(Ok(left)) => {
+                for &i in chunk {
+                    if !left.iter().any(|u| u == targets[i].username) {
+                        results[i] = Some(Ok(()));
+                    }
+                }
+            }
+            Ok(Err(e)) => log::debug!(
+                "dropping {} roles in one batch failed ({}); dropping them one at a time",
+                names.len(),
+                crate::error::describe(&e)
+            ),
+            Err(no_connection) => {
+                for &i in chunk {
+                    results[i] = Some(Err(Error::new(
+                        no_connection.kind(),
+                        no_connection.to_string(),
+                    )));
+                }
+            }
+        }
+    }
+    targets
+        .iter()
+        .zip(results)
+        .map(|(target, done)| {
+            done.unwrap_or_else(|| {
+                shared
+                    .with_client(|client| {
+                        revoke_role(
+                            client,
+                            &shared.revoke_settings,
+                            target.username,
+                            target.revocation,
+                        )
+                    })
+                    .and_then(|revoked| revoked)
+            })
+        })
+        .collect()
+}
+
+/// Drops the roles `usernames` (all with the default revocation) in a few statements for the whole batch.
+/// Returns the roles it left for [`revoke_role`]: those that own objects or hold privileges. Any error means
+/// the caller must drop every role of the batch one at a time.
+fn revoke_batch(
+    client: &mut Client,
+    settings: &RevokeSettings,
+    usernames: &[&str],
+) -> Result<Vec<String>, postgres::Error> {
+    let present: Vec<(String, u32)> = client
+        .query(sql::ROLE_OIDS, &[&usernames])?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    if present.is_empty() {
+        return Ok(Vec::new());
+    }
+    let oids: Vec<u32> = present.iter().map(|(_, oid)| *oid).collect();
+    client.batch_execute(&sql::nologin_all(present.iter().map(|(u, _)| u.as_str())))?;
+    if settings.terminate_sessions {
+        client.query_one(sql::TERMINATE_SESSIONS, &[&oids])?;
+    }
+    // Checked after the sessions are gone: until then a session could still create objects.
+    let dependent: Vec<u32> = client
+        .query(sql::WITH_DEPENDENCIES, &[&oids])?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let (left, plain): (Vec<_>, Vec<_>) = present
+        .into_iter()
+        .partition(|(_, oid)| dependent.contains(oid));
+    if !plain.is_empty() {
+        client.batch_execute(&sql::drop_roles(plain.iter().map(|(u, _)| u.as_str())))?;
+        if settings.terminate_sessions {
+            client.query_one(sql::TERMINATE_ORPHAN_SESSIONS, &[])?;
+        }
+    }
+    Ok(left.into_iter().map(|(u, _)| u).collect())
+}
+
+/// Drops one role, however much it owns and wherever; `Ok` once the role is gone.
 pub(crate) fn revoke_role(
     client: &mut Client,
+    settings: &RevokeSettings,
     username: &str,
-    role: &CompiledRole,
+    revocation: Option<&Template>,
 ) -> Result<(), Error> {
     let oid = match role_oid(client, username) {
         Ok(Some(oid)) => oid,
         Ok(None) => return Ok(()),
         Err(e) => return Err(failed(username, e)),
     };
-    let attempt = (|| -> Result<(), postgres::Error> {
-        client.batch_execute(&sql::nologin(username))?;
-        client.query_one(sql::TERMINATE_SESSIONS, &[&oid])?;
-        let drop_sql = match &role.revocation {
-            Some(template) => template.render(&Values {
-                name: username,
-                password: "",
-                expiration: "",
-            }),
-            None => {
-                let dependencies: bool = client.query_one(sql::HAS_DEPENDENCIES, &[&oid])?.get(0);
-                if dependencies {
-                    sql::drop_role_and_owned(username)
-                } else {
-                    sql::drop_role(username)
-                }
-            }
-        };
-        let mut tx = client.transaction()?;
-        tx.batch_execute(&drop_sql)?;
-        tx.commit()?;
-        client.query_one(sql::TERMINATE_ORPHAN_SESSIONS, &[])?;
-        Ok(())
-    })();
-    if attempt.is_ok() && role.revocation.is_none() {
+    let attempt = drop_one(client, settings, username, oid, revocation);
+    if attempt.is_ok() && revocation.is_none() {
         // Our own DROP ROLE committed: the role is gone, no need to ask.
         return Ok(());
     }
@@ -68,16 +165,100 @@ pub(crate) fn revoke_role(
         .is_some();
     match (attempt, still_there) {
         (_, false) => Ok(()),
-        (Err(e), true) => Err(failed(username, e)),
+        (Err(e), true) => Err(e),
         (Ok(()), true) => Err(Error::new(
             ErrorKind::Revocation,
             format!(
-                "the revocation SQL of role {:?} ran but role {username:?} still exists; \
-                 make the revocation SQL drop the role (DROP ROLE \"{{{{name}}}}\")",
-                role.name
+                "the revocation SQL ran but role {username:?} still exists; \
+                 make the revocation SQL drop the role (DROP ROLE \"{{{{name}}}}\")"
             ),
         )),
     }
+}
+
+/// The steps of [`revoke_role`] for a role that exists with `oid`.
+fn drop_one(
+    client: &mut Client,
+    settings: &RevokeSettings,
+    username: &str,
+    oid: u32,
+    revocation: Option<&Template>,
+) -> Result<(), Error> {
+    let pg = |e| failed(username, e);
+    client.batch_execute(&sql::nologin(username)).map_err(pg)?;
+    if settings.terminate_sessions {
+        client
+            .query_one(sql::TERMINATE_SESSIONS, &[&vec![oid]])
+            .map_err(pg)?;
+    }
+    let drop_sql = match revocation {
+        Some(template) => template.render(&Values {
+            name: username,
+            password: "",
+            expiration: "",
+        }),
+        None => {
+            let dependencies: Vec<u32> = client
+                .query(sql::WITH_DEPENDENCIES, &[&vec![oid]])
+                .map_err(pg)?
+                .iter()
+                .map(|row| row.get(0))
+                .collect();
+            if dependencies.is_empty() {
+                sql::drop_roles([username])
+            } else {
+                client
+                    .batch_execute(&sql::grant_to_admin(username))
+                    .map_err(pg)?;
+                let databases: Vec<String> = client
+                    .query(sql::OTHER_DATABASES_WITH_DEPENDENCIES, &[&oid])
+                    .map_err(pg)?
+                    .iter()
+                    .map(|row| row.get(0))
+                    .collect();
+                for database in &databases {
+                    clean_database(settings, username, database)?;
+                }
+                format!(
+                    "{} {}",
+                    sql::reassign_and_drop_owned(username, &settings.owner),
+                    sql::drop_roles([username])
+                )
+            }
+        }
+    };
+    let mut tx = client.transaction().map_err(pg)?;
+    tx.batch_execute(&drop_sql).map_err(pg)?;
+    tx.commit().map_err(pg)?;
+    if settings.terminate_sessions {
+        client
+            .query_one(sql::TERMINATE_ORPHAN_SESSIONS, &[])
+            .map_err(pg)?;
+    }
+    Ok(())
+}
+
+/// Hands what `username` owns in `database` to the owner and drops its privileges there, over a short-lived
+/// connection with the admin's credentials.
+fn clean_database(settings: &RevokeSettings, username: &str, database: &str) -> Result<(), Error> {
+    let mut client = settings.connection.connect_to(database).map_err(|e| {
+        Error::new(
+            ErrorKind::Revocation,
+            format!(
+                "could not drop role {username:?}: it owns objects or holds privileges in database {database:?}, \
+                 which the admin could not reach: {e}"
+            ),
+        )
+    })?;
+    client
+        .batch_execute(&sql::reassign_and_drop_owned(username, &settings.owner))
+        .map_err(|e| {
+            let context = format!(
+                "could not drop role {username:?}: handing its objects in database {database:?} to {:?} failed",
+                settings.owner
+            );
+            Error::postgres(ErrorKind::Revocation, context, e, &[])
+        })
 }
 
 fn role_oid(client: &mut Client, username: &str) -> Result<Option<u32>, postgres::Error> {
@@ -91,15 +272,50 @@ fn failed(username: &str, err: postgres::Error) -> Error {
     Error::postgres(ErrorKind::Revocation, context, err, &[])
 }
 
-/// Revokes a claimed lease and settles the lease table: on success the lease leaves it; on failure it stays,
-/// with the error and a retry time for the sweeper. `why` says who asked, for the log.
+/// Revokes claimed leases and settles the lease table: a revoked lease leaves it; a failed one stays, with the
+/// error and a retry time for the sweeper. `why` says who asked, for the log. One result per lease, in order.
+pub(crate) fn revoke_leases(
+    shared: &Shared,
+    leases: &[DueLease],
+    why: &str,
+) -> Vec<Result<(), Error>> {
+    let roles: Vec<_> = leases
+        .iter()
+        .map(|lease| {
+            shared
+                .current_role(&lease.role.name)
+                .unwrap_or_else(|| lease.role.clone())
+        })
+        .collect();
+    let targets: Vec<Target<'_>> = leases
+        .iter()
+        .zip(&roles)
+        .map(|(lease, role)| Target {
+            username: &lease.username,
+            revocation: role.revocation.as_ref(),
+        })
+        .collect();
+    let results = drop_roles(shared, &targets);
+    leases
+        .iter()
+        .zip(results)
+        .map(|(lease, result)| settle(shared, lease, result, why))
+        .collect()
+}
+
+/// Revokes one claimed lease; see [`revoke_leases`].
 pub(crate) fn revoke_lease(shared: &Shared, lease: &DueLease, why: &str) -> Result<(), Error> {
-    let role = shared
-        .current_role(&lease.role.name)
-        .unwrap_or_else(|| lease.role.clone());
-    let result = shared
-        .with_client(|client| revoke_role(client, &lease.username, &role))
-        .and_then(|revoked| revoked);
+    revoke_leases(shared, std::slice::from_ref(lease), why)
+        .pop()
+        .unwrap_or(Ok(()))
+}
+
+fn settle(
+    shared: &Shared,
+    lease: &DueLease,
+    result: Result<(), Error>,
+    why: &str,
+) -> Result<(), Error> {
     match result {
         Ok(()) => {
             shared.state.lock().table.remove(&lease.id);
@@ -123,7 +339,8 @@ pub(crate) fn revoke_lease(shared: &Shared, lease: &DueLease, why: &str) -> Resu
             shared.wake.notify_one();
             match attempts {
                 Some(n) if n >= FAILURES_BEFORE_ERROR => log::error!(
-                    "revocation of lease {} (role {}) has failed {n} times and will be retried: {err}",
+                    "revocation of lease {} (role {}) has failed {n} times and will be retried; \
+                     it can be given up with Broker::revoke_force: {err}",
                     lease.id,
                     lease.username
                 ),

@@ -8,7 +8,7 @@ use zeroize::Zeroizing;
 use crate::credential::{generate_password, generate_username, scram_verifier};
 use crate::error::{Error, ErrorKind};
 use crate::lease::{pg_timestamp, LeasePolicy};
-use crate::revoke::revoke_role;
+use crate::revoke::{revoke_role, RevokeSettings};
 use crate::sql;
 use crate::template::{Placeholder, Template, Values};
 
@@ -183,7 +183,11 @@ impl CompiledRole {
     /// Runs the role's templates with sample values in a transaction that is rolled back, so SQL errors show
     /// when the role is written, not at the first `creds`. Also refuses a creation SQL that ends the transaction
     /// itself or creates a role of another name, and a revocation SQL that leaves the role in place.
-    pub(crate) fn try_on_server(&self, client: &mut Client) -> Result<(), Error> {
+    pub(crate) fn try_on_server(
+        &self,
+        client: &mut Client,
+        settings: &RevokeSettings,
+    ) -> Result<(), Error> {
         let database = |e: postgres::Error| {
             let context = format!("could not check role {:?}", self.name);
             Error::postgres(ErrorKind::Database, context, e, &[])
@@ -233,7 +237,7 @@ impl CompiledRole {
         if xid_after != xid {
             drop(tx);
             // The template committed: the sample role may exist for real. Remove it before refusing.
-            if let Err(e) = revoke_role(client, &username, self) {
+            if let Err(e) = revoke_role(client, settings, &username, self.revocation.as_ref()) {
                 log::error!(
                     "could not remove sample role {username} left by a committing template: {e}"
                 );

@@ -15,12 +15,12 @@ pub(crate) const MIN_SERVER_VERSION: i32 = 140000;
 /// The oid of a role by name (`$1`), if it exists.
 pub(crate) const ROLE_OID: &str = "SELECT oid FROM pg_roles WHERE rolname = $1";
 
-/// Ends every session of the role with oid `$1`, waiting up to 5 s for each to exit (the timeout argument needs
-/// PostgreSQL 14, hence [`MIN_SERVER_VERSION`]). By oid, not name: after `DROP ROLE` a surviving session's
-/// `usename` is NULL but its `usesysid` is still the old oid.
+/// Ends every session of the roles with oids `$1` (an `oid[]`), waiting up to 5 s for each to exit (the timeout
+/// argument needs PostgreSQL 14, hence [`MIN_SERVER_VERSION`]). By oid, not name: after `DROP ROLE` a surviving
+/// session's `usename` is NULL but its `usesysid` is still the old oid. One query for a whole batch.
 pub(crate) const TERMINATE_SESSIONS: &str =
     "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
-     WHERE usesysid = $1 AND pid <> pg_backend_pid()";
+     WHERE usesysid = ANY($1) AND pid <> pg_backend_pid()";
 
 /// Ends every client session whose role no longer exists: one that was still authenticating when its role was
 /// fenced and ended, and registered only after. Run after each drop, it also ends stragglers of earlier ones.
@@ -41,27 +41,119 @@ pub(crate) fn set_valid_until(username: &str, expiration: &str) -> String {
     )
 }
 
-/// `ALTER ROLE … NOLOGIN`: fences new logins before sessions are ended.
-pub(crate) fn nologin(username: &str) -> String {
-    format!("ALTER ROLE {} NOLOGIN", escape_identifier(username))
+/// The roles among the names `$1` (a `text[]`) that exist: name and oid.
+pub(crate) const ROLE_OIDS: &str =
+    "SELECT rolname::text, oid FROM pg_roles WHERE rolname = ANY($1)";
+
+/// Which of the roles with oids `$1` own objects or hold privileges anywhere (any database, or shared objects
+/// such as databases): those need `REASSIGN OWNED` and `DROP OWNED` before `DROP ROLE`.
+pub(crate) const WITH_DEPENDENCIES: &str = "SELECT DISTINCT refobjid FROM pg_shdepend \
+     WHERE refclassid = 'pg_authid'::regclass AND refobjid = ANY($1)";
+
+/// The databases other than the current one where the role with oid `$1` owns objects or holds privileges.
+/// Objects in the current database and shared objects are handled on the current connection.
+pub(crate) const OTHER_DATABASES_WITH_DEPENDENCIES: &str = "SELECT DISTINCT d.datname::text \
+     FROM pg_shdepend s JOIN pg_database d ON d.oid = s.dbid \
+     WHERE s.refclassid = 'pg_authid'::regclass AND s.refobjid = $1 AND d.datname <> current_database() \
+     ORDER BY 1";
+
+/// `ALTER ROLE … NOLOGIN` for each name: fences new logins before sessions are ended. Sent as one simple query,
+/// so it runs as one implicit transaction.
+pub(crate) fn nologin_all<'a>(usernames: impl IntoIterator<Item = &'a str>) -> String {
+    usernames
+        .into_iter()
+        .map(|u| format!("ALTER ROLE {} NOLOGIN;", escape_identifier(u)))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
-/// Whether the role with oid `$1` owns objects or holds privileges in the current database (or on shared
-/// objects such as databases): then it needs `REASSIGN OWNED` and `DROP OWNED` before `DROP ROLE`.
-pub(crate) const HAS_DEPENDENCIES: &str = "SELECT EXISTS (SELECT 1 FROM pg_shdepend WHERE refclassid = 'pg_authid'::regclass \
-     AND refobjid = $1 AND dbid IN (0, (SELECT oid FROM pg_database WHERE datname = current_database())))";
-
-/// `DROP ROLE …`: the default revocation of a role that owns nothing and holds no privileges.
-pub(crate) fn drop_role(username: &str) -> String {
-    format!("DROP ROLE {};", escape_identifier(username))
+/// `DROP ROLE a, b, …`: drops roles that own nothing and hold no privileges, in one statement.
+pub(crate) fn drop_roles<'a>(usernames: impl IntoIterator<Item = &'a str>) -> String {
+    let names: Vec<String> = usernames.into_iter().map(escape_identifier).collect();
+    format!("DROP ROLE {};", names.join(", "))
 }
 
-/// The default revocation of a role with dependencies, in one transaction after its sessions are gone: become a
-/// member (`REASSIGN OWNED` needs the rights of both roles, and a CREATEROLE admin is not a member of the roles it
-/// creates), hand what the role owns to the admin, drop its remaining privileges, drop the role.
-pub(crate) fn drop_role_and_owned(username: &str) -> String {
+/// `GRANT <role> TO CURRENT_USER`: `REASSIGN OWNED` needs the rights of the role, and an admin with only
+/// `CREATEROLE` is not a member of the roles it creates. Committed on its own before the per-database steps, so
+/// the connections to other databases see it.
+pub(crate) fn grant_to_admin(username: &str) -> String {
+    format!("GRANT {} TO CURRENT_USER;", escape_identifier(username))
+}
+
+/// Hands what the role owns in the current database to `owner` and drops its remaining privileges there (and on
+/// shared objects).
+pub(crate) fn reassign_and_drop_owned(username: &str, owner: &str) -> String {
     let name = escape_identifier(username);
     format!(
-        "GRANT {name} TO CURRENT_USER; REASSIGN OWNED BY {name} TO CURRENT_USER; DROP OWNED BY {name}; DROP ROLE {name};"
+        "REASSIGN OWNED BY {name} TO {}; DROP OWNED BY {name};",
+        escape_identifier(owner)
     )
 }
+
+/// `ALTER ROLE … NOLOGIN`: fences new logins before sessions are ended.
+pub(crate) fn nologin(username: &str) -> String {
+    nologin_all([username])
+}
+
+/// Takes the orphan sweep's session-level advisory lock (key: hash of `$1`) if free: one sweep at a time across
+/// every instance sharing a marker role.
+pub(crate) const TRY_SWEEP_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))";
+
+/// Releases [`TRY_SWEEP_LOCK`].
+pub(crate) const RELEASE_SWEEP_LOCK: &str = "SELECT pg_advisory_unlock(hashtextextended($1, 0))";
+
+/// Whether role `$1` exists, and whether it may log in or is a superuser (then it cannot be a marker).
+pub(crate) const MARKER_STATE: &str =
+    "SELECT rolcanlogin OR rolsuper FROM pg_roles WHERE rolname = $1";
+
+/// Creates the marker role, with a comment for whoever finds it in the catalog.
+pub(crate) fn create_marker(marker: &str) -> String {
+    let name = escape_identifier(marker);
+    format!(
+        "CREATE ROLE {name} NOLOGIN; COMMENT ON ROLE {name} IS {};",
+        escape_literal(
+            "credbroker: every member of this role is a credential issued by credbroker; \
+             the comment on each member records its lease"
+        )
+    )
+}
+
+/// Marks `username` as a credential of this broker, in the creating transaction: membership in the marker role
+/// and the lease comment.
+pub(crate) fn mark(marker: &str, username: &str, comment: &str) -> String {
+    let user = escape_identifier(username);
+    format!(
+        "GRANT {} TO {user}; COMMENT ON ROLE {user} IS {};",
+        escape_identifier(marker),
+        escape_literal(comment)
+    )
+}
+
+/// Takes the marker away from a role the broker gives up on (`revoke_force`), so nothing touches it again.
+pub(crate) fn unmark(marker: &str, username: &str) -> String {
+    format!(
+        "REVOKE {} FROM {};",
+        escape_identifier(marker),
+        escape_identifier(username)
+    )
+}
+
+/// Every member of the marker role `$1`: name, `VALID UNTIL` in whole epoch seconds (NULL if unset or
+/// infinite), and comment.
+pub(crate) const MARKED_ROLES: &str = "SELECT r.rolname::text, \
+     CASE WHEN isfinite(r.rolvaliduntil) THEN floor(extract(epoch FROM r.rolvaliduntil))::int8 END, \
+     shobj_description(r.oid, 'pg_authid') \
+     FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member \
+     WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)";
+
+/// Whether the admin is a member of role `$1` (no row if the role does not exist).
+pub(crate) const IS_MEMBER_OF: &str =
+    "SELECT pg_has_role(current_user, r.oid, 'MEMBER') FROM pg_roles r WHERE r.rolname = $1";
+
+/// Whether the admin holds ADMIN OPTION on role `$1` (PostgreSQL 16+ needs it to grant the role).
+pub(crate) const HAS_ADMIN_OPTION: &str =
+    "SELECT pg_has_role(current_user, r.oid, 'MEMBER WITH ADMIN OPTION') FROM pg_roles r WHERE r.rolname = $1";
+
+/// Databases that accept connections but not from the admin.
+pub(crate) const DATABASES_WITHOUT_CONNECT: &str = "SELECT datname::text FROM pg_database \
+     WHERE datallowconn AND NOT has_database_privilege(datname, 'CONNECT') ORDER BY 1";

@@ -134,6 +134,11 @@ impl Template {
         Ok(Template { segments })
     }
 
+    /// Whether the template uses `placeholder`.
+    pub(crate) fn uses(&self, placeholder: Placeholder) -> bool {
+        self.segments.contains(&Segment::Value(placeholder))
+    }
+
     /// The SQL with every placeholder replaced by its value.
     pub(crate) fn render(&self, values: &Values<'_>) -> String {
         let mut out = String::new();

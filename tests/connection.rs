@@ -195,8 +195,26 @@ fn an_admin_that_cannot_create_roles_is_refused_with_the_fix() {
         "{err}"
     );
 
-    // CREATEROLE alone is enough to issue credentials, and to revoke them when their sessions have ended,
-    // even a role that owns a table (the broker makes itself a member for REASSIGN OWNED).
+    // CREATEROLE alone is not enough: pre-flight names exactly what is missing, and the fix.
+    let err = Broker::builder()
+        .connection(as_user("manager", "manager-password-1"))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Permission);
+    let message = err.to_string();
+    let missing: Vec<&str> = message.lines().skip(1).collect();
+    assert_eq!(missing.len(), 1, "{err}");
+    assert!(
+        missing[0].contains(r#"`GRANT pg_signal_backend TO "manager";`"#),
+        "{err}"
+    );
+
+    // CREATEROLE and pg_signal_backend are enough to issue credentials and revoke them, even a role that owns a
+    // table (the broker makes itself a member for REASSIGN OWNED).
+    pg.admin_client()
+        .unwrap()
+        .batch_execute("GRANT pg_signal_backend TO manager")
+        .unwrap();
     let broker = Broker::builder()
         .connection(as_user("manager", "manager-password-1"))
         .build()

@@ -39,7 +39,7 @@ fn issued_credentials_log_in_and_match_the_catalog() {
         Duration::from_secs(3600)
     );
     assert_eq!(env.valid_until(creds.username()), Some(lease.expires_at()));
-    assert_eq!(env.broker.leases(), vec![lease]);
+    assert_eq!(env.broker.leases(), vec![lease.clone()]);
 
     // Only the verifier reached the server; it has no other privilege than LOGIN.
     let row = env
@@ -55,15 +55,36 @@ fn issued_credentials_log_in_and_match_the_catalog() {
     assert!(!stored.contains(creds.password()));
     assert!(row.get::<_, bool>(1));
     assert!(!row.get::<_, bool>(2) && !row.get::<_, bool>(3) && !row.get::<_, bool>(4));
-    let memberships: i64 = env
+    // Its one membership is the marker, a NOLOGIN role with no privileges; the comment records the lease.
+    let memberships: Vec<String> = env
+        .admin()
+        .query(
+            "SELECT g.rolname::text FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member \
+             JOIN pg_roles g ON g.oid = m.roleid WHERE r.rolname = $1",
+            &[&creds.username()],
+        )
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(memberships, [credbroker::DEFAULT_MARKER_ROLE]);
+    let comment: String = env
         .admin()
         .query_one(
-            "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member WHERE r.rolname = $1",
+            "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
             &[&creds.username()],
         )
         .unwrap()
         .get(0);
-    assert_eq!(memberships, 0);
+    let issued = humantime::format_rfc3339_seconds(lease.issued_at());
+    let max = humantime::format_rfc3339_seconds(lease.max_expires_at());
+    assert!(
+        comment.starts_with(&format!(
+            "credbroker lease={} role=production instance=",
+            lease.id()
+        )) && comment.ends_with(&format!(" issued={issued} max={max}")),
+        "{comment}"
+    );
 }
 
 #[test]

@@ -1,0 +1,127 @@
+//! Pre-flight: before the broker starts, check that the admin user can do everything revocation and recovery
+//! will ask of it, and say in one error each thing that is missing and the `GRANT` that fixes it.
+//!
+//! | capability | needed for | fix |
+//! |---|---|---|
+//! | superuser or `CREATEROLE` | creating, altering and dropping roles | `ALTER ROLE admin CREATEROLE;` |
+//! | `pg_signal_backend` (or superuser) | ending the sessions of a revoked role | `GRANT pg_signal_backend TO admin;` |
+//! | membership in the reassign owner | `REASSIGN OWNED BY … TO owner` | `GRANT owner TO admin;` |
+//! | `CONNECT` on every database | cleaning up objects a role owns there | `GRANT CONNECT ON DATABASE d TO admin;` |
+//! | ADMIN OPTION on the marker role (PostgreSQL 16+) | marking each role it creates | `GRANT marker TO admin WITH ADMIN OPTION;` |
+//!
+//! A degraded mode without session termination can be chosen explicitly with
+//! [`BrokerBuilder::terminate_sessions(false)`](crate::BrokerBuilder::terminate_sessions); then
+//! `pg_signal_backend` is not required.
+
+use postgres::Client;
+use postgres_protocol::escape::escape_identifier;
+
+use crate::error::{Error, ErrorKind};
+use crate::marker::ensure_marker_role;
+use crate::sql;
+
+/// What the broker will ask of the admin user.
+pub(crate) struct Needs<'a> {
+    /// The role that receives reassigned objects; `None` for the admin itself.
+    pub owner: Option<&'a str>,
+    pub marker: &'a str,
+    pub terminate_sessions: bool,
+}
+
+/// Who the admin is, as pre-flight found it.
+pub(crate) struct Admin {
+    pub user: String,
+    pub superuser: bool,
+}
+
+/// Checks every capability in `needs`, creating the marker role if it is missing; returns the admin, or one
+/// [`ErrorKind::Permission`] error listing each missing capability and its fix.
+pub(crate) fn check(client: &mut Client, needs: &Needs<'_>) -> Result<Admin, Error> {
+    let db = |e| {
+        Error::postgres(
+            ErrorKind::Connection,
+            "could not read the admin user's rights",
+            e,
+            &[],
+        )
+    };
+    let row = client.query_one(sql::ADMIN_RIGHTS, &[]).map_err(db)?;
+    let (user, superuser, createrole, signal, version): (String, bool, bool, bool, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    if version < sql::MIN_SERVER_VERSION {
+        return Err(Error::new(
+            ErrorKind::Connection,
+            format!("the server runs PostgreSQL version number {version}; credbroker needs PostgreSQL 14 or later"),
+        ));
+    }
+    let admin = escape_identifier(&user);
+    let mut missing: Vec<String> = Vec::new();
+    if !superuser && !createrole {
+        missing.push(format!(
+            "may not create roles: `ALTER ROLE {admin} CREATEROLE;` (or connect as a superuser)"
+        ));
+    }
+    if !superuser && !signal && needs.terminate_sessions {
+        missing.push(format!(
+            "may not end the sessions of revoked credentials: `GRANT pg_signal_backend TO {admin};` \
+             (or opt out with BrokerBuilder::terminate_sessions(false): sessions then outlive revocation)"
+        ));
+    }
+    if let Some(owner) = needs.owner {
+        let member: Option<bool> = client
+            .query_opt(sql::IS_MEMBER_OF, &[&owner])
+            .map_err(db)?
+            .map(|row| row.get(0));
+        match member {
+            None => missing.push(format!(
+                "the owner for reassigned objects, {owner:?}, does not exist: create it, or choose another with \
+                 BrokerBuilder::reassign_owned_to"
+            )),
+            Some(false) if !superuser => missing.push(format!(
+                "may not hand objects to {owner:?} (REASSIGN OWNED needs membership): `GRANT {} TO {admin};`",
+                escape_identifier(owner)
+            )),
+            Some(_) => {}
+        }
+    }
+    let unreachable: Vec<String> = client
+        .query(sql::DATABASES_WITHOUT_CONNECT, &[])
+        .map_err(db)?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for database in unreachable {
+        missing.push(format!(
+            "may not connect to database {database:?} (needed to clean up what a role owns there): \
+             `GRANT CONNECT ON DATABASE {} TO {admin};`",
+            escape_identifier(&database)
+        ));
+    }
+    if superuser || createrole {
+        ensure_marker_role(client, needs.marker)?;
+        if !superuser && version >= 160000 {
+            let admin_option: bool = client
+                .query_opt(sql::HAS_ADMIN_OPTION, &[&needs.marker])
+                .map_err(db)?
+                .is_some_and(|row| row.get(0));
+            if !admin_option {
+                missing.push(format!(
+                    "may not grant the marker role {:?} to the roles it creates: `GRANT {} TO {admin} WITH ADMIN OPTION;`",
+                    needs.marker,
+                    escape_identifier(needs.marker)
+                ));
+            }
+        }
+    }
+    if missing.is_empty() {
+        Ok(Admin { user, superuser })
+    } else {
+        Err(Error::new(
+            ErrorKind::Permission,
+            format!(
+                "admin user {user:?} lacks what credbroker needs; as a superuser, fix each:\n  - {}",
+                missing.join("\n  - ")
+            ),
+        ))
+    }
+}

@@ -1,0 +1,235 @@
+//! Recovery: reconciling the catalog with the lease table, at start and periodically.
+//!
+//! At [`build`](crate::BrokerBuilder::build) the lease table is empty, but the catalog may hold roles this
+//! instance issued before a crash or restart: every credential role carries the marker and a comment naming its
+//! lease, instance and max expiry, and its `VALID UNTIL` is the lease's end (see [`marker`](crate::marker)).
+//! Roles of this instance whose lease has ended are dropped at once; live ones are adopted back into the table
+//! (so they are swept on time and can be renewed and revoked by id), or dropped too with
+//! [`RecoveryMode::RevokeAll`].
+//!
+//! Every instance also sweeps orphans: marked roles that no lease table holds, whose lease ended at least one
+//! orphan-sweep interval ago (the roles of a dead instance, a role whose creation's outcome was lost with its
+//! connection). The sweep runs at start and then every interval, under a PostgreSQL advisory lock so that two
+//! instances never sweep at once; the grace of one interval leaves a live instance time to drop its own roles
+//! first. Roles without the marker are never touched, whatever their name.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::broker::Shared;
+use crate::error::{Error, ErrorKind};
+use crate::lease::Lease;
+use crate::lease_table::Entry;
+use crate::marker::{marked_roles, MarkedRole};
+use crate::revoke::{drop_roles, retry_delay, Target};
+use crate::role::{CompiledRole, Role};
+use crate::sql;
+
+/// What [`build`](crate::BrokerBuilder::build) does with the live roles this instance issued before it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RecoveryMode {
+    /// Put them back in the lease table: they are swept at their expiry and can be renewed and revoked by id.
+    #[default]
+    Adopt,
+    /// Drop them all: no credential of an earlier run of this instance survives the start.
+    RevokeAll,
+}
+
+/// What recovery at start found and did.
+#[derive(Debug, Default)]
+pub(crate) struct Recovered {
+    pub adopted: usize,
+    pub dropped: usize,
+    pub failed: usize,
+}
+
+/// Reconciles this instance's marked roles with the (empty) lease table, then sweeps orphans.
+pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, Error> {
+    let marked = shared
+        .with_client(|client| marked_roles(client, &shared.marker))?
+        .map_err(|e| {
+            let context = format!(
+                "could not list the members of marker role {:?}",
+                shared.marker
+            );
+            Error::postgres(ErrorKind::Database, context, e, &[])
+        })?;
+    let now = SystemTime::now();
+    let mut recovered = Recovered::default();
+    let mut to_drop: Vec<&MarkedRole> = Vec::new();
+    for role in marked.iter().filter(|r| r.belongs_to(&shared.instance)) {
+        match (mode, adoptable(shared, role, now)) {
+            (RecoveryMode::Adopt, Some(entry)) => {
+                log::info!(
+                    "adopted lease {} (role {}), valid until {}",
+                    entry.lease.id,
+                    entry.lease.username,
+                    humantime::format_rfc3339_seconds(entry.lease.expires_at)
+                );
+                shared.state.lock().table.insert(entry);
+                recovered.adopted += 1;
+            }
+            _ => to_drop.push(role),
+        }
+    }
+    let targets: Vec<Target<'_>> = to_drop
+        .iter()
+        .map(|r| Target {
+            username: &r.username,
+            revocation: None,
+        })
+        .collect();
+    for (role, result) in to_drop.iter().zip(drop_roles(shared, &targets)) {
+        match result {
+            Ok(()) => {
+                recovered.dropped += 1;
+                log::info!(
+                    "recovery: dropped role {} of an earlier run of this instance (lease {})",
+                    role.username,
+                    lease_id(role)
+                );
+            }
+            Err(err) => {
+                recovered.failed += 1;
+                log::warn!(
+                    "recovery: could not drop role {} (lease {}); the sweeper retries: {err}",
+                    role.username,
+                    lease_id(role)
+                );
+                // Into the table as a failed revocation, so it is retried with backoff and shows in
+                // failed_leases().
+                if let Some(mut entry) = adoptable(shared, role, SystemTime::UNIX_EPOCH) {
+                    let id = entry.lease.id.clone();
+                    entry.lease.expires_at = entry.lease.expires_at.min(now);
+                    let mut state = shared.state.lock();
+                    state.table.insert(entry);
+                    state.table.claim(&id);
+                    state
+                        .table
+                        .failed(&id, err.to_string(), now + retry_delay(1));
+                }
+            }
+        }
+    }
+    shared.wake.notify_one();
+    sweep_orphans(shared);
+    Ok(recovered)
+}
+
+/// The lease table entry for a role this instance issued and whose lease is still live at `now`.
+fn adoptable(shared: &Shared, role: &MarkedRole, now: SystemTime) -> Option<Entry> {
+    let mark = role.mark.as_ref()?;
+    let expires_at = role.expires_at()?;
+    if expires_at <= now {
+        return None;
+    }
+    let definition = match shared.current_role(&mark.role) {
+        Some(defined) => defined,
+        // Roles are written after build: until then the lease is renewed and revoked the default way.
+        None => Arc::new(CompiledRole::compile(&mark.role, Role::new(), shared.policy).ok()?),
+    };
+    Some(Entry::new(
+        Lease {
+            id: mark.lease_id.clone(),
+            role: mark.role.clone(),
+            username: role.username.clone(),
+            issued_at: mark.issued_at,
+            expires_at,
+            max_expires_at: mark.max_expires_at,
+            revocation_attempts: 0,
+            last_error: None,
+        },
+        definition,
+    ))
+}
+
+fn lease_id(role: &MarkedRole) -> &str {
+    role.mark
+        .as_ref()
+        .map_or("unknown", |m| m.lease_id.as_str())
+}
+
+/// Drops orphans: marked roles in no lease table of this instance whose lease ended at least one orphan-sweep
+/// interval ago, of any instance. Runs only if no other instance is sweeping (advisory lock); failures are
+/// logged and retried at the next sweep. Returns how many roles it dropped.
+pub(crate) fn sweep_orphans(shared: &Shared) -> usize {
+    match try_sweep_orphans(shared) {
+        Ok(dropped) => dropped,
+        Err(err) => {
+            log::warn!(
+                "orphan sweep skipped, will run again in {:?}: {err}",
+                shared.orphan_interval
+            );
+            0
+        }
+    }
+}
+
+fn try_sweep_orphans(shared: &Shared) -> Result<usize, Error> {
+    let db = |e| Error::postgres(ErrorKind::Database, "orphan sweep failed", e, &[]);
+    // The lock is held by a connection of its own, outside the pool: the drops below take pooled connections.
+    let mut lock = shared.revoke_settings.connection.connect()?;
+    let key = format!("credbroker orphan sweep {}", shared.marker);
+    let locked: bool = lock
+        .query_one(sql::TRY_SWEEP_LOCK, &[&key])
+        .map_err(db)?
+        .get(0);
+    if !locked {
+        log::debug!("another instance is sweeping orphans; skipping this turn");
+        return Ok(0);
+    }
+    let marked = marked_roles(&mut lock, &shared.marker).map_err(db)?;
+    let cutoff = SystemTime::now()
+        .checked_sub(shared.orphan_interval)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    let orphans: Vec<&MarkedRole> = {
+        let state = shared.state.lock();
+        marked
+            .iter()
+            .filter(|r| r.expires_at().is_some_and(|e| e <= cutoff))
+            .filter(|r| {
+                r.mark
+                    .as_ref()
+                    .is_none_or(|m| state.table.get(&m.lease_id).is_none())
+            })
+            .collect()
+    };
+    let definitions: Vec<Option<Arc<CompiledRole>>> = orphans
+        .iter()
+        .map(|r| r.mark.as_ref().and_then(|m| shared.current_role(&m.role)))
+        .collect();
+    let targets: Vec<Target<'_>> = orphans
+        .iter()
+        .zip(&definitions)
+        .map(|(r, d)| Target {
+            username: &r.username,
+            revocation: d.as_ref().and_then(|d| d.revocation.as_ref()),
+        })
+        .collect();
+    let mut dropped = 0;
+    for (role, result) in orphans.iter().zip(drop_roles(shared, &targets)) {
+        let instance = role
+            .mark
+            .as_ref()
+            .map_or("unknown", |m| m.instance.as_str());
+        match result {
+            Ok(()) => {
+                dropped += 1;
+                log::info!(
+                    "orphan sweep: dropped expired role {} of instance {instance} (lease {})",
+                    role.username,
+                    lease_id(role)
+                );
+            }
+            Err(err) => log::warn!(
+                "orphan sweep: could not drop expired role {} of instance {instance}; retrying at the next sweep: {err}",
+                role.username
+            ),
+        }
+    }
+    let _ = lock.query_one(sql::RELEASE_SWEEP_LOCK, &[&key]);
+    Ok(dropped)
+}
+
+/// How long the sweeper waits between orphan sweeps unless configured.
+pub(crate) const DEFAULT_ORPHAN_INTERVAL: Duration = Duration::from_secs(60);
