@@ -166,18 +166,36 @@ impl TestPostgres {
 
     /// Logs in as `user` with `password` (password authentication, no TLS), as an application would.
     pub fn login(&self, user: &str, password: &str) -> Result<postgres::Client, postgres::Error> {
+        self.login_to("postgres", user, password)
+    }
+
+    /// Logs in as `user` with `password` to `database` (password authentication, no TLS).
+    pub fn login_to(
+        &self,
+        database: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<postgres::Client, postgres::Error> {
         postgres::Config::new()
             .host("127.0.0.1")
             .port(self.port)
             .user(user)
             .password(password)
-            .dbname("postgres")
+            .dbname(database)
             .connect(postgres::NoTls)
     }
 
     /// Runs `pg_ctl restart` (fast shutdown, then start on the same port): every connection is broken.
     pub fn restart(&self) -> io::Result<()> {
         self.pg_ctl(&["-m", "fast", "restart"])
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended), keeps it down for `outage`, and starts it again on
+    /// the same port: a database outage.
+    pub fn outage(&self, outage: std::time::Duration) -> io::Result<()> {
+        self.pg_ctl(&["-m", "fast", "stop"])?;
+        std::thread::sleep(outage);
+        self.pg_ctl_start()
     }
 
     fn init(&mut self, options: &TestPostgresBuilder) -> io::Result<()> {

@@ -172,3 +172,192 @@ fn custom_revocation_sql_runs_and_failures_are_kept_and_retried() {
     assert!(!env.role_exists(second.username()));
     assert!(env.broker.failed_leases().is_empty());
 }
+
+#[test]
+fn revoke_cleans_up_every_database_where_the_role_owns_or_holds_something() {
+    let env = common::start();
+    let mut admin = env.admin();
+    // CREATE DATABASE cannot share an implicit transaction with other statements.
+    admin.batch_execute("CREATE DATABASE second").unwrap();
+    admin.batch_execute("CREATE DATABASE third").unwrap();
+    admin
+        .batch_execute(
+            "CREATE ROLE app_group NOLOGIN;
+             CREATE TABLE group_data (x int); GRANT SELECT ON group_data TO app_group;",
+        )
+        .unwrap();
+    let role = Role::new().creation_sql(
+        r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';
+           GRANT app_group TO "{{name}}";"#,
+    );
+    env.broker.write_role("app", role).unwrap();
+    let creds = env.broker.creds("app").unwrap();
+    let user = format!("\"{}\"", creds.username());
+    let admin_in = |db: &str| {
+        env.pg
+            .login_to(db, "admin", env.pg.admin_password())
+            .unwrap()
+    };
+
+    // It owns a table in a second database, holds a grant in a third, and has a session that did SET ROLE.
+    admin_in("second")
+        .batch_execute(&format!("GRANT CREATE ON SCHEMA public TO {user}"))
+        .unwrap();
+    env.pg
+        .login_to("second", creds.username(), creds.password())
+        .unwrap()
+        .batch_execute("CREATE TABLE owned_elsewhere (x int)")
+        .unwrap();
+    admin_in("third")
+        .batch_execute(&format!(
+            "CREATE TABLE shared (x int); GRANT SELECT ON shared TO {user}"
+        ))
+        .unwrap();
+    let mut grouped = env.pg.login(creds.username(), creds.password()).unwrap();
+    grouped.batch_execute("SET ROLE app_group").unwrap();
+
+    env.broker.revoke(creds.lease_id()).unwrap();
+
+    assert!(!env.role_exists(creds.username()));
+    assert!(
+        grouped.simple_query("SELECT * FROM group_data").is_err(),
+        "the SET ROLE session was ended"
+    );
+    let owner: String = admin_in("second")
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE tablename = 'owned_elsewhere'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        owner, "admin",
+        "the object in the second database went to the owner"
+    );
+    let acl: String = admin_in("third")
+        .query_one(
+            "SELECT coalesce(relacl::text, '') FROM pg_class WHERE relname = 'shared'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!acl.contains(creds.username()), "{acl}");
+}
+
+#[test]
+fn a_failing_revocation_is_retried_with_backoff_until_the_cause_is_fixed() {
+    // A least-privilege admin: CREATEROLE, pg_signal_backend, and membership in the owner it hands objects to.
+    let pg = credbroker::testing::TestPostgres::start().unwrap();
+    pg.admin_client()
+        .unwrap()
+        .batch_execute(
+            "CREATE ROLE manager LOGIN CREATEROLE PASSWORD 'manager-password-1';
+             GRANT pg_signal_backend TO manager;
+             CREATE ROLE app_owner NOLOGIN; GRANT app_owner TO manager;
+             GRANT CREATE ON SCHEMA public TO manager WITH GRANT OPTION;",
+        )
+        .unwrap();
+    let broker = credbroker::Broker::builder()
+        .connection(format!(
+            "host=127.0.0.1 port={} user=manager password=manager-password-1 dbname=postgres sslmode=disable",
+            pg.port()
+        ))
+        .reassign_owned_to("app_owner")
+        .build()
+        .unwrap();
+    let role = Role::new().creation_sql(
+        r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';
+           GRANT CREATE ON SCHEMA public TO "{{name}}";"#,
+    );
+    broker.write_role("app", role).unwrap();
+    let creds = broker.creds("app").unwrap();
+    let mut session = pg.login(creds.username(), creds.password()).unwrap();
+    session
+        .batch_execute("CREATE TABLE made_by_app (x int)")
+        .unwrap();
+    drop(session);
+
+    // The admin loses the right to hand objects to app_owner: REASSIGN OWNED fails.
+    pg.admin_client()
+        .unwrap()
+        .batch_execute("REVOKE app_owner FROM manager")
+        .unwrap();
+    let err = broker.revoke(creds.lease_id()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Revocation);
+    assert!(err.to_string().contains("permission denied"), "{err}");
+
+    // The lease stays, the role is fenced, and retries back off: each gap longer than the one before.
+    let mut seen = vec![(1, std::time::Instant::now())];
+    while seen.len() < 3 {
+        let lease = broker.lease(creds.lease_id()).expect("the lease stays");
+        let attempts = lease.revocation_attempts();
+        if attempts > seen.last().unwrap().0 {
+            seen.push((attempts, std::time::Instant::now()));
+        }
+        assert!(attempts < 6, "retries too fast: {seen:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gaps: Vec<Duration> = seen.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    assert!(gaps[1] > gaps[0], "backoff grows: {gaps:?}");
+    assert_eq!(broker.failed_leases().len(), 1);
+    let can_login: bool = pg
+        .admin_client()
+        .unwrap()
+        .query_one(
+            "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1",
+            &[&creds.username()],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!can_login, "NOLOGIN while revocation is retried");
+
+    // Fixed: the next retry drops the role, and its table belongs to app_owner.
+    pg.admin_client()
+        .unwrap()
+        .batch_execute("GRANT app_owner TO manager")
+        .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(30), || broker
+            .lease(creds.lease_id())
+            .is_none()),
+        "the role is dropped once the cause is fixed"
+    );
+    assert!(common::roles_with_prefix(&pg, creds.username()).is_empty());
+    let owner: String = pg
+        .admin_client()
+        .unwrap()
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE tablename = 'made_by_app'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "app_owner");
+}
+
+#[test]
+fn revoke_force_forgets_a_lease_whose_role_cannot_be_dropped() {
+    let env = common::start();
+    env.admin()
+        .batch_execute("CREATE TABLE revoked (username text)")
+        .unwrap();
+    let role = Role::new().revocation_sql(
+        r#"INSERT INTO revoked VALUES ('{{name}}'); DROP ROLE IF EXISTS "{{name}}";"#,
+    );
+    env.broker.write_role("audited", role).unwrap();
+    let creds = env.broker.creds("audited").unwrap();
+    env.admin().batch_execute("DROP TABLE revoked").unwrap();
+
+    env.broker.revoke_force(creds.lease_id()).unwrap();
+    assert!(env.broker.lease(creds.lease_id()).is_none());
+    assert!(
+        env.role_exists(creds.username()),
+        "the role could not be dropped"
+    );
+    assert!(
+        common::marked_roles(&env.pg).is_empty(),
+        "it lost the marker, so no sweep touches it again"
+    );
+    let err = env.broker.revoke_force(creds.lease_id()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UnknownLease);
+}

@@ -93,3 +93,81 @@ fn dropping_the_broker_stops_the_sweeper_and_leaves_live_roles() {
     // Live leases are not revoked on drop: their roles expire through VALID UNTIL.
     pg.login(creds.username(), creds.password()).unwrap();
 }
+
+#[test]
+fn twenty_thousand_expired_leases_are_swept_in_bounded_batches() {
+    use credbroker::testing::TestPostgres;
+    use credbroker::Broker;
+
+    const ROLES: usize = 20_000;
+    let pg = TestPostgres::builder()
+        .setting("log_statement", "ddl")
+        .start()
+        .unwrap();
+    // 20,000 roles as an earlier run of instance "bulk" left them: marked, with their lease comment, and a
+    // VALID UNTIL a little ahead. Created in SQL: issuing them one by one would take minutes of SCRAM hashing.
+    let expires = SystemTime::now() + Duration::from_secs(10);
+    let at = humantime::format_rfc3339_seconds(expires).to_string();
+    let mut admin = pg.admin_client().unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {} NOLOGIN",
+            credbroker::DEFAULT_MARKER_ROLE
+        ))
+        .unwrap();
+    for chunk in 0..ROLES / 1000 {
+        admin
+            .batch_execute(&format!(
+                "DO $$ DECLARE u text; BEGIN
+                   FOR i IN {first}..{last} LOOP
+                     u := 'bulk-' || i;
+                     EXECUTE format('CREATE ROLE %I LOGIN VALID UNTIL %L', u, '{at}');
+                     EXECUTE format('GRANT {marker} TO %I', u);
+                     EXECUTE format('COMMENT ON ROLE %I IS %L', u,
+                       'credbroker lease=postgresql/creds/bulk/' || i || ' role=bulk instance=bulk issued={at} max={at}');
+                   END LOOP; END $$",
+                first = chunk * 1000,
+                last = chunk * 1000 + 999,
+                marker = credbroker::DEFAULT_MARKER_ROLE,
+            ))
+            .unwrap();
+    }
+    let broker = Broker::builder()
+        .connection(pg.connection_string())
+        .instance_name("bulk")
+        .build()
+        .unwrap();
+    let adopted = broker.leases().len();
+    eprintln!(
+        "adopted {adopted} leases, due in {:?}",
+        expires.duration_since(SystemTime::now())
+    );
+
+    assert!(
+        common::eventually(Duration::from_secs(240), || broker.leases().is_empty()),
+        "the sweep completes; {} leases left",
+        broker.leases().len()
+    );
+    eprintln!(
+        "swept {:?} after expiry",
+        SystemTime::now().duration_since(expires)
+    );
+    assert!(broker.failed_leases().is_empty());
+    assert!(common::marked_roles(&pg).is_empty());
+
+    // Every role was dropped by a DROP ROLE of at most 256 names (the bound), never one per transaction.
+    let log = pg.log_contents().unwrap();
+    let drops: Vec<usize> = log
+        .lines()
+        .filter_map(|l| {
+            l.split_once("statement: DROP ROLE ")
+                .map(|(_, names)| names)
+        })
+        .map(|names| names.matches("\"bulk-").count())
+        .filter(|&n| n > 0)
+        .collect();
+    assert_eq!(drops.iter().sum::<usize>(), ROLES, "adopted {adopted}");
+    assert!(drops.iter().all(|&n| n <= 256), "{drops:?}");
+    assert!(drops.len() >= ROLES / 256, "{} batches", drops.len());
+    assert!(!log.contains("out of shared memory"));
+}

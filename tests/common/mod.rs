@@ -81,3 +81,70 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Roles that carry the broker's default marker, sorted.
+pub fn marked_roles(pg: &TestPostgres) -> Vec<String> {
+    pg.admin_client()
+        .expect("admin login")
+        .query(
+            "SELECT r.rolname::text FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member \
+             WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1) ORDER BY 1",
+            &[&credbroker::DEFAULT_MARKER_ROLE],
+        )
+        .expect("query the marker's members")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The usernames of a broker's leases, sorted.
+pub fn lease_usernames(broker: &Broker) -> Vec<String> {
+    let mut names: Vec<String> = broker
+        .leases()
+        .iter()
+        .map(|l| l.username().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Captures what the crate logs, for the whole test binary.
+pub mod logs {
+    use std::sync::Once;
+
+    use parking_lot::Mutex;
+
+    static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    static INSTALL: Once = Once::new();
+
+    struct Capture;
+
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+            metadata.target().starts_with("credbroker")
+        }
+
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata()) {
+                LINES
+                    .lock()
+                    .push(format!("{} {}", record.level(), record.args()));
+            }
+        }
+
+        fn flush(&self) {}
+    }
+
+    /// Starts capturing (once per process).
+    pub fn install() {
+        INSTALL.call_once(|| {
+            log::set_logger(&Capture).expect("no other logger");
+            log::set_max_level(log::LevelFilter::Debug);
+        });
+    }
+
+    /// Every line captured so far, as `LEVEL message`.
+    pub fn lines() -> Vec<String> {
+        LINES.lock().clone()
+    }
+}
