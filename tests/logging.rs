@@ -6,32 +6,10 @@ use std::time::Duration;
 
 use credbroker::testing::TestPostgres;
 use credbroker::{Broker, Role};
-use parking_lot::Mutex;
-
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-struct Capture;
-
-impl log::Log for Capture {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.target().starts_with("credbroker")
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        if self.enabled(record.metadata()) {
-            LINES
-                .lock()
-                .push(format!("{} {}", record.level(), record.args()));
-        }
-    }
-
-    fn flush(&self) {}
-}
 
 #[test]
 fn logs_name_leases_and_users_but_no_secret() {
-    log::set_logger(&Capture).unwrap();
-    log::set_max_level(log::LevelFilter::Trace);
+    common::logs::install();
 
     let pg = TestPostgres::builder()
         .setting("log_statement", "all")
@@ -73,7 +51,7 @@ fn logs_name_leases_and_users_but_no_secret() {
     broker.revoke(failing.lease_id()).unwrap_err();
     drop(broker);
 
-    let lines = LINES.lock().clone();
+    let lines = common::logs::lines();
     let all = lines.join("\n");
     for creds in [&renewed, &revoked, &expiring, &failing] {
         assert!(

@@ -139,7 +139,7 @@ pub mod logs {
     pub fn install() {
         INSTALL.call_once(|| {
             log::set_logger(&Capture).expect("no other logger");
-            log::set_max_level(log::LevelFilter::Debug);
+            log::set_max_level(log::LevelFilter::Trace);
         });
     }
 
