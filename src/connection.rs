@@ -32,6 +32,12 @@ use zeroize::Zeroizing;
 
 use crate::error::{chain, Error, ErrorKind};
 
+/// The fix for an unknown key: the keys `postgres::Config` reads, and ours.
+const KNOWN_KEYS: &str = "the keys understood are host, hostaddr, port, user, password, dbname, sslmode, \
+     sslrootcert, connect_timeout, application_name, options, target_session_attrs, channel_binding, \
+     keepalives, keepalives_idle, keepalives_interval, keepalives_retries, tcp_user_timeout, \
+     load_balance_hosts and sslnegotiation";
+
 /// The `sslmode` values the broker understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
@@ -132,10 +138,17 @@ impl Connection {
         let mut config: postgres::Config = rest.parse().map_err(|e: postgres::Error| {
             // The parser's messages name the bad key, never a value; `parse` redacts passwords all the same.
             let text = chain(&e);
-            let text = text.strip_prefix("invalid connection string: ").unwrap_or(&text);
+            let text = text
+                .strip_prefix("invalid connection string: ")
+                .unwrap_or(&text);
+            let fix = if text.starts_with("unknown option") {
+                KNOWN_KEYS
+            } else {
+                "use libpq key=value pairs or a postgres:// URL"
+            };
             Error::new(
                 ErrorKind::InvalidConfig,
-                format!("invalid connection string: {text}; use libpq key=value pairs or a postgres:// URL"),
+                format!("invalid connection string: {text}; {fix}"),
             )
         })?;
         drop(rest);
@@ -315,6 +328,11 @@ fn take_keys_from_key_values(source: &str, keys: &mut Keys) -> Result<Zeroizing<
                 "a value at byte {key_start} has no key before its \"=\""
             )));
         }
+        if chars.next().map(|(_, c)| c) != Some('=') {
+            return Err(malformed(format!(
+                "the word at byte {key_start} is not followed by \"=\" (a value with spaces that is not quoted?)"
+            )));
+        }
         if !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             let hint = if key.contains("://") {
                 "; a URL must start with postgres:// or postgresql://"
@@ -323,11 +341,6 @@ fn take_keys_from_key_values(source: &str, keys: &mut Keys) -> Result<Zeroizing<
             };
             return Err(malformed(format!(
                 "the key at byte {key_start} is not a parameter name (letters, digits and '_'){hint}"
-            )));
-        }
-        if chars.next().map(|(_, c)| c) != Some('=') {
-            return Err(malformed(format!(
-                "the word at byte {key_start} is not followed by \"=\" (a value with spaces that is not quoted?)"
             )));
         }
         while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}

@@ -176,11 +176,7 @@ fn connection_failures_say_what_to_fix() {
     );
     assert!(!err.to_string().contains("wrong-password-123"));
 
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = common::closed_port();
     let err = Broker::builder()
         .connection(format!(
             "host=127.0.0.1 port={closed} user=admin password=x sslmode=disable"
