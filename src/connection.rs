@@ -100,6 +100,13 @@ impl fmt::Display for SslMode {
 /// A parsed admin connection: the client config, the TLS connector, and how to describe the target.
 #[derive(Clone)]
 pub(crate) struct Connection {
+    /// Holds the admin password as a plain `Vec<u8>` that is freed without being wiped: `postgres::Config` has
+    /// no way to zeroize it, and the pool needs it for as long as the broker lives, to open connections after
+    /// one breaks. What this module controls is wiped: the connection string's copies made while splitting it
+    /// (sized up front so that no growing buffer leaves a copy behind). What it does not: `postgres::Config`'s
+    /// own parser and `Config::password` copy the value, and every login copies it again into the SCRAM state
+    /// of `postgres-protocol`, with the salted password derived from it; those copies are freed unwiped. The
+    /// README's "Secrets in memory" lists them all.
     pub config: postgres::Config,
     pub tls: MakeRustlsConnect,
     pub ssl_mode: SslMode,
