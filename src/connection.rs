@@ -28,8 +28,15 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
+use zeroize::Zeroizing;
 
 use crate::error::{chain, Error, ErrorKind};
+
+/// The fix for an unknown key: the keys `postgres::Config` reads, and ours.
+const KNOWN_KEYS: &str = "the keys understood are host, hostaddr, port, user, password, dbname, sslmode, \
+     sslrootcert, connect_timeout, application_name, options, target_session_attrs, channel_binding, \
+     keepalives, keepalives_idle, keepalives_interval, keepalives_retries, tcp_user_timeout, \
+     load_balance_hosts and sslnegotiation";
 
 /// The `sslmode` values the broker understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,13 +62,24 @@ impl SslMode {
             "verify-ca" => SslMode::VerifyCa,
             "verify-full" => SslMode::VerifyFull,
             other => {
+                // Echo only what looks like a mode name: a value run together with the next pair by a lost
+                // space (`sslmode=disablepassword=...`) must not be shown.
+                let shown = if other.len() <= 16
+                    && other
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b == b'-' || b == b'_')
+                {
+                    format!(" {other:?}")
+                } else {
+                    String::new()
+                };
                 return Err(Error::new(
                     ErrorKind::InvalidConfig,
                     format!(
-                        "unknown sslmode {other:?} in the connection string; \
+                        "unknown sslmode{shown} in the connection string; \
                          use disable, prefer, require, verify-ca or verify-full"
                     ),
-                ))
+                ));
             }
         })
     }
@@ -82,6 +100,13 @@ impl fmt::Display for SslMode {
 /// A parsed admin connection: the client config, the TLS connector, and how to describe the target.
 #[derive(Clone)]
 pub(crate) struct Connection {
+    /// Holds the admin password as a plain `Vec<u8>` that is freed without being wiped: `postgres::Config` has
+    /// no way to zeroize it, and the pool needs it for as long as the broker lives, to open connections after
+    /// one breaks. What this module controls is wiped: the connection string's copies made while splitting it
+    /// (sized up front so that no growing buffer leaves a copy behind). What it does not: `postgres::Config`'s
+    /// own parser and `Config::password` copy the value, and every login copies it again into the SCRAM state
+    /// of `postgres-protocol`, with the salted password derived from it; those copies are freed unwiped. The
+    /// README's "Secrets in memory" lists them all.
     pub config: postgres::Config,
     pub tls: MakeRustlsConnect,
     pub ssl_mode: SslMode,
@@ -89,7 +114,22 @@ pub(crate) struct Connection {
 
 impl Connection {
     /// Parses a libpq `key=value` string or a `postgres://` URL.
+    ///
+    /// No error message contains a password given in `source`: every password value found while splitting the
+    /// string is redacted from the message, whichever parser (ours or `postgres::Config`'s) produced it.
     pub(crate) fn parse(source: &str, connect_timeout: Duration) -> Result<Connection, Error> {
+        let mut keys = Keys::default();
+        Connection::parse_keys(source, connect_timeout, &mut keys).map_err(|e| {
+            let secrets: Vec<&str> = keys.passwords.iter().map(|p| p.as_str()).collect();
+            e.redacted(&secrets)
+        })
+    }
+
+    fn parse_keys(
+        source: &str,
+        connect_timeout: Duration,
+        keys: &mut Keys,
+    ) -> Result<Connection, Error> {
         if source.trim().is_empty() {
             return Err(Error::new(
                 ErrorKind::InvalidConfig,
@@ -97,24 +137,30 @@ impl Connection {
                  \"host=localhost user=username password=password\" or a postgres:// URL",
             ));
         }
-        let (rest, ssl) =
-            if source.starts_with("postgres://") || source.starts_with("postgresql://") {
-                take_ssl_from_url(source)?
-            } else {
-                take_ssl_from_key_values(source)?
-            };
+        let rest = if source.starts_with("postgres://") || source.starts_with("postgresql://") {
+            take_keys_from_url(source, keys)?
+        } else {
+            take_keys_from_key_values(source, keys)?
+        };
         let mut config: postgres::Config = rest.parse().map_err(|e: postgres::Error| {
-            // The parser's messages name the bad key or value, never the password.
+            // The parser's messages name the bad key, never a value; `parse` redacts passwords all the same.
+            let text = chain(&e);
+            let text = text
+                .strip_prefix("invalid connection string: ")
+                .unwrap_or(&text);
+            let fix = if text.starts_with("unknown option") {
+                KNOWN_KEYS
+            } else {
+                "use libpq key=value pairs or a postgres:// URL"
+            };
             Error::new(
                 ErrorKind::InvalidConfig,
-                format!(
-                    "invalid connection string: {}; use libpq key=value pairs or a postgres:// URL",
-                    chain(&e)
-                ),
+                format!("invalid connection string: {text}; {fix}"),
             )
         })?;
-        let ssl_mode = match ssl.mode {
-            Some(mode) => SslMode::parse(&mode)?,
+        drop(rest);
+        let ssl_mode = match &keys.mode {
+            Some(mode) => SslMode::parse(mode)?,
             None => SslMode::Require,
         };
         config.ssl_mode(match ssl_mode {
@@ -128,7 +174,7 @@ impl Connection {
         if config.get_application_name().is_none() {
             config.application_name("credbroker");
         }
-        let tls = MakeRustlsConnect::new(tls_config(ssl_mode, ssl.root_cert)?);
+        let tls = MakeRustlsConnect::new(tls_config(ssl_mode, keys.root_cert.take())?);
         Ok(Connection {
             config,
             tls,
@@ -238,105 +284,187 @@ impl Connection {
     }
 }
 
-/// `sslmode` and `sslrootcert` as written in the connection string.
+/// What the broker reads from the connection string itself: `sslmode` and `sslrootcert` (which
+/// `postgres::Config` does not understand), and every password value, to redact from error messages.
 #[derive(Default)]
-struct SslKeys {
+struct Keys {
     mode: Option<String>,
     root_cert: Option<PathBuf>,
+    passwords: Vec<Zeroizing<String>>,
 }
 
-impl SslKeys {
-    /// Takes the pair if it is one of ours; returns false for anything else.
+impl Keys {
+    /// Takes the pair if it is one of ours and returns true; returns false for a pair to pass on.
     fn take(&mut self, key: &str, value: &str) -> bool {
         match key {
             "sslmode" => self.mode = Some(value.to_owned()),
             "sslrootcert" => self.root_cert = Some(PathBuf::from(value)),
+            "password" => {
+                self.passwords.push(Zeroizing::new(value.to_owned()));
+                return false;
+            }
             _ => return false,
         }
         true
     }
 }
 
-/// Splits a libpq `key=value` string (values may be `'quoted'`, with `\` escapes) into the SSL keys and the
-/// rest, re-quoted for `postgres::Config`.
-fn take_ssl_from_key_values(source: &str) -> Result<(String, SslKeys), Error> {
-    let malformed = |msg: &str| {
+/// Splits a libpq `key=value` string (values may be `'quoted'`, with `\` escapes) into our keys and the rest,
+/// re-quoted for `postgres::Config`.
+///
+/// The buffers that hold values are allocated once, large enough never to grow, and wiped on drop: a growing
+/// `String` would leave copies of the password in freed memory.
+fn take_keys_from_key_values(source: &str, keys: &mut Keys) -> Result<Zeroizing<String>, Error> {
+    // Messages give byte positions, never the text: a malformed pair may be a piece of the password.
+    let malformed = |msg: String| {
         Error::new(
             ErrorKind::InvalidConfig,
-            format!("invalid connection string: {msg}; write key=value pairs separated by spaces, quoting values with spaces as 'like this'"),
+            format!(
+                "invalid connection string: {msg}; write key=value pairs separated by spaces, quoting values \
+                 with spaces as 'like this'"
+            ),
         )
     };
-    let mut ssl = SslKeys::default();
-    let mut rest = String::new();
-    let mut chars = source.chars().peekable();
+    // Re-quoting at most doubles a value and adds `='' ` to a pair of at least `k=`.
+    let mut rest = Zeroizing::new(String::with_capacity(3 * source.len() + 8));
+    let mut value = Zeroizing::new(String::with_capacity(source.len()));
+    let mut chars = source.char_indices().peekable();
     loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        let Some(&(key_start, _)) = chars.peek() else {
             break;
-        }
+        };
         let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+        while let Some((_, c)) = chars.next_if(|(_, c)| *c != '=' && !c.is_whitespace()) {
             key.push(c);
         }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next() != Some('=') {
-            return Err(malformed(&format!("missing \"=\" after {key:?}")));
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        if key.is_empty() {
+            return Err(malformed(format!(
+                "a value at byte {key_start} has no key before its \"=\""
+            )));
         }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
+        if chars.next().map(|(_, c)| c) != Some('=') {
+            return Err(malformed(format!(
+                "the word at byte {key_start} is not followed by \"=\" (a value with spaces that is not quoted?)"
+            )));
+        }
+        if !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            let hint = if key.contains("://") {
+                "; a URL must start with postgres:// or postgresql://"
+            } else {
+                ""
+            };
+            return Err(malformed(format!(
+                "the key at byte {key_start} is not a parameter name (letters, digits and '_'){hint}"
+            )));
+        }
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        value.clear();
+        if chars.next_if(|(_, c)| *c == '\'').is_some() {
             loop {
-                match chars.next() {
+                match chars.next().map(|(_, c)| c) {
                     Some('\'') => break,
-                    Some('\\') => value.extend(chars.next()),
+                    Some('\\') => value.extend(chars.next().map(|(_, c)| c)),
                     Some(c) => value.push(c),
                     None => {
-                        return Err(malformed(&format!("unterminated quoted value for {key:?}")))
+                        return Err(malformed(format!(
+                            "the quoted value of {key:?} (byte {key_start}) has no closing quote"
+                        )))
                     }
                 }
             }
         } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+            while let Some((_, c)) = chars.next_if(|(_, c)| !c.is_whitespace()) {
                 if c == '\\' {
-                    value.extend(chars.next());
+                    value.extend(chars.next().map(|(_, c)| c));
                 } else {
                     value.push(c);
                 }
             }
         }
-        if !ssl.take(&key, &value) {
-            let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
-            rest.push_str(&format!("{key}='{quoted}' "));
+        if !keys.take(&key, &value) {
+            rest.push_str(&key);
+            rest.push_str("='");
+            for c in value.chars() {
+                if c == '\\' || c == '\'' {
+                    rest.push('\\');
+                }
+                rest.push(c);
+            }
+            rest.push_str("' ");
         }
     }
-    Ok((rest, ssl))
+    Ok(rest)
 }
 
-/// Takes `sslmode` and `sslrootcert` out of a URL's query string.
-fn take_ssl_from_url(source: &str) -> Result<(String, SslKeys), Error> {
-    let mut ssl = SslKeys::default();
-    let Some((base, query)) = source.split_once('?') else {
-        return Ok((source.to_owned(), ssl));
+/// Takes our keys out of a URL's query string.
+///
+/// The user information ends at the first `@`, as `postgres::Config` reads it, so the query is looked for only
+/// after it: a `?` in a password does not start the query.
+fn take_keys_from_url(source: &str, keys: &mut Keys) -> Result<Zeroizing<String>, Error> {
+    let invalid = |msg: &str| {
+        Error::new(
+            ErrorKind::InvalidConfig,
+            format!("invalid connection URL: {msg}"),
+        )
     };
-    let mut kept = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
+    let after_scheme = source.find("://").map_or(0, |i| i + 3);
+    let authority_start = match source[after_scheme..].find('@') {
+        Some(at) => {
+            let userinfo = &source[after_scheme..after_scheme + at];
+            if let Some((_, password)) = userinfo.split_once(':') {
+                keys.passwords.push(Zeroizing::new(password.to_owned()));
+                let decoded = percent_decode_str(password).decode_utf8_lossy();
+                keys.passwords.push(Zeroizing::new(decoded.into_owned()));
+            }
+            after_scheme + at + 1
+        }
+        None => after_scheme,
+    };
+    let host_end = source[authority_start..]
+        .find(['/', '?'])
+        .map_or(source.len(), |i| authority_start + i);
+    if source[authority_start..host_end].contains('@') {
+        return Err(invalid(
+            "more than one \"@\" before the host; percent-encode \"@\" in the user name or password as %40",
+        ));
+    }
+    let Some(query_start) = source[authority_start..]
+        .find('?')
+        .map(|i| authority_start + i)
+    else {
+        return Ok(Zeroizing::new(source.to_owned()));
+    };
+    let mut rest = Zeroizing::new(String::with_capacity(source.len()));
+    rest.push_str(&source[..query_start]);
+    let mut separator = '?';
+    for pair in source[query_start + 1..]
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = percent_decode_str(value).decode_utf8().map_err(|_| {
-            Error::new(
-                ErrorKind::InvalidConfig,
-                format!("invalid connection URL: the value of {key:?} is not valid percent-encoded UTF-8"),
-            )
-        })?;
-        if !ssl.take(key, &value) {
-            kept.push(pair);
+        let decode = |text: &str, what: &str| -> Result<String, Error> {
+            match percent_decode_str(text).decode_utf8() {
+                Ok(decoded) => Ok(decoded.into_owned()),
+                Err(_) => Err(invalid(&format!(
+                    "{what} in the query string is not valid percent-encoded UTF-8"
+                ))),
+            }
+        };
+        let key = decode(key, "a key")?;
+        if key == "password" {
+            // Redacted as written too: a decoding error below must not show it either.
+            keys.passwords.push(Zeroizing::new(value.to_owned()));
+        }
+        let value = Zeroizing::new(decode(value, &format!("the value of {key:?}"))?);
+        if !keys.take(&key, &value) {
+            rest.push(separator);
+            rest.push_str(pair);
+            separator = '&';
         }
     }
-    let rest = if kept.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
-    Ok((rest, ssl))
+    Ok(rest)
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -516,6 +644,10 @@ mod tests {
         Connection::parse(s, Duration::from_secs(5))
     }
 
+    fn refused(s: &str) -> Error {
+        parse(s).map(|_| ()).expect_err("a bad connection string")
+    }
+
     #[test]
     fn vault_quickstart_string_requires_tls_by_default() {
         let c = parse("host=localhost user=username password=password").unwrap();
@@ -561,10 +693,192 @@ mod tests {
     }
 
     #[test]
+    fn a_word_without_equals_is_located_not_echoed() {
+        // The password has a space and is not quoted: its second half becomes a word without "=".
+        let err = refused("host=x password=hunter2 secondhalf dbname=d");
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        let text = err.to_string();
+        assert!(
+            text.contains("byte 24") && text.contains("not quoted"),
+            "{text}"
+        );
+        assert!(!text.contains("secondhalf"), "{text}");
+    }
+
+    #[test]
+    fn a_url_with_a_mistyped_scheme_is_not_echoed() {
+        // Read as key=value, the whole URL is one key, password included.
+        let err = refused("postgress://admin:hunter2@db/app?sslmode=disable");
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        let text = err.to_string();
+        assert!(text.contains("must start with postgres://"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn a_value_without_key_is_refused() {
+        // postgres::Config stops reading at an empty key, silently dropping every later pair.
+        let err = refused("=x host=db sslmode=disable");
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(err.to_string().contains("byte 0 has no key"), "{err}");
+    }
+
+    #[test]
+    fn a_question_mark_in_a_url_password_does_not_start_the_query() {
+        let c = parse("postgres://u:pa?ss@db/app?sslmode=disable").unwrap();
+        assert_eq!(c.ssl_mode, SslMode::Disable);
+        assert_eq!(c.config.get_password(), Some(&b"pa?ss"[..]));
+        assert_eq!(c.config.get_dbname(), Some("app"));
+    }
+
+    #[test]
+    fn percent_encoded_url_keys_are_ours_too() {
+        let c = parse("postgres://u:p@db/app?ssl%6Dode=disable").unwrap();
+        assert_eq!(c.ssl_mode, SslMode::Disable);
+    }
+
+    #[test]
+    fn an_unencoded_at_in_a_url_password_is_refused_without_echo() {
+        let err = refused("postgres://admin:hunter2@secret@db/app");
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        let text = err.to_string();
+        assert!(text.contains("%40"), "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("secret@"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_run_together_sslmode_is_not_echoed() {
+        let err = refused("host=x sslmode=disablepassword=hunter2");
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = refused("host=x sslmode=verify_full");
+        assert!(err.to_string().contains("\"verify_full\""), "{err}");
+    }
+
+    #[test]
     fn parse_errors_do_not_echo_the_password() {
-        let err = parse("host=x password=hunter2secret bogus_key=1")
-            .map(|_| ())
-            .unwrap_err();
+        let err = refused("host=x password=hunter2secret bogus_key=1");
         assert!(!err.to_string().contains("hunter2secret"), "{err}");
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Passwords with every character that needs quoting or encoding somewhere.
+        fn password() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9 '\\\\=&@:/?%#+é]{8,16}"
+        }
+
+        fn quoted(value: &str) -> String {
+            format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+        }
+
+        fn url_encoded(value: &str) -> String {
+            percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
+                .to_string()
+        }
+
+        /// A connection string holding `password`, as key=value pairs in any order or as a URL.
+        fn connection_string(password: String) -> impl Strategy<Value = (String, String)> {
+            let sslmode = prop_oneof!["disable", "prefer", "require", "bogus", "verify-fu ll"];
+            (
+                any::<bool>(),
+                sslmode,
+                "[a-z]{1,8}",
+                any::<u16>(),
+                Just(password),
+                any::<prop::sample::Index>(),
+            )
+                .prop_map(|(url, mode, user, port, password, at)| {
+                    let s = if url {
+                        format!(
+                            "postgres://{user}:{}@db:{port}/app?sslmode={}",
+                            url_encoded(&password),
+                            url_encoded(&mode)
+                        )
+                    } else {
+                        let mut pairs = vec![
+                            format!("host=db port={port}"),
+                            format!("user={user}"),
+                            format!("sslmode={}", quoted(&mode)),
+                        ];
+                        pairs.insert(
+                            at.index(pairs.len() + 1),
+                            format!("password={}", quoted(&password)),
+                        );
+                        pairs.join(" ")
+                    };
+                    (s, password)
+                })
+        }
+
+        /// Up to two edits: a character inserted or removed, as a typo would.
+        fn mutated((s, password): (String, String)) -> impl Strategy<Value = (String, String)> {
+            let edit = (
+                any::<prop::sample::Index>(),
+                prop::option::of(prop::sample::select(vec![
+                    ' ', '\'', '"', '=', '\\', '@', '?', '&', '%', '/', ':', 'x',
+                ])),
+            );
+            prop::collection::vec(edit, 0..=2).prop_map(move |edits| {
+                let mut chars: Vec<char> = s.chars().collect();
+                for (at, insert) in edits {
+                    match insert {
+                        Some(c) => chars.insert(at.index(chars.len() + 1), c),
+                        None if !chars.is_empty() => {
+                            chars.remove(at.index(chars.len()));
+                        }
+                        None => {}
+                    }
+                }
+                (chars.into_iter().collect(), password.clone())
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn never_panics_on_arbitrary_input(s in any::<String>()) {
+                let _ = parse(&s);
+                let _ = parse(&format!("postgres://{s}"));
+            }
+
+            #[test]
+            fn never_panics_on_connection_like_input(s in "[a-z ='\\\\@:/?&%#]{0,40}") {
+                let _ = parse(&s);
+                let _ = parse(&format!("postgresql://{s}"));
+            }
+
+            #[test]
+            fn errors_never_show_the_password(
+                (s, password) in password().prop_flat_map(connection_string).prop_flat_map(mutated)
+            ) {
+                if let Err(err) = parse(&s) {
+                    prop_assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+                    let mut shown = format!("{err} {err:?}");
+                    let mut cause = std::error::Error::source(&err);
+                    while let Some(c) = cause {
+                        shown.push_str(&c.to_string());
+                        cause = c.source();
+                    }
+                    prop_assert!(!shown.contains(&password), "{} in {:?}", password, shown);
+                    prop_assert!(!shown.contains(&url_encoded(&password)), "{}", shown);
+                }
+            }
+
+            #[test]
+            fn well_formed_strings_keep_the_password_exactly((s, password) in password().prop_flat_map(connection_string)) {
+                match parse(&s) {
+                    Ok(c) => prop_assert_eq!(c.config.get_password(), Some(password.as_bytes())),
+                    // Only the deliberately bad sslmode values fail.
+                    Err(e) => prop_assert!(e.to_string().contains("unknown sslmode"), "{}", e),
+                }
+            }
+        }
     }
 }

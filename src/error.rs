@@ -96,6 +96,20 @@ impl Error {
         self
     }
 
+    /// The same error with every non-empty secret replaced by `<redacted>` in its message; its source is
+    /// dropped if any cause in it quotes a secret.
+    pub(crate) fn redacted(mut self, secrets: &[&str]) -> Error {
+        self.message = redact(&self.message, secrets);
+        let leaks = |s: &(dyn StdError + 'static)| {
+            let text = chain(s);
+            secrets.iter().any(|p| !p.is_empty() && text.contains(p))
+        };
+        if self.source.as_deref().is_some_and(|s| leaks(s)) {
+            self.source = None;
+        }
+        self
+    }
+
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         self.kind

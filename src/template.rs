@@ -235,4 +235,125 @@ mod tests {
         let err = Template::parse("x", "  \n", ALL, &[]).unwrap_err();
         assert!(err.to_string().contains("empty"), "{err}");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// SQL text that holds no placeholder and cannot form one with what follows it.
+        fn text() -> impl Strategy<Value = String> {
+            "[a-z {}'\";$\\\\é]{0,12}"
+                .prop_filter("no placeholder", |t| !t.contains("{{") && !t.ends_with('{'))
+        }
+
+        fn placeholder() -> impl Strategy<Value = (&'static str, Placeholder)> {
+            prop::sample::select(vec![
+                ("{{name}}", Name),
+                ("{{ username }}", Name),
+                ("{{password}}", Password),
+                ("{{expiration}}", Expiration),
+            ])
+        }
+
+        /// Text followed by a placeholder: its spelling and what it means.
+        type Part = (String, (&'static str, Placeholder));
+
+        /// A valid template as text/placeholder pairs, and a trailing text.
+        fn template() -> impl Strategy<Value = (Vec<Part>, String)> {
+            (prop::collection::vec((text(), placeholder()), 1..5), text())
+        }
+
+        fn source(parts: &[Part], tail: &str) -> String {
+            let mut s: String = parts.iter().map(|(t, (p, _))| format!("{t}{p}")).collect();
+            s.push_str(tail);
+            s
+        }
+
+        /// The byte position an error message names.
+        fn position(err: &Error) -> Option<usize> {
+            let text = err.to_string();
+            let after = text.split("at byte ").nth(1)?;
+            after
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn never_panics_and_positions_point_at_a_placeholder(s in "[a-z{} ]{0,30}|\\PC{0,30}") {
+                if let Err(err) = Template::parse("x", &s, ALL, &[]) {
+                    prop_assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
+                    if let Some(at) = position(&err) {
+                        prop_assert!(s[at..].starts_with("{{"), "{} in {:?}", err, s);
+                    }
+                }
+            }
+
+            #[test]
+            fn rendering_substitutes_exactly(
+                (parts, tail) in template(),
+                name in "\\PC{0,20}",
+                password in "\\PC{0,20}",
+                expiration in "\\PC{0,20}",
+            ) {
+                let t = Template::parse("x", &source(&parts, &tail), ALL, &[]).expect("valid template");
+                // Values are inserted verbatim, even when they look like placeholders themselves.
+                let mut expected = String::new();
+                for (text, (_, p)) in &parts {
+                    expected.push_str(text);
+                    expected.push_str(match p {
+                        Name => &name,
+                        Password => &password,
+                        Expiration => &expiration,
+                    });
+                }
+                expected.push_str(&tail);
+                let values = Values { name: &name, password: &password, expiration: &expiration };
+                prop_assert_eq!(t.render(&values), expected);
+            }
+
+            #[test]
+            fn rendering_placeholders_as_themselves_gives_the_source_back((parts, tail) in template()) {
+                let src = source(&parts, &tail);
+                let t = Template::parse("x", &src, ALL, &[]).expect("valid template");
+                let round = t.render(&Values {
+                    name: "{{name}}",
+                    password: "{{password}}",
+                    expiration: "{{expiration}}",
+                });
+                // Modulo the spelling of each placeholder (`{{ username }}` comes back as `{{name}}`).
+                let canonical = src.replace("{{ username }}", "{{name}}");
+                prop_assert_eq!(round, canonical);
+            }
+
+            #[test]
+            fn bad_placeholders_are_refused_at_their_byte(
+                (parts, tail) in template(),
+                bad in prop_oneof![
+                    "[a-z_ ]{0,10}".prop_filter("unknown", |w| Placeholder::parse(w.trim()).is_none())
+                        .prop_map(|w| (format!("{{{{{w}}}}}"), "unknown placeholder")),
+                    "[a-z ]{0,10}".prop_map(|w| (format!("{{{{{w}"), "unclosed placeholder")),
+                    "[a-z ]{0,10}".prop_map(|w| (format!("{{{{{w}{{{{name}}}}"), "nested placeholder")),
+                ],
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let (bad, what) = bad;
+                // The bad placeholder goes between two whole parts, after `cut` of them.
+                let cut = cut.index(parts.len() + 1);
+                let before = source(&parts[..cut], "");
+                let mut src = format!("{before}{bad}");
+                if what == "unknown placeholder" {
+                    src.push_str(&source(&parts[cut..], &tail));
+                }
+                let err = Template::parse("x", &src, ALL, &[]).expect_err("refused");
+                prop_assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
+                prop_assert!(err.to_string().contains(what), "{} for {:?}", err, src);
+                prop_assert_eq!(position(&err), Some(before.len()), "{} for {:?}", err, src);
+            }
+        }
+    }
 }

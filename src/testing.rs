@@ -31,6 +31,7 @@ use crate::credential::generate_password;
 #[derive(Debug, Default, Clone)]
 pub struct TestPostgresBuilder {
     tls: bool,
+    expired_certificate: bool,
     settings: Vec<(String, String)>,
 }
 
@@ -39,6 +40,14 @@ impl TestPostgresBuilder {
     /// `openssl` command; [`TestPostgres::ca_cert`] is the CA to trust.
     pub fn tls(mut self, on: bool) -> TestPostgresBuilder {
         self.tls = on;
+        self
+    }
+
+    /// Turns on TLS with a server certificate that has already expired (valid only on 1 January 2020), signed
+    /// by a CA that is valid now: for testing that verification refuses it and says why.
+    pub fn expired_certificate(mut self, expired: bool) -> TestPostgresBuilder {
+        self.expired_certificate = expired;
+        self.tls |= expired;
         self
     }
 
@@ -228,7 +237,7 @@ impl TestPostgres {
             path_str(&self.dir)?
         );
         if options.tls {
-            self.make_certificates()?;
+            self.make_certificates(options.expired_certificate)?;
             conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
         }
         for (name, value) in &options.settings {
@@ -256,8 +265,10 @@ impl TestPostgres {
         )
     }
 
-    /// A CA and a server certificate in the data directory, the key readable by the server's user only.
-    fn make_certificates(&mut self) -> io::Result<()> {
+    /// A CA and a server certificate in the data directory, the key readable by the server's user only. An
+    /// expired certificate is signed with `openssl ca`, the one signing command of OpenSSL 3.0 that takes
+    /// explicit validity dates.
+    fn make_certificates(&mut self, expired: bool) -> io::Result<()> {
         let data = self.data_dir();
         let ca_key = self.dir.join("ca.key");
         let ca_crt = self.dir.join("ca.crt");
@@ -305,23 +316,67 @@ impl TestPostgres {
             ]
             .concat(),
         )?;
-        openssl(&[
-            "x509",
-            "-req",
+        let signing = [
             "-in",
             path_str(&csr)?,
-            "-CA",
-            path_str(&ca_crt)?,
-            "-CAkey",
-            path_str(&ca_key)?,
-            "-CAcreateserial",
             "-out",
             path_str(&crt)?,
-            "-days",
-            "3",
             "-extfile",
             path_str(&ext)?,
-        ])?;
+        ];
+        if expired {
+            let ca_conf = self.dir.join("ca.cnf");
+            let dir = path_str(&self.dir)?;
+            fs::write(
+                &ca_conf,
+                format!(
+                    "[ca]\ndefault_ca = test_ca\n[test_ca]\ndatabase = {dir}/index.txt\nnew_certs_dir = {dir}\n\
+                     serial = {dir}/serial\ndefault_md = sha256\npolicy = any\nunique_subject = no\n\
+                     [any]\ncommonName = supplied\n"
+                ),
+            )?;
+            fs::write(self.dir.join("index.txt"), "")?;
+            fs::write(self.dir.join("serial"), "01\n")?;
+            openssl(
+                &[
+                    &[
+                        "ca",
+                        "-batch",
+                        "-notext",
+                        "-config",
+                        path_str(&ca_conf)?,
+                        "-cert",
+                        path_str(&ca_crt)?,
+                        "-keyfile",
+                        path_str(&ca_key)?,
+                        "-startdate",
+                        "20200101000000Z",
+                        "-enddate",
+                        "20200102000000Z",
+                    ][..],
+                    &signing[..],
+                ]
+                .concat(),
+            )?;
+        } else {
+            openssl(
+                &[
+                    &[
+                        "x509",
+                        "-req",
+                        "-CA",
+                        path_str(&ca_crt)?,
+                        "-CAkey",
+                        path_str(&ca_key)?,
+                        "-CAcreateserial",
+                        "-days",
+                        "3",
+                    ][..],
+                    &signing[..],
+                ]
+                .concat(),
+            )?;
+        }
         for file in [&key, &crt] {
             self.hand_to_postgres(file)?;
         }

@@ -86,6 +86,7 @@ fn verify_full_checks_the_ca_and_the_host_name() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Tls, "{err}");
     assert!(err.to_string().contains("does not name the host"), "{err}");
+    assert!(!err.to_string().contains(pg.admin_password()), "{err}");
     Broker::builder()
         .connection(format!("{wrong_host} sslmode=verify-ca sslrootcert={ca}"))
         .build()
@@ -103,6 +104,7 @@ fn verify_full_checks_the_ca_and_the_host_name() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Tls, "{err}");
     assert!(err.to_string().contains("not signed by the CA"), "{err}");
+    assert!(!err.to_string().contains(pg.admin_password()), "{err}");
 
     // require encrypts without checking (as libpq does); a URL works the same way.
     let url = format!(
@@ -114,6 +116,43 @@ fn verify_full_checks_the_ca_and_the_host_name() {
         .connection(url)
         .build()
         .expect("require over TLS");
+    broker.write_role("app", Role::new()).unwrap();
+    broker.creds("app").unwrap();
+    assert!(broker_sessions_use_tls(&pg));
+}
+
+#[test]
+fn an_expired_certificate_fails_verification_saying_so_but_require_still_connects() {
+    let pg = TestPostgres::builder()
+        .expired_certificate(true)
+        .start()
+        .unwrap();
+    let ca = pg.ca_cert().unwrap().display().to_string();
+    let string = |mode: &str| {
+        format!(
+            "host=localhost port={} user=admin password={} dbname=postgres sslmode={mode}",
+            pg.port(),
+            pg.admin_password()
+        )
+    };
+    for mode in ["verify-full", "verify-ca"] {
+        let err = Broker::builder()
+            .connection(format!("{} sslrootcert={ca}", string(mode)))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Tls, "{mode}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("the server's certificate has expired; renew it on the server"),
+            "{mode}: {text}"
+        );
+        assert!(!text.contains(pg.admin_password()), "{text}");
+    }
+    // require encrypts without checking the certificate, as libpq does.
+    let broker = Broker::builder()
+        .connection(string("require"))
+        .build()
+        .expect("require ignores the expiry");
     broker.write_role("app", Role::new()).unwrap();
     broker.creds("app").unwrap();
     assert!(broker_sessions_use_tls(&pg));
@@ -137,11 +176,7 @@ fn connection_failures_say_what_to_fix() {
     );
     assert!(!err.to_string().contains("wrong-password-123"));
 
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = common::closed_port();
     let err = Broker::builder()
         .connection(format!(
             "host=127.0.0.1 port={closed} user=admin password=x sslmode=disable"

@@ -68,6 +68,14 @@ pub fn roles_with_prefix(pg: &TestPostgres, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// A loopback port nothing listens on (bound for a moment, then released).
+pub fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
 /// Polls `condition` every 50 ms until it holds or `limit` passes; returns whether it held.
 pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
