@@ -473,6 +473,7 @@ impl Broker {
     /// is lost while the transaction commits, the outcome is unknown: the broker then records the attempt as an
     /// expired lease, so the sweeper makes sure its role is gone.)
     pub fn creds(&self, name: &str) -> Result<Credential, Error> {
+        check_role_name(name)?;
         let role = self
             .shared
             .current_role(name)
@@ -860,7 +861,7 @@ fn unknown_role(name: &str) -> Error {
 fn unknown_lease(id: &str) -> Error {
     Error::new(
         ErrorKind::UnknownLease,
-        format!("no lease {id} in the lease table: it was never issued by this broker, or it was already revoked"),
+        format!("no lease {id} in the lease table: it was never issued by this broker, or it was already revoked; request new credentials"),
     )
 }
 
