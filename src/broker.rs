@@ -499,8 +499,9 @@ impl Broker {
             let sql =
                 Zeroizing::new(self.creation_sql(&role, &username, &verifier, &expiration, &mark));
             let result = self.shared.with_client(|client| {
-                let result = run_in_transaction(client, &sql);
-                if result.is_err() && client.is_closed() {
+                let mut committing = false;
+                let result = run_in_transaction(client, &sql, &mut committing);
+                if result.is_err() && committing && client.is_closed() {
                     // The COMMIT may have reached the server before the connection died.
                     uncertain.push((mark.clone(), username.clone()));
                 }
@@ -845,9 +846,16 @@ impl Drop for Broker {
     }
 }
 
-fn run_in_transaction(client: &mut Client, sql: &str) -> Result<(), postgres::Error> {
+/// Runs `sql` in a transaction; `committing` is set once the COMMIT is sent, after which a lost connection leaves
+/// the outcome unknown.
+fn run_in_transaction(
+    client: &mut Client,
+    sql: &str,
+    committing: &mut bool,
+) -> Result<(), postgres::Error> {
     let mut tx = client.transaction()?;
     tx.batch_execute(sql)?;
+    *committing = true;
     tx.commit()
 }
 

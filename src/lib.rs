@@ -47,7 +47,10 @@
 //! - `credential`: usernames, passwords, SCRAM verifiers, lease ids.
 //! - `lease`, `lease_table`: lease time arithmetic and the in-memory table.
 //! - `sweeper`: the background thread where leases expire.
-//! - `revoke`: where roles are dropped.
+//! - `revoke`: where roles are dropped (one at a time, in every database, or in batches).
+//! - `marker`: the marker role and lease comment every issued role carries, so the catalog holds the truth.
+//! - `recovery`: what `build()` does with roles an earlier run left, and the orphan sweep.
+//! - `preflight`: the admin rights `build()` checks. `shutdown`: keep or revoke leases when the broker stops.
 //! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `template`: role SQL.
 //! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
 #![warn(missing_docs)]

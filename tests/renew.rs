@@ -133,3 +133,34 @@ fn custom_renew_sql_runs() {
     assert_eq!(row.get::<_, SystemTime>(1), lease.expires_at());
     assert_eq!(env.valid_until(creds.username()), Some(lease.expires_at()));
 }
+
+#[test]
+fn valid_until_is_the_leases_end_even_when_the_templates_leave_it_out() {
+    let env = common::start();
+    let role = Role::new()
+        .creation_sql(r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}';"#)
+        .renew_sql(r#"ALTER ROLE "{{name}}" CONNECTION LIMIT 5 -- no expiration here"#);
+    env.broker.write_role("plain", role).unwrap();
+    let creds = env.broker.creds("plain").unwrap();
+    let lease = env.broker.lease(creds.lease_id()).unwrap();
+    assert_eq!(env.valid_until(creds.username()), Some(lease.expires_at()));
+
+    let renewed = env
+        .broker
+        .renew(creds.lease_id(), Some(Duration::from_secs(120)))
+        .unwrap();
+    assert_ne!(renewed.expires_at(), lease.expires_at());
+    assert_eq!(
+        env.valid_until(creds.username()),
+        Some(renewed.expires_at())
+    );
+    let limit: i32 = env
+        .admin()
+        .query_one(
+            "SELECT rolconnlimit FROM pg_roles WHERE rolname = $1",
+            &[&creds.username()],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(limit, 5, "the renew SQL ran too");
+}

@@ -171,3 +171,56 @@ fn twenty_thousand_expired_leases_are_swept_in_bounded_batches() {
     assert!(drops.len() >= ROLES / 256, "{} batches", drops.len());
     assert!(!log.contains("out of shared memory"));
 }
+
+#[test]
+fn one_role_that_cannot_be_dropped_does_not_hold_back_its_batch() {
+    use credbroker::testing::TestPostgres;
+    use credbroker::Broker;
+
+    let pg = TestPostgres::start().unwrap();
+    pg.admin_client()
+        .unwrap()
+        .batch_execute(
+            "CREATE ROLE manager LOGIN CREATEROLE PASSWORD 'manager-password-1'; GRANT pg_signal_backend TO manager;",
+        )
+        .unwrap();
+    let broker = Broker::builder()
+        .connection(format!(
+            "host=127.0.0.1 port={} user=manager password=manager-password-1 dbname=postgres sslmode=disable",
+            pg.port()
+        ))
+        .build()
+        .unwrap();
+    broker
+        .write_role(
+            "brief",
+            Role::new().lease(Duration::from_secs(2), Duration::from_secs(60)),
+        )
+        .unwrap();
+    let issued: Vec<_> = (0..6).map(|_| broker.creds("brief").unwrap()).collect();
+    // A superuser makes one of them a superuser: a CREATEROLE admin can no longer alter or drop it, so the
+    // batch that holds it fails as a whole.
+    let stuck = &issued[3];
+    pg.admin_client()
+        .unwrap()
+        .batch_execute(&format!("ALTER ROLE \"{}\" SUPERUSER", stuck.username()))
+        .unwrap();
+
+    assert!(
+        common::eventually(Duration::from_secs(20), || broker.leases().len() == 1),
+        "the other five are dropped one by one after the batch failed"
+    );
+    for creds in issued.iter().filter(|c| c.lease_id() != stuck.lease_id()) {
+        assert!(common::roles_with_prefix(&pg, creds.username()).is_empty());
+    }
+    assert!(common::eventually(Duration::from_secs(5), || !broker
+        .failed_leases()
+        .is_empty()));
+    let failed = broker.failed_leases();
+    assert_eq!(failed[0].id(), stuck.lease_id());
+    assert!(
+        failed[0].last_error().unwrap().contains("superuser"),
+        "{:?}",
+        failed[0].last_error()
+    );
+}
