@@ -125,11 +125,43 @@ pub(crate) fn generate_lease_id(role: &str) -> Result<String, Error> {
     ))
 }
 
-/// The SCRAM-SHA-256 verifier PostgreSQL stores for `password` (4096 iterations, random salt). Sending it
-/// instead of the plaintext keeps the password out of the server, its logs and `pg_stat_activity`.
-pub(crate) fn scram_verifier(password: &str) -> Zeroizing<String> {
-    Zeroizing::new(postgres_protocol::password::scram_sha_256(
+/// RFC 7677's iteration count, and PostgreSQL's default (`scram_iterations`).
+pub const DEFAULT_SCRAM_ITERATIONS: u32 = 4096;
+
+/// The SCRAM-SHA-256 verifier PostgreSQL stores for `password`: `iterations` rounds of PBKDF2-HMAC-SHA-256 with a
+/// random 16-byte salt, as PostgreSQL itself builds it. Sending it instead of the plaintext keeps the password out
+/// of the server, its logs and `pg_stat_activity`. The passwords are ASCII, which SASLprep leaves as they are.
+pub(crate) fn scram_verifier(password: &str, iterations: u32) -> Result<Zeroizing<String>, Error> {
+    let mut salt = [0u8; 16];
+    os_random(&mut salt)?;
+    Ok(scram_verifier_with_salt(password, &salt, iterations))
+}
+
+fn scram_verifier_with_salt(password: &str, salt: &[u8], iterations: u32) -> Zeroizing<String> {
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use base64::Engine;
+    use hmac::{Hmac, KeyInit, Mac};
+    use sha2::{Digest, Sha256};
+
+    let salted = Zeroizing::new(pbkdf2::pbkdf2_hmac_array::<Sha256, 32>(
         password.as_bytes(),
+        salt,
+        iterations,
+    ));
+    let key = |label: &[u8]| {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(salted.as_slice())
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(label);
+        mac.finalize().into_bytes()
+    };
+    let stored_key = Sha256::digest(key(b"Client Key"));
+    let server_key = key(b"Server Key");
+    Zeroizing::new(format!(
+        "SCRAM-SHA-256${iterations}:{}${}:{}",
+        BASE64.encode(salt),
+        BASE64.encode(stored_key),
+        BASE64.encode(server_key)
     ))
 }
 
@@ -192,10 +224,31 @@ mod tests {
 
     #[test]
     fn verifier_has_scram_format_and_no_plaintext() {
-        let v = scram_verifier("hunter2-hunter2");
+        let v = scram_verifier("hunter2-hunter2", DEFAULT_SCRAM_ITERATIONS).unwrap();
         assert!(v.starts_with("SCRAM-SHA-256$4096:"), "{}", v.as_str());
         assert!(!v.contains("hunter2"));
         assert!(!v.contains('\''));
+        let other = scram_verifier("hunter2-hunter2", DEFAULT_SCRAM_ITERATIONS).unwrap();
+        assert_ne!(v, other, "each verifier has its own salt");
+    }
+
+    #[test]
+    fn verifier_matches_an_independent_computation() {
+        // RFC 7677's salt and password; the keys computed with Python's hashlib and hmac.
+        let salt = [
+            0x5b, 0x6d, 0x99, 0x68, 0x9d, 0x12, 0x35, 0x8e, 0xec, 0xa0, 0x4b, 0x14, 0x12, 0x36,
+            0xfa, 0x81,
+        ];
+        assert_eq!(
+            scram_verifier_with_salt("pencil", &salt, 4096).as_str(),
+            "SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:\
+             wfPLwcE6nTWhTAmQ7tl2KeoiWGPlZqQxSrmfPwDl2dU="
+        );
+        assert_eq!(
+            scram_verifier_with_salt("pencil", &salt, 1).as_str(),
+            "SCRAM-SHA-256$1:W22ZaJ0SNY7soEsUEjb6gQ==$bzcn5wYzlcMpEXczzDM1iuyLhni5BVbqsm82vjMHWXI=:\
+             fg/vS0Y425LcbLGWSqdzrFlRn9451QblzgpwLQYoXCI="
+        );
     }
 
     #[test]

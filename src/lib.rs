@@ -75,7 +75,7 @@ pub mod testing;
 
 pub use broker::{Broker, BrokerBuilder};
 pub use connection::SslMode;
-pub use credential::Credential;
+pub use credential::{Credential, DEFAULT_SCRAM_ITERATIONS};
 pub use error::{Error, ErrorKind};
 pub use lease::{Lease, MAX_LEASE};
 pub use marker::{DEFAULT_MARKER_ROLE, MAX_INSTANCE_NAME_LEN};

@@ -5,7 +5,9 @@ use std::time::{Duration, SystemTime};
 use postgres::Client;
 use zeroize::Zeroizing;
 
-use crate::credential::{generate_password, generate_username, scram_verifier};
+use crate::credential::{
+    generate_password, generate_username, scram_verifier, DEFAULT_SCRAM_ITERATIONS,
+};
 use crate::error::{Error, ErrorKind};
 use crate::lease::{pg_timestamp, LeasePolicy};
 use crate::revoke::{revoke_role, RevokeSettings};
@@ -198,7 +200,7 @@ impl CompiledRole {
         };
         let username = generate_username(&self.name, SystemTime::now())?;
         let password = generate_password()?;
-        let verifier = scram_verifier(&password);
+        let verifier = scram_verifier(&password, DEFAULT_SCRAM_ITERATIONS)?;
         let (_, expires, _) = self.policy.issue(SystemTime::now());
         let expiration = pg_timestamp(expires);
         let values = Values {

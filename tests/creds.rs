@@ -224,3 +224,30 @@ fn unknown_and_deleted_roles_issue_nothing() {
     env.broker.revoke(creds.lease_id()).unwrap();
     assert!(!env.role_exists(creds.username()));
 }
+
+#[test]
+fn the_scram_iteration_count_is_configurable_and_logins_work() {
+    let env = common::start_with(|b| b.scram_iterations(1));
+    env.broker.write_role("fast", Role::new()).unwrap();
+    let creds = env.broker.creds("fast").unwrap();
+    let stored: String = env
+        .admin()
+        .query_one(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1",
+            &[&creds.username()],
+        )
+        .unwrap()
+        .get(0);
+    assert!(stored.starts_with("SCRAM-SHA-256$1:"), "{stored}");
+    let mut session = env.pg.login(creds.username(), creds.password()).unwrap();
+    session.simple_query("SELECT 1").unwrap();
+    assert!(env.pg.login(creds.username(), "wrong-password").is_err());
+
+    let err = credbroker::Broker::builder()
+        .connection(env.pg.connection_string())
+        .scram_iterations(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), credbroker::ErrorKind::InvalidConfig);
+    assert!(err.to_string().contains("at least 1"), "{err}");
+}
