@@ -412,6 +412,21 @@ impl Shared {
         }
     }
 
+    /// Puts a lease this broker issued into the table, waking the sweeper if it is now the earliest due.
+    pub(crate) fn track(&self, lease: Lease, role: &Arc<CompiledRole>) {
+        let id = lease.id.clone();
+        let Some(entry) = Entry::new(lease, role.clone()) else {
+            // Cannot happen: the broker made the id and the username. Should it, the role is still marked and
+            // the orphan sweep drops it once expired.
+            log::error!("lease {id} has an id or username the lease table cannot hold; it is left to the orphan sweep");
+            return;
+        };
+        let earliest = self.state.lock().table.insert(entry);
+        if earliest {
+            self.wake.notify_one();
+        }
+    }
+
     /// The role currently defined under `name`, if any.
     pub(crate) fn current_role(&self, name: &str) -> Option<Arc<CompiledRole>> {
         self.roles.read().get(name).cloned()
@@ -575,15 +590,7 @@ impl Broker {
             revocation_attempts: 0,
             last_error: None,
         };
-        let earliest = self
-            .shared
-            .state
-            .lock()
-            .table
-            .insert(Entry::new(lease, role.clone()));
-        if earliest {
-            self.shared.wake.notify_one();
-        }
+        self.shared.track(lease, &role);
         log::info!(
             "issued lease {} for role {name}: user {username}, valid until {expiration}",
             mark.lease_id
@@ -638,12 +645,7 @@ impl Broker {
             revocation_attempts: 0,
             last_error: None,
         };
-        self.shared
-            .state
-            .lock()
-            .table
-            .insert(Entry::new(lease, role.clone()));
-        self.shared.wake.notify_one();
+        self.shared.track(lease, role);
     }
 
     /// Renews lease `id`: its new end is now plus `increment` (`None`: the role's default lease), capped at the
@@ -656,20 +658,16 @@ impl Broker {
         let (snapshot, username, max_expires_at) = {
             let state = self.shared.state.lock();
             let entry = state.table.get(id).ok_or_else(|| unknown_lease(id))?;
-            if entry.in_flight() || entry.lease.revocation_attempts > 0 {
+            if entry.in_flight() || entry.attempts() > 0 {
                 return Err(Error::new(
                     ErrorKind::LeaseExpired,
                     format!("lease {id} is being revoked and cannot be renewed; request new credentials"),
                 ));
             }
-            if entry.lease.expires_at <= now {
+            if entry.expires_at() <= now {
                 return Err(expired(id));
             }
-            (
-                entry.role.clone(),
-                entry.lease.username.clone(),
-                entry.lease.max_expires_at,
-            )
+            (entry.role.clone(), entry.username(), entry.max_expires_at())
         };
         let role = self.shared.current_role(&snapshot.name).unwrap_or(snapshot);
         let expires_at = role.policy.renew(now, increment, max_expires_at)?;
@@ -713,7 +711,7 @@ impl Broker {
         let lease = state
             .table
             .get(id)
-            .map(|e| e.lease.clone())
+            .map(Entry::lease)
             .ok_or_else(|| unknown_lease(id))?;
         drop(state);
         log::info!("renewed lease {id} (user {username}) until {expiration}");
@@ -722,12 +720,7 @@ impl Broker {
 
     /// The lease `id`, if it is in the table (issued, and its role not yet dropped).
     pub fn lease(&self, id: &str) -> Option<Lease> {
-        self.shared
-            .state
-            .lock()
-            .table
-            .get(id)
-            .map(|e| e.lease.clone())
+        self.shared.state.lock().table.get(id).map(Entry::lease)
     }
 
     /// Every lease in the table, sorted by id.

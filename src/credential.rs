@@ -114,15 +114,86 @@ pub(crate) fn generate_username(role: &str, now: SystemTime) -> Result<String, E
 pub(crate) fn generate_lease_id(role: &str) -> Result<String, Error> {
     let mut bytes = [0u8; 16];
     os_random(&mut bytes)?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!(
-        "postgresql/creds/{role}/{}-{}-{}-{}-{}",
+    let mut id = String::new();
+    write_lease_id(&mut id, role, u128::from_be_bytes(bytes));
+    Ok(id)
+}
+
+/// The start of every lease id.
+const LEASE_ID_PREFIX: &str = "postgresql/creds/";
+
+/// Appends the lease id of role `role` with random part `key` to `out`.
+pub(crate) fn write_lease_id(out: &mut String, role: &str, key: u128) {
+    use std::fmt::Write;
+    let hex = format!("{key:032x}");
+    // Writing to a String cannot fail.
+    let _ = write!(
+        out,
+        "{LEASE_ID_PREFIX}{role}/{}-{}-{}-{}-{}",
         &hex[0..8],
         &hex[8..12],
         &hex[12..16],
         &hex[16..20],
         &hex[20..32]
-    ))
+    );
+}
+
+/// The role and random part of a lease id this crate made; `None` for any other string.
+pub(crate) fn parse_lease_id(id: &str) -> Option<(&str, u128)> {
+    let (role, uuid) = id.strip_prefix(LEASE_ID_PREFIX)?.rsplit_once('/')?;
+    let dashes = [8, 13, 18, 23];
+    let well_formed = uuid.len() == 36
+        && uuid.char_indices().all(|(i, c)| {
+            if dashes.contains(&i) {
+                c == '-'
+            } else {
+                matches!(c, '0'..='9' | 'a'..='f')
+            }
+        });
+    if !well_formed || role.is_empty() {
+        return None;
+    }
+    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
+    Some((role, u128::from_str_radix(&hex, 16).ok()?))
+}
+
+/// A generated username without its role prefix, in 24 bytes: `<role lowercased>-<secs>-<random>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UsernameSuffix {
+    secs: u64,
+    random: [u8; USERNAME_RANDOM_LEN],
+}
+
+impl UsernameSuffix {
+    /// The suffix of `username` if it is a name this crate generated for `role`.
+    pub(crate) fn parse(role: &str, username: &str) -> Option<UsernameSuffix> {
+        let rest = username
+            .get(..role.len())
+            .filter(|p| p.eq_ignore_ascii_case(role) && p.bytes().all(|b| !b.is_ascii_uppercase()))
+            .and_then(|_| username[role.len()..].strip_prefix('-'))?;
+        let (secs, random) = rest.split_once('-')?;
+        if secs.is_empty()
+            || !secs.bytes().all(|b| b.is_ascii_digit())
+            || secs.starts_with('0') && secs.len() > 1
+        {
+            return None;
+        }
+        let random: [u8; USERNAME_RANDOM_LEN] = random.as_bytes().try_into().ok()?;
+        if !random.iter().all(|b| USERNAME_ALPHABET.contains(b)) {
+            return None;
+        }
+        Some(UsernameSuffix {
+            secs: secs.parse().ok()?,
+            random,
+        })
+    }
+
+    /// The whole username for `role`.
+    pub(crate) fn username(&self, role: &str) -> String {
+        // The random part is ASCII by construction (checked in `parse`).
+        let random = std::str::from_utf8(&self.random).unwrap_or_default();
+        format!("{}-{}-{random}", role.to_ascii_lowercase(), self.secs)
+    }
 }
 
 /// RFC 7677's iteration count, and PostgreSQL's default (`scram_iterations`).

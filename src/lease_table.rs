@@ -2,44 +2,122 @@
 //!
 //! A lease is *due* at its expiry, or, after a failed revocation, at its next retry. The sweeper takes due
 //! leases out of the index (marking them in flight) and puts failed ones back with a later due time; a lease
-//! leaves the table only once its role is gone. Every operation is O(log n).
+//! leaves the table only once its role is gone. Every operation but the prefix scan is O(log n).
+//!
+//! Leases are stored compactly, because a busy fleet may hold a million: a lease id is
+//! `postgresql/creds/<role>/<128 random bits>` and a username `<role>-<secs>-<16 random characters>`, so an entry
+//! keeps the random parts and a shared pointer to its role, times as whole seconds, and no heap allocation of
+//! its own. The public [`Lease`] is built from an entry when asked for.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::credential::{parse_lease_id, write_lease_id, UsernameSuffix};
 use crate::lease::Lease;
 use crate::role::CompiledRole;
 
 /// One lease and what the broker needs to renew and revoke it.
 #[derive(Debug, Clone)]
 pub(crate) struct Entry {
-    pub lease: Lease,
     /// The role definition in force when the lease was issued; used when the role has since been deleted.
     pub role: Arc<CompiledRole>,
-    /// When the lease is next due for revocation; `None` while a revocation is in flight.
-    due: Option<SystemTime>,
+    key: u128,
+    user: UsernameSuffix,
+    issued: u64,
+    expires: u64,
+    max_expires: u64,
+    attempts: u32,
+    /// When the lease is next due for revocation, in milliseconds since the epoch; [`IN_FLIGHT`] while a
+    /// revocation runs.
+    due: u64,
+    last_error: Option<Box<str>>,
 }
 
+/// `Entry::due` of a lease whose revocation is running.
+const IN_FLIGHT: u64 = 0;
+
 impl Entry {
-    pub(crate) fn new(lease: Lease, role: Arc<CompiledRole>) -> Entry {
-        Entry {
-            lease,
-            role,
-            due: None,
+    /// The entry for `lease`, if its id and username are ones this crate generated for `role` (they always are
+    /// for leases it issued; recovery skips anything else).
+    pub(crate) fn new(lease: Lease, role: Arc<CompiledRole>) -> Option<Entry> {
+        let (id_role, key) = parse_lease_id(&lease.id)?;
+        if id_role != role.name || lease.role != role.name {
+            return None;
         }
+        Some(Entry {
+            user: UsernameSuffix::parse(&role.name, &lease.username)?,
+            role,
+            key,
+            issued: secs(lease.issued_at),
+            expires: secs(lease.expires_at),
+            max_expires: secs(lease.max_expires_at),
+            attempts: lease.revocation_attempts,
+            due: IN_FLIGHT,
+            last_error: lease.last_error.map(String::into_boxed_str),
+        })
     }
 
     /// Whether a revocation of this lease is running now.
     pub(crate) fn in_flight(&self) -> bool {
-        self.due.is_none()
+        self.due == IN_FLIGHT
     }
+
+    pub(crate) fn id(&self) -> String {
+        let mut id = String::new();
+        write_lease_id(&mut id, &self.role.name, self.key);
+        id
+    }
+
+    pub(crate) fn username(&self) -> String {
+        self.user.username(&self.role.name)
+    }
+
+    pub(crate) fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    pub(crate) fn expires_at(&self) -> SystemTime {
+        time(self.expires)
+    }
+
+    pub(crate) fn max_expires_at(&self) -> SystemTime {
+        time(self.max_expires)
+    }
+
+    /// The public view of this entry.
+    pub(crate) fn lease(&self) -> Lease {
+        Lease {
+            id: self.id(),
+            role: self.role.name.clone(),
+            username: self.username(),
+            issued_at: time(self.issued),
+            expires_at: time(self.expires),
+            max_expires_at: time(self.max_expires),
+            revocation_attempts: self.attempts,
+            last_error: self.last_error.as_deref().map(str::to_owned),
+        }
+    }
+}
+
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn time(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// Milliseconds since the epoch, at least 1 (0 is [`IN_FLIGHT`]).
+fn millis(t: SystemTime) -> u64 {
+    let ms = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    u64::try_from(ms).unwrap_or(u64::MAX).max(1)
 }
 
 /// A due lease handed to the sweeper.
 #[derive(Debug, Clone)]
 pub(crate) struct DueLease {
-    pub id: Arc<str>,
+    pub id: String,
     pub username: String,
     pub role: Arc<CompiledRole>,
     /// Failed revocations so far: 0 for a lease that just expired.
@@ -48,138 +126,162 @@ pub(crate) struct DueLease {
 
 #[derive(Debug, Default)]
 pub(crate) struct LeaseTable {
-    by_id: BTreeMap<Arc<str>, Entry>,
-    due: BTreeSet<(SystemTime, Arc<str>)>,
+    by_key: BTreeMap<u128, Entry>,
+    due: BTreeSet<(u64, u128)>,
 }
 
 impl LeaseTable {
     pub(crate) fn len(&self) -> usize {
-        self.by_id.len()
+        self.by_key.len()
+    }
+
+    /// The key of lease `id`, if the table holds it.
+    fn key(&self, id: &str) -> Option<u128> {
+        let (role, key) = parse_lease_id(id)?;
+        let entry = self.by_key.get(&key)?;
+        (entry.role.name == role).then_some(key)
     }
 
     /// Adds a lease, due at its expiry. Returns whether it is now the earliest due, so the sweeper must wake.
     pub(crate) fn insert(&mut self, mut entry: Entry) -> bool {
-        let id: Arc<str> = Arc::from(entry.lease.id.as_str());
-        let due = entry.lease.expires_at;
-        entry.due = Some(due);
-        if let Some(old) = self.by_id.insert(id.clone(), entry) {
-            if let Some(old_due) = old.due {
-                self.due.remove(&(old_due, id.clone()));
-            }
+        let key = entry.key;
+        let due = millis(entry.expires_at());
+        entry.due = due;
+        if let Some(old) = self.by_key.insert(key, entry) {
+            self.due.remove(&(old.due, key));
         }
-        self.due.insert((due, id.clone()));
-        self.due.first().is_some_and(|(_, first)| *first == id)
+        self.due.insert((due, key));
+        self.due.first().is_some_and(|(_, first)| *first == key)
     }
 
     pub(crate) fn get(&self, id: &str) -> Option<&Entry> {
-        self.by_id.get(id)
+        self.by_key.get(&self.key(id)?)
     }
 
     pub(crate) fn remove(&mut self, id: &str) -> Option<Entry> {
-        let (key, entry) = self.by_id.remove_entry(id)?;
-        if let Some(due) = entry.due {
-            self.due.remove(&(due, key));
-        }
+        let key = self.key(id)?;
+        let entry = self.by_key.remove(&key)?;
+        self.due.remove(&(entry.due, key));
         Some(entry)
     }
 
-    /// Takes a lease out of the due index (leaving it in flight) and returns its key, its entry, and when it was
-    /// due (`None` if it was already in flight), for the caller to reschedule or claim.
-    fn unschedule(&mut self, id: &str) -> Option<(Arc<str>, &mut Entry, Option<SystemTime>)> {
-        let key = self.by_id.get_key_value(id)?.0.clone();
-        let entry = self.by_id.get_mut(&key)?;
-        let was_due = entry.due.take();
-        if let Some(due) = was_due {
-            self.due.remove(&(due, key.clone()));
+    /// Takes a lease out of the due index (leaving it in flight) and returns its entry and when it was due
+    /// (`None` if it was already in flight), for the caller to reschedule or claim.
+    fn unschedule(&mut self, id: &str) -> Option<(&mut Entry, Option<u64>)> {
+        let key = self.key(id)?;
+        let entry = self.by_key.get_mut(&key)?;
+        let was_due = std::mem::replace(&mut entry.due, IN_FLIGHT);
+        if was_due == IN_FLIGHT {
+            return Some((entry, None));
         }
-        Some((key, entry, was_due))
+        self.due.remove(&(was_due, key));
+        Some((entry, Some(was_due)))
     }
 
     /// Moves the expiry of a lease that is not being revoked. Returns false if the lease is gone or in flight.
     pub(crate) fn set_expiry(&mut self, id: &str, expires_at: SystemTime) -> bool {
-        let Some((key, entry, Some(_))) = self.unschedule(id) else {
+        let Some((entry, Some(_))) = self.unschedule(id) else {
             return false;
         };
-        entry.due = Some(expires_at);
-        entry.lease.expires_at = expires_at;
-        self.due.insert((expires_at, key));
+        entry.expires = secs(expires_at);
+        entry.due = millis(expires_at);
+        let scheduled = (entry.due, entry.key);
+        self.due.insert(scheduled);
         true
     }
 
     /// Marks a lease in flight (so the sweeper leaves it alone) and returns what revoking it needs.
     pub(crate) fn claim(&mut self, id: &str) -> Option<DueLease> {
-        let (key, entry, _) = self.unschedule(id)?;
-        Some(DueLease {
-            id: key,
-            username: entry.lease.username.clone(),
-            role: entry.role.clone(),
-            attempts: entry.lease.revocation_attempts,
-        })
+        let (entry, _) = self.unschedule(id)?;
+        Some(due_lease(entry))
+    }
+
+    fn claim_key(&mut self, key: u128) -> Option<DueLease> {
+        let entry = self.by_key.get_mut(&key)?;
+        let was_due = std::mem::replace(&mut entry.due, IN_FLIGHT);
+        self.due.remove(&(was_due, key));
+        Some(due_lease(entry))
     }
 
     /// Claims up to `limit` leases due at or before `now`, earliest first.
     pub(crate) fn claim_due(&mut self, now: SystemTime, limit: usize) -> Vec<DueLease> {
-        let ids: Vec<Arc<str>> = self
+        let now = millis(now);
+        let keys: Vec<u128> = self
             .due
             .iter()
             .take_while(|(due, _)| *due <= now)
             .take(limit)
-            .map(|(_, id)| id.clone())
+            .map(|(_, key)| *key)
             .collect();
-        ids.iter().filter_map(|id| self.claim(id)).collect()
+        keys.into_iter().filter_map(|k| self.claim_key(k)).collect()
     }
 
     /// Claims up to `limit` leases that are not in flight, whenever they are due (for shutdown).
     pub(crate) fn claim_all(&mut self, limit: usize) -> Vec<DueLease> {
-        let ids: Vec<Arc<str>> = self
-            .due
-            .iter()
-            .take(limit)
-            .map(|(_, id)| id.clone())
-            .collect();
-        ids.iter().filter_map(|id| self.claim(id)).collect()
+        let keys: Vec<u128> = self.due.iter().take(limit).map(|(_, key)| *key).collect();
+        keys.into_iter().filter_map(|k| self.claim_key(k)).collect()
     }
 
     /// Records a failed revocation and makes the lease due again at `retry_at`. Returns the attempt count.
     pub(crate) fn failed(&mut self, id: &str, error: String, retry_at: SystemTime) -> Option<u32> {
-        let (key, entry, _) = self.unschedule(id)?;
-        entry.lease.revocation_attempts += 1;
-        entry.lease.last_error = Some(error);
-        entry.due = Some(retry_at);
-        let attempts = entry.lease.revocation_attempts;
-        self.due.insert((retry_at, key));
+        let (entry, _) = self.unschedule(id)?;
+        entry.attempts += 1;
+        entry.last_error = Some(error.into_boxed_str());
+        entry.due = millis(retry_at);
+        let (attempts, scheduled) = (entry.attempts, (entry.due, entry.key));
+        self.due.insert(scheduled);
         Some(attempts)
     }
 
     /// When the earliest lease is due, if any lease is waiting.
     pub(crate) fn next_due(&self) -> Option<SystemTime> {
-        self.due.first().map(|(due, _)| *due)
+        self.due
+            .first()
+            .map(|(due, _)| UNIX_EPOCH + Duration::from_millis(*due))
     }
 
-    /// Ids of the leases whose id starts with `prefix`, in order.
-    pub(crate) fn ids_with_prefix(&self, prefix: &str) -> Vec<Arc<str>> {
-        self.by_id
-            .range::<str, _>((
-                std::ops::Bound::Included(prefix),
-                std::ops::Bound::Unbounded,
-            ))
-            .take_while(|(id, _)| id.starts_with(prefix))
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
-    pub(crate) fn leases(&self) -> Vec<Lease> {
-        self.by_id.values().map(|e| e.lease.clone()).collect()
-    }
-
-    /// Leases whose revocation has failed at least once.
-    pub(crate) fn failed_leases(&self) -> Vec<Lease> {
-        let failed = self
-            .by_id
+    /// Ids of the leases whose id starts with `prefix`, sorted. A scan of the whole table, without an allocation
+    /// per lease.
+    pub(crate) fn ids_with_prefix(&self, prefix: &str) -> Vec<String> {
+        let mut buffer = String::with_capacity(96);
+        let mut ids: Vec<String> = self
+            .by_key
             .values()
-            .filter(|e| e.lease.revocation_attempts > 0);
-        failed.map(|e| e.lease.clone()).collect()
+            .filter(|entry| {
+                buffer.clear();
+                write_lease_id(&mut buffer, &entry.role.name, entry.key);
+                buffer.starts_with(prefix)
+            })
+            .map(Entry::id)
+            .collect();
+        ids.sort();
+        ids
     }
+
+    /// Every lease, sorted by id.
+    pub(crate) fn leases(&self) -> Vec<Lease> {
+        sorted(self.by_key.values().map(Entry::lease).collect())
+    }
+
+    /// Leases whose revocation has failed at least once, sorted by id.
+    pub(crate) fn failed_leases(&self) -> Vec<Lease> {
+        let failed = self.by_key.values().filter(|e| e.attempts > 0);
+        sorted(failed.map(Entry::lease).collect())
+    }
+}
+
+fn due_lease(entry: &Entry) -> DueLease {
+    DueLease {
+        id: entry.id(),
+        username: entry.username(),
+        role: entry.role.clone(),
+        attempts: entry.attempts,
+    }
+}
+
+fn sorted(mut leases: Vec<Lease>) -> Vec<Lease> {
+    leases.sort_by(|a, b| a.id.cmp(&b.id));
+    leases
 }
 
 #[cfg(test)]
@@ -187,59 +289,106 @@ mod tests {
     use super::*;
     use crate::lease::LeasePolicy;
     use crate::role::Role;
-    use std::time::{Duration, UNIX_EPOCH};
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
     }
 
-    fn entry(id: &str, expires: u64) -> Entry {
+    fn role(name: &str) -> Arc<CompiledRole> {
         let policy = LeasePolicy::new(Duration::from_secs(60), Duration::from_secs(600)).unwrap();
-        let role = Arc::new(CompiledRole::compile("r", Role::new(), policy).unwrap());
+        Arc::new(CompiledRole::compile(name, Role::new(), policy).unwrap())
+    }
+
+    /// A lease of role `r` whose id ends in `n`, expiring at `expires`.
+    fn entry_of(role_name: &str, n: u128, expires: u64) -> Entry {
+        let mut id = String::new();
+        write_lease_id(&mut id, role_name, n);
         Entry::new(
             Lease {
-                id: id.to_owned(),
-                role: "r".into(),
-                username: format!("user-{id}"),
+                id,
+                role: role_name.into(),
+                username: format!("{}-1000-{:016}", role_name.to_ascii_lowercase(), n),
                 issued_at: at(0),
                 expires_at: at(expires),
                 max_expires_at: at(600),
                 revocation_attempts: 0,
                 last_error: None,
             },
-            role,
+            role(role_name),
         )
+        .unwrap()
+    }
+
+    fn entry(n: u128, expires: u64) -> Entry {
+        entry_of("r", n, expires)
+    }
+
+    fn id(n: u128) -> String {
+        entry(n, 0).id()
+    }
+
+    fn ids(due: Vec<DueLease>) -> Vec<String> {
+        due.into_iter().map(|d| d.id).collect()
+    }
+
+    #[test]
+    fn an_entry_gives_back_the_lease_it_was_made_from() {
+        let e = entry_of("Prod_1", 0xabc, 50);
+        let lease = e.lease();
+        assert_eq!(
+            lease.id,
+            "postgresql/creds/Prod_1/00000000-0000-0000-0000-000000000abc"
+        );
+        assert_eq!(lease.username, "prod_1-1000-0000000000002748");
+        assert_eq!((lease.expires_at, lease.max_expires_at), (at(50), at(600)));
+        assert_eq!(
+            Entry::new(lease.clone(), role("Prod_1")).unwrap().lease(),
+            lease
+        );
+        // Ids and usernames this crate did not make are refused.
+        for (id, user) in [
+            ("postgresql/creds/Prod_1/xyz", lease.username.as_str()),
+            (lease.id.as_str(), "someone-else"),
+            (lease.id.as_str(), "prod_1-1000-UPPERCASE0000000"),
+        ] {
+            let other = Lease {
+                id: id.into(),
+                username: user.into(),
+                ..lease.clone()
+            };
+            assert!(Entry::new(other, role("Prod_1")).is_none(), "{id} {user}");
+        }
     }
 
     #[test]
     fn insert_reports_new_earliest() {
         let mut t = LeaseTable::default();
-        assert!(t.insert(entry("a", 50)));
-        assert!(!t.insert(entry("b", 60)));
-        assert!(t.insert(entry("c", 10)));
+        assert!(t.insert(entry(1, 50)));
+        assert!(!t.insert(entry(2, 60)));
+        assert!(t.insert(entry(3, 10)));
         assert_eq!(t.next_due(), Some(at(10)));
         assert_eq!(t.len(), 3);
     }
 
     #[test]
+    fn lookups_need_the_whole_id() {
+        let mut t = LeaseTable::default();
+        t.insert(entry(1, 50));
+        assert!(t.get(&id(1)).is_some());
+        assert!(t.get(&id(1).replace("/r/", "/other/")).is_none());
+        assert!(t.get("postgresql/creds/r/").is_none());
+        assert!(t.get("").is_none());
+    }
+
+    #[test]
     fn claim_due_takes_expired_in_order_and_hides_them() {
         let mut t = LeaseTable::default();
-        for (id, exp) in [("a", 30), ("b", 10), ("c", 20), ("d", 100)] {
-            t.insert(entry(id, exp));
+        for (n, exp) in [(1, 30), (2, 10), (3, 20), (4, 100)] {
+            t.insert(entry(n, exp));
         }
-        let due: Vec<_> = t
-            .claim_due(at(30), 2)
-            .into_iter()
-            .map(|d| d.id.to_string())
-            .collect();
-        assert_eq!(due, ["b", "c"]);
-        assert!(t.get("b").unwrap().in_flight());
-        let due: Vec<_> = t
-            .claim_due(at(30), 10)
-            .into_iter()
-            .map(|d| d.id.to_string())
-            .collect();
-        assert_eq!(due, ["a"]);
+        assert_eq!(ids(t.claim_due(at(30), 2)), [id(2), id(3)]);
+        assert!(t.get(&id(2)).unwrap().in_flight());
+        assert_eq!(ids(t.claim_due(at(30), 10)), [id(1)]);
         assert_eq!(t.next_due(), Some(at(100)));
         assert_eq!(
             t.len(),
@@ -251,15 +400,16 @@ mod tests {
     #[test]
     fn failed_revocation_is_due_again_with_its_error() {
         let mut t = LeaseTable::default();
-        t.insert(entry("a", 10));
+        t.insert(entry(1, 10));
         assert_eq!(t.claim_due(at(10), 10).len(), 1);
-        assert_eq!(t.failed("a", "boom".into(), at(15)), Some(1));
+        assert_eq!(t.failed(&id(1), "boom".into(), at(15)), Some(1));
         assert_eq!(t.next_due(), Some(at(15)));
-        let lease = &t.get("a").unwrap().lease;
+        let lease = t.get(&id(1)).unwrap().lease();
         assert_eq!(
             (lease.revocation_attempts, lease.last_error.as_deref()),
             (1, Some("boom"))
         );
+        assert_eq!(t.failed_leases(), vec![lease]);
         assert!(t.claim_due(at(14), 10).is_empty());
         assert_eq!(t.claim_due(at(15), 10).len(), 1);
     }
@@ -267,31 +417,38 @@ mod tests {
     #[test]
     fn set_expiry_moves_due_but_not_in_flight() {
         let mut t = LeaseTable::default();
-        t.insert(entry("a", 10));
-        t.insert(entry("b", 20));
-        assert!(t.set_expiry("a", at(40)));
+        t.insert(entry(1, 10));
+        t.insert(entry(2, 20));
+        assert!(t.set_expiry(&id(1), at(40)));
         assert_eq!(t.next_due(), Some(at(20)));
-        assert_eq!(t.get("a").unwrap().lease.expires_at, at(40));
-        t.claim("b");
-        assert!(!t.set_expiry("b", at(50)));
-        assert!(!t.set_expiry("zzz", at(50)));
+        assert_eq!(t.get(&id(1)).unwrap().expires_at(), at(40));
+        t.claim(&id(2));
+        assert!(!t.set_expiry(&id(2), at(50)));
+        assert!(!t.set_expiry(&id(9), at(50)));
     }
 
     #[test]
-    fn remove_and_prefix() {
+    fn remove_prefix_and_claim_all() {
         let mut t = LeaseTable::default();
-        for id in ["p/x/1", "p/x/2", "p/y/1", "q/x/1"] {
-            t.insert(entry(id, 10));
-        }
-        let ids: Vec<_> = t
-            .ids_with_prefix("p/x/")
-            .iter()
-            .map(|i| i.to_string())
-            .collect();
-        assert_eq!(ids, ["p/x/1", "p/x/2"]);
-        assert!(t.remove("p/x/1").is_some());
-        assert!(t.remove("p/x/1").is_none());
-        assert_eq!(t.ids_with_prefix("p/").len(), 2);
-        assert_eq!(t.claim_due(at(10), 10).len(), 3);
+        t.insert(entry_of("p", 1, 10));
+        t.insert(entry_of("p", 2, 10));
+        t.insert(entry_of("px", 3, 10));
+        t.insert(entry_of("q", 4, 10));
+        let p = t.ids_with_prefix("postgresql/creds/p/");
+        assert_eq!(p, [entry_of("p", 1, 0).id(), entry_of("p", 2, 0).id()]);
+        assert_eq!(t.ids_with_prefix("postgresql/creds/p").len(), 3);
+        assert!(t.remove(&p[0]).is_some());
+        assert!(t.remove(&p[0]).is_none());
+        assert_eq!(t.ids_with_prefix("postgresql/").len(), 3);
+        assert_eq!(t.claim_all(2).len(), 2);
+        assert_eq!(
+            t.claim_all(10).len(),
+            1,
+            "claimed leases are not claimed again"
+        );
+        let sorted: Vec<String> = t.leases().into_iter().map(|l| l.id).collect();
+        let mut expected = sorted.clone();
+        expected.sort();
+        assert_eq!(sorted, expected);
     }
 }

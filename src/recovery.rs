@@ -62,9 +62,9 @@ pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, 
             (RecoveryMode::Adopt, Some(entry)) => {
                 log::info!(
                     "adopted lease {} (role {}), valid until {}",
-                    entry.lease.id,
-                    entry.lease.username,
-                    humantime::format_rfc3339_seconds(entry.lease.expires_at)
+                    entry.id(),
+                    role.username,
+                    humantime::format_rfc3339_seconds(entry.expires_at())
                 );
                 shared.state.lock().table.insert(entry);
                 recovered.adopted += 1;
@@ -98,9 +98,8 @@ pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, 
                 );
                 // Into the table as a failed revocation, so it is retried with backoff and shows in
                 // failed_leases().
-                if let Some(mut entry) = adoptable(shared, role, SystemTime::UNIX_EPOCH) {
-                    let id = entry.lease.id.clone();
-                    entry.lease.expires_at = entry.lease.expires_at.min(now);
+                if let Some(entry) = adoptable(shared, role, SystemTime::UNIX_EPOCH) {
+                    let id = entry.id();
                     let mut state = shared.state.lock();
                     state.table.insert(entry);
                     state.table.claim(&id);
@@ -128,7 +127,7 @@ fn adoptable(shared: &Shared, role: &MarkedRole, now: SystemTime) -> Option<Entr
         // Roles are written after build: until then the lease is renewed and revoked the default way.
         None => Arc::new(CompiledRole::compile(&mark.role, Role::new(), shared.policy).ok()?),
     };
-    Some(Entry::new(
+    Entry::new(
         Lease {
             id: mark.lease_id.clone(),
             role: mark.role.clone(),
@@ -140,7 +139,7 @@ fn adoptable(shared: &Shared, role: &MarkedRole, now: SystemTime) -> Option<Entr
             last_error: None,
         },
         definition,
-    ))
+    )
 }
 
 fn lease_id(role: &MarkedRole) -> &str {

@@ -329,10 +329,7 @@ fn settle(
         Err(err) => {
             let attempts = {
                 let mut state = shared.state.lock();
-                let previous = state
-                    .table
-                    .get(&lease.id)
-                    .map_or(0, |e| e.lease.revocation_attempts);
+                let previous = state.table.get(&lease.id).map_or(0, |e| e.attempts());
                 let retry_at = SystemTime::now() + retry_delay(previous + 1);
                 state.table.failed(&lease.id, err.to_string(), retry_at)
             };
