@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use credbroker::testing::TestPostgres;
 use credbroker::{Broker, ErrorKind, Role};
@@ -430,4 +431,34 @@ fn role_names_outside_the_allowed_set_never_reach_the_server() {
     for name in names {
         assert!(!log.contains(name), "{name:?} reached the server:\n{log}");
     }
+}
+
+#[test]
+fn a_marker_role_naming_an_existing_group_never_drops_members_the_broker_did_not_issue() {
+    let pg = TestPostgres::start().unwrap();
+    pg.admin_client()
+        .unwrap()
+        .batch_execute(
+            "CREATE ROLE staff NOLOGIN;
+             CREATE ROLE alice LOGIN VALID UNTIL '2000-01-01'; GRANT staff TO alice;
+             CREATE ROLE bob LOGIN VALID UNTIL '2000-01-01'; GRANT staff TO bob;
+             COMMENT ON ROLE bob IS 'credbroker lease=made-up';",
+        )
+        .unwrap();
+    let broker = Broker::builder()
+        .connection(pg.connection_string())
+        .marker_role("staff")
+        .orphan_sweep_interval(Duration::from_secs(1))
+        .lease(Duration::from_secs(1), Duration::from_secs(60))
+        .build()
+        .unwrap();
+    broker.write_role("app", Role::new()).unwrap();
+    let creds = broker.creds("app").unwrap();
+    assert!(common::eventually(Duration::from_secs(15), || {
+        common::roles_with_prefix(&pg, creds.username()).is_empty()
+    }));
+    // Long enough for the orphan sweeps at build and after an interval to have run.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(common::members_of(&pg, "staff"), ["alice", "bob"]);
+    assert!(common::roles_with_prefix(&pg, creds.username()).is_empty());
 }
