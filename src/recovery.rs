@@ -11,7 +11,8 @@
 //! orphan-sweep interval ago (the roles of a dead instance, a role whose creation's outcome was lost with its
 //! connection). The sweep runs at start and then every interval, under a PostgreSQL advisory lock so that two
 //! instances never sweep at once; the grace of one interval leaves a live instance time to drop its own roles
-//! first. Roles without the marker are never touched, whatever their name.
+//! first. Roles without the marker are never touched, whatever their name, nor are marked roles without a lease
+//! comment the broker wrote.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -148,8 +149,8 @@ fn lease_id(role: &MarkedRole) -> &str {
         .map_or("unknown", |m| m.lease_id.as_str())
 }
 
-/// Drops orphans: marked roles in no lease table of this instance whose lease ended at least one orphan-sweep
-/// interval ago, of any instance. Runs only if no other instance is sweeping (advisory lock); failures are
+/// Drops orphans: marked roles with a lease comment the broker wrote, in no lease table of this instance, whose
+/// lease ended at least one orphan-sweep interval ago, of any instance. Runs only if no other instance is sweeping (advisory lock); failures are
 /// logged and retried at the next sweep. Returns how many roles it dropped.
 pub(crate) fn sweep_orphans(shared: &Shared) -> usize {
     match try_sweep_orphans(shared) {
@@ -186,10 +187,11 @@ fn try_sweep_orphans(shared: &Shared) -> Result<usize, Error> {
         marked
             .iter()
             .filter(|r| r.expires_at().is_some_and(|e| e <= cutoff))
+            // Only roles whose comment the broker wrote: the marker may be a group with other members.
             .filter(|r| {
                 r.mark
                     .as_ref()
-                    .is_none_or(|m| state.table.get(&m.lease_id).is_none())
+                    .is_some_and(|m| state.table.get(&m.lease_id).is_none())
             })
             .collect()
     };

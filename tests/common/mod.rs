@@ -17,7 +17,21 @@ pub fn start() -> Env {
 }
 
 pub fn start_with(configure: impl FnOnce(BrokerBuilder) -> BrokerBuilder) -> Env {
-    let pg = TestPostgres::start().expect("start PostgreSQL");
+    start_on(TestPostgres::start().expect("start PostgreSQL"), configure)
+}
+
+/// A default broker on a server that logs every statement, every failing one, and every connection.
+pub fn start_logging_everything() -> Env {
+    let pg = TestPostgres::builder()
+        .setting("log_statement", "all")
+        .setting("log_min_error_statement", "error")
+        .setting("log_connections", "on")
+        .start()
+        .expect("start PostgreSQL");
+    start_on(pg, |b| b)
+}
+
+fn start_on(pg: TestPostgres, configure: impl FnOnce(BrokerBuilder) -> BrokerBuilder) -> Env {
     let broker = configure(Broker::builder().connection(pg.connection_string()))
         .build()
         .expect("build broker");
@@ -92,17 +106,39 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
 
 /// Roles that carry the broker's default marker, sorted.
 pub fn marked_roles(pg: &TestPostgres) -> Vec<String> {
+    members_of(pg, credbroker::DEFAULT_MARKER_ROLE)
+}
+
+/// The direct members of `role`, sorted.
+pub fn members_of(pg: &TestPostgres, role: &str) -> Vec<String> {
     pg.admin_client()
         .expect("admin login")
         .query(
             "SELECT r.rolname::text FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member \
              WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1) ORDER BY 1",
-            &[&credbroker::DEFAULT_MARKER_ROLE],
+            &[&role],
         )
-        .expect("query the marker's members")
+        .expect("query a role's members")
         .iter()
         .map(|r| r.get(0))
         .collect()
+}
+
+/// A superuser connection to `database` on `pg`.
+pub fn admin_in(pg: &TestPostgres, database: &str) -> postgres::Client {
+    pg.login_to(database, pg.admin_user(), pg.admin_password())
+        .expect("admin login")
+}
+
+/// The owner of table `table` in `database`.
+pub fn table_owner(pg: &TestPostgres, database: &str, table: &str) -> String {
+    admin_in(pg, database)
+        .query_one(
+            "SELECT tableowner::text FROM pg_tables WHERE tablename = $1",
+            &[&table],
+        )
+        .expect("query the table's owner")
+        .get(0)
 }
 
 /// The usernames of a broker's leases, sorted.
