@@ -337,11 +337,11 @@ impl BrokerBuilder {
 
 /// Checks a role name the builder was given: PostgreSQL truncates identifiers beyond 63 bytes.
 fn check_identifier(setting: &str, name: &str) -> Result<(), Error> {
-    if name.is_empty() || name.len() > 63 {
+    if name.is_empty() || name.len() > 63 || name.contains('\0') {
         return Err(Error::new(
             ErrorKind::InvalidConfig,
             format!(
-                "{setting} {name:?} must be 1–63 bytes long (PostgreSQL's limit for role names)"
+                "{setting} {name:?} must be 1–63 bytes long (PostgreSQL's limit for role names), without NUL"
             ),
         ));
     }

@@ -34,7 +34,7 @@ pub(crate) struct Admin {
     pub superuser: bool,
 }
 
-/// Checks every capability in `needs`, creating the marker role if it is missing; returns the admin, or one
+/// Checks every capability in `needs`, then creates the marker role if it is missing; returns the admin, or one
 /// [`ErrorKind::Permission`] error listing each missing capability and its fix.
 pub(crate) fn check(client: &mut Client, needs: &Needs<'_>) -> Result<Admin, Error> {
     let db = |e| {
@@ -97,23 +97,23 @@ pub(crate) fn check(client: &mut Client, needs: &Needs<'_>) -> Result<Admin, Err
             escape_identifier(&database)
         ));
     }
-    if superuser || createrole {
-        ensure_marker_role(client, needs.marker)?;
-        if !superuser && version >= 160000 {
-            let admin_option: bool = client
-                .query_opt(sql::HAS_ADMIN_OPTION, &[&needs.marker])
-                .map_err(db)?
-                .is_some_and(|row| row.get(0));
-            if !admin_option {
-                missing.push(format!(
-                    "may not grant the marker role {:?} to the roles it creates: `GRANT {} TO {admin} WITH ADMIN OPTION;`",
-                    needs.marker,
-                    escape_identifier(needs.marker)
-                ));
-            }
+    if !superuser && version >= 160000 {
+        // A marker this admin creates below comes with ADMIN OPTION; one that exists must have been granted so.
+        let admin_option: Option<bool> = client
+            .query_opt(sql::HAS_ADMIN_OPTION, &[&needs.marker])
+            .map_err(db)?
+            .map(|row| row.get(0));
+        if admin_option == Some(false) {
+            missing.push(format!(
+                "may not grant the marker role {:?} to the roles it creates: `GRANT {} TO {admin} WITH ADMIN OPTION;`",
+                needs.marker,
+                escape_identifier(needs.marker)
+            ));
         }
     }
     if missing.is_empty() {
+        // Only a build that will go ahead creates anything.
+        ensure_marker_role(client, needs.marker)?;
         Ok(Admin { user, superuser })
     } else {
         Err(Error::new(
