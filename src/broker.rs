@@ -22,7 +22,7 @@ use crate::credential::{
 use crate::error::describe;
 use crate::error::{Error, ErrorKind};
 use crate::lease::{pg_timestamp, Lease, LeasePolicy};
-use crate::lease_table::{Entry, LeaseTable};
+use crate::lease_table::LeaseTable;
 use crate::marker::{check_instance_name, default_instance_name, LeaseMark, DEFAULT_MARKER_ROLE};
 use crate::preflight::{self, Needs};
 use crate::recovery::{self, RecoveryMode, DEFAULT_ORPHAN_INTERVAL};
@@ -415,16 +415,23 @@ impl Shared {
     /// Puts a lease this broker issued into the table, waking the sweeper if it is now the earliest due.
     pub(crate) fn track(&self, lease: Lease, role: &Arc<CompiledRole>) {
         let id = lease.id.clone();
-        let Some(entry) = Entry::new(lease, role.clone()) else {
+        match self.state.lock().table.insert(lease, role.clone()) {
+            Some(true) => {
+                self.wake.notify_one();
+            }
+            Some(false) => {}
             // Cannot happen: the broker made the id and the username. Should it, the role is still marked and
             // the orphan sweep drops it once expired.
-            log::error!("lease {id} has an id or username the lease table cannot hold; it is left to the orphan sweep");
-            return;
-        };
-        let earliest = self.state.lock().table.insert(entry);
-        if earliest {
-            self.wake.notify_one();
+            None => log::error!(
+                "lease {id} has an id or username the lease table cannot hold; it is left to the orphan sweep"
+            ),
         }
+    }
+
+    /// How many connections may work on one revocation sweep at once: all but one of the pool's, so that
+    /// `creds` and `renew` in other threads still find one.
+    pub(crate) fn revocation_workers(&self) -> usize {
+        usize::try_from(self.pool.max_size().saturating_sub(1).max(1)).unwrap_or(1)
     }
 
     /// The role currently defined under `name`, if any.
@@ -708,11 +715,7 @@ impl Broker {
                 format!("lease {id} expired or was revoked while it was being renewed; request new credentials"),
             ));
         }
-        let lease = state
-            .table
-            .get(id)
-            .map(Entry::lease)
-            .ok_or_else(|| unknown_lease(id))?;
+        let lease = state.table.lease(id).ok_or_else(|| unknown_lease(id))?;
         drop(state);
         log::info!("renewed lease {id} (user {username}) until {expiration}");
         Ok(lease)
@@ -720,7 +723,7 @@ impl Broker {
 
     /// The lease `id`, if it is in the table (issued, and its role not yet dropped).
     pub fn lease(&self, id: &str) -> Option<Lease> {
-        self.shared.state.lock().table.get(id).map(Entry::lease)
+        self.shared.state.lock().table.lease(id)
     }
 
     /// Every lease in the table, sorted by id.

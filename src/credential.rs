@@ -138,23 +138,24 @@ pub(crate) fn write_lease_id(out: &mut String, role: &str, key: u128) {
     );
 }
 
-/// The role and random part of a lease id this crate made; `None` for any other string.
+/// The role and random part of a lease id this crate made; `None` for any other string. No allocation: the
+/// lease table parses an id on every lookup.
 pub(crate) fn parse_lease_id(id: &str) -> Option<(&str, u128)> {
     let (role, uuid) = id.strip_prefix(LEASE_ID_PREFIX)?.rsplit_once('/')?;
-    let dashes = [8, 13, 18, 23];
-    let well_formed = uuid.len() == 36
-        && uuid.char_indices().all(|(i, c)| {
-            if dashes.contains(&i) {
-                c == '-'
-            } else {
-                matches!(c, '0'..='9' | 'a'..='f')
-            }
-        });
-    if !well_formed || role.is_empty() {
+    if role.is_empty() || uuid.len() != 36 {
         return None;
     }
-    let hex: String = uuid.chars().filter(|c| *c != '-').collect();
-    Some((role, u128::from_str_radix(&hex, 16).ok()?))
+    let mut key: u128 = 0;
+    for (i, c) in uuid.bytes().enumerate() {
+        let digit = match c {
+            b'-' if matches!(i, 8 | 13 | 18 | 23) => continue,
+            b'0'..=b'9' if !matches!(i, 8 | 13 | 18 | 23) => c - b'0',
+            b'a'..=b'f' if !matches!(i, 8 | 13 | 18 | 23) => c - b'a' + 10,
+            _ => return None,
+        };
+        key = key << 4 | u128::from(digit);
+    }
+    Some((role, key))
 }
 
 /// A generated username without its role prefix, in 24 bytes: `<role lowercased>-<secs>-<random>`.

@@ -4,6 +4,11 @@
 //! leases out of the index (marking them in flight) and puts failed ones back with a later due time; a lease
 //! leaves the table only once its role is gone. Every operation but the prefix scan is O(log n).
 //!
+//! The due index is cleaned lazily: removing, renewing or claiming a lease only changes its entry, and the index
+//! item it leaves behind goes stale (its time no longer matches the entry's) and is dropped when the sweeper
+//! reaches it. So a removal walks one tree, not two, and new items land at the index's end, where inserting is
+//! cheap; stale items live at most until the time they name.
+//!
 //! Leases are stored compactly, because a busy fleet may hold a million: a lease id is
 //! `postgresql/creds/<role>/<128 random bits>` and a username `<role>-<secs>-<16 random characters>`, so an entry
 //! keeps the random parts and a shared pointer to its role, times as whole seconds, and no heap allocation of
@@ -22,7 +27,6 @@ use crate::role::CompiledRole;
 pub(crate) struct Entry {
     /// The role definition in force when the lease was issued; used when the role has since been deleted.
     pub role: Arc<CompiledRole>,
-    key: u128,
     user: UsernameSuffix,
     issued: u64,
     expires: u64,
@@ -38,24 +42,24 @@ pub(crate) struct Entry {
 const IN_FLIGHT: u64 = 0;
 
 impl Entry {
-    /// The entry for `lease`, if its id and username are ones this crate generated for `role` (they always are
-    /// for leases it issued; recovery skips anything else).
-    pub(crate) fn new(lease: Lease, role: Arc<CompiledRole>) -> Option<Entry> {
+    /// The key and entry for `lease`, if its id and username are ones this crate generated for `role` (they
+    /// always are for leases it issued; recovery skips anything else).
+    fn new(lease: Lease, role: Arc<CompiledRole>) -> Option<(u128, Entry)> {
         let (id_role, key) = parse_lease_id(&lease.id)?;
         if id_role != role.name || lease.role != role.name {
             return None;
         }
-        Some(Entry {
+        let entry = Entry {
             user: UsernameSuffix::parse(&role.name, &lease.username)?,
             role,
-            key,
             issued: secs(lease.issued_at),
             expires: secs(lease.expires_at),
             max_expires: secs(lease.max_expires_at),
             attempts: lease.revocation_attempts,
             due: IN_FLIGHT,
             last_error: lease.last_error.map(String::into_boxed_str),
-        })
+        };
+        Some((key, entry))
     }
 
     /// Whether a revocation of this lease is running now.
@@ -63,9 +67,9 @@ impl Entry {
         self.due == IN_FLIGHT
     }
 
-    pub(crate) fn id(&self) -> String {
+    fn id(&self, key: u128) -> String {
         let mut id = String::new();
-        write_lease_id(&mut id, &self.role.name, self.key);
+        write_lease_id(&mut id, &self.role.name, key);
         id
     }
 
@@ -86,9 +90,9 @@ impl Entry {
     }
 
     /// The public view of this entry.
-    pub(crate) fn lease(&self) -> Lease {
+    fn lease(&self, key: u128) -> Lease {
         Lease {
-            id: self.id(),
+            id: self.id(key),
             role: self.role.name.clone(),
             username: self.username(),
             issued_at: time(self.issued),
@@ -142,102 +146,123 @@ impl LeaseTable {
         (entry.role.name == role).then_some(key)
     }
 
-    /// Adds a lease, due at its expiry. Returns whether it is now the earliest due, so the sweeper must wake.
-    pub(crate) fn insert(&mut self, mut entry: Entry) -> bool {
-        let key = entry.key;
+    /// Adds a lease of `role`, due at its expiry. Returns whether it is now the earliest due (so the sweeper must
+    /// wake), or `None` if the lease's id or username are not ones the broker generates for `role`.
+    pub(crate) fn insert(&mut self, lease: Lease, role: Arc<CompiledRole>) -> Option<bool> {
+        let (key, mut entry) = Entry::new(lease, role)?;
         let due = millis(entry.expires_at());
         entry.due = due;
-        if let Some(old) = self.by_key.insert(key, entry) {
-            self.due.remove(&(old.due, key));
-        }
+        // A replaced entry's index item goes stale and is skipped when reached.
+        self.by_key.insert(key, entry);
+        Some(self.schedule(due, key))
+    }
+
+    /// Adds an index item; returns whether it is the earliest.
+    fn schedule(&mut self, due: u64, key: u128) -> bool {
         self.due.insert((due, key));
-        self.due.first().is_some_and(|(_, first)| *first == key)
+        self.due.first().is_some_and(|first| *first == (due, key))
+    }
+
+    /// Whether an index item still describes its lease: the lease exists, is not in flight, and is due then.
+    fn current(&self, (due, key): (u64, u128)) -> bool {
+        self.by_key.get(&key).is_some_and(|e| e.due == due)
     }
 
     pub(crate) fn get(&self, id: &str) -> Option<&Entry> {
         self.by_key.get(&self.key(id)?)
     }
 
-    pub(crate) fn remove(&mut self, id: &str) -> Option<Entry> {
+    /// The public view of lease `id`.
+    pub(crate) fn lease(&self, id: &str) -> Option<Lease> {
         let key = self.key(id)?;
-        let entry = self.by_key.remove(&key)?;
-        self.due.remove(&(entry.due, key));
-        Some(entry)
+        self.by_key.get(&key).map(|e| e.lease(key))
     }
 
-    /// Takes a lease out of the due index (leaving it in flight) and returns its entry and when it was due
+    /// Removes lease `id`; its index item, if any, goes stale.
+    pub(crate) fn remove(&mut self, id: &str) -> Option<Entry> {
+        self.by_key.remove(&self.key(id)?)
+    }
+
+    /// Marks a lease in flight (its index item goes stale) and returns its key, its entry, and when it was due
     /// (`None` if it was already in flight), for the caller to reschedule or claim.
-    fn unschedule(&mut self, id: &str) -> Option<(&mut Entry, Option<u64>)> {
+    fn unschedule(&mut self, id: &str) -> Option<(u128, &mut Entry, Option<u64>)> {
         let key = self.key(id)?;
         let entry = self.by_key.get_mut(&key)?;
         let was_due = std::mem::replace(&mut entry.due, IN_FLIGHT);
-        if was_due == IN_FLIGHT {
-            return Some((entry, None));
-        }
-        self.due.remove(&(was_due, key));
-        Some((entry, Some(was_due)))
+        Some((key, entry, (was_due != IN_FLIGHT).then_some(was_due)))
     }
 
     /// Moves the expiry of a lease that is not being revoked. Returns false if the lease is gone or in flight.
     pub(crate) fn set_expiry(&mut self, id: &str, expires_at: SystemTime) -> bool {
-        let Some((entry, Some(_))) = self.unschedule(id) else {
+        let Some((key, entry, Some(_))) = self.unschedule(id) else {
             return false;
         };
         entry.expires = secs(expires_at);
         entry.due = millis(expires_at);
-        let scheduled = (entry.due, entry.key);
-        self.due.insert(scheduled);
+        let due = entry.due;
+        self.schedule(due, key);
         true
     }
 
     /// Marks a lease in flight (so the sweeper leaves it alone) and returns what revoking it needs.
     pub(crate) fn claim(&mut self, id: &str) -> Option<DueLease> {
-        let (entry, _) = self.unschedule(id)?;
-        Some(due_lease(entry))
+        let (key, entry, _) = self.unschedule(id)?;
+        Some(due_lease(key, entry))
     }
 
-    fn claim_key(&mut self, key: u128) -> Option<DueLease> {
-        let entry = self.by_key.get_mut(&key)?;
-        let was_due = std::mem::replace(&mut entry.due, IN_FLIGHT);
-        self.due.remove(&(was_due, key));
-        Some(due_lease(entry))
+    /// Takes index items from the front while `take(due)` says so, dropping stale ones, and claims the leases of
+    /// up to `limit` current ones.
+    fn claim_front(&mut self, limit: usize, take: impl Fn(u64) -> bool) -> Vec<DueLease> {
+        let mut claimed = Vec::new();
+        while claimed.len() < limit {
+            let Some(&(due, key)) = self.due.first() else {
+                break;
+            };
+            if !take(due) {
+                break;
+            }
+            self.due.pop_first();
+            if self.current((due, key)) {
+                if let Some(entry) = self.by_key.get_mut(&key) {
+                    entry.due = IN_FLIGHT;
+                    claimed.push(due_lease(key, entry));
+                }
+            }
+        }
+        claimed
     }
 
     /// Claims up to `limit` leases due at or before `now`, earliest first.
     pub(crate) fn claim_due(&mut self, now: SystemTime, limit: usize) -> Vec<DueLease> {
         let now = millis(now);
-        let keys: Vec<u128> = self
-            .due
-            .iter()
-            .take_while(|(due, _)| *due <= now)
-            .take(limit)
-            .map(|(_, key)| *key)
-            .collect();
-        keys.into_iter().filter_map(|k| self.claim_key(k)).collect()
+        self.claim_front(limit, |due| due <= now)
     }
 
     /// Claims up to `limit` leases that are not in flight, whenever they are due (for shutdown).
     pub(crate) fn claim_all(&mut self, limit: usize) -> Vec<DueLease> {
-        let keys: Vec<u128> = self.due.iter().take(limit).map(|(_, key)| *key).collect();
-        keys.into_iter().filter_map(|k| self.claim_key(k)).collect()
+        self.claim_front(limit, |_| true)
     }
 
     /// Records a failed revocation and makes the lease due again at `retry_at`. Returns the attempt count.
     pub(crate) fn failed(&mut self, id: &str, error: String, retry_at: SystemTime) -> Option<u32> {
-        let (entry, _) = self.unschedule(id)?;
+        let (key, entry, _) = self.unschedule(id)?;
         entry.attempts += 1;
         entry.last_error = Some(error.into_boxed_str());
         entry.due = millis(retry_at);
-        let (attempts, scheduled) = (entry.attempts, (entry.due, entry.key));
-        self.due.insert(scheduled);
+        let (attempts, due) = (entry.attempts, entry.due);
+        self.schedule(due, key);
         Some(attempts)
     }
 
-    /// When the earliest lease is due, if any lease is waiting.
-    pub(crate) fn next_due(&self) -> Option<SystemTime> {
-        self.due
-            .first()
-            .map(|(due, _)| UNIX_EPOCH + Duration::from_millis(*due))
+    /// When the earliest lease is due, if any lease is waiting. Drops stale index items from the front first.
+    pub(crate) fn next_due(&mut self) -> Option<SystemTime> {
+        while let Some(&first) = self.due.first() {
+            if self.current(first) {
+                return Some(UNIX_EPOCH + Duration::from_millis(first.0));
+            }
+            self.due.pop_first();
+        }
+        None
     }
 
     /// Ids of the leases whose id starts with `prefix`, sorted. A scan of the whole table, without an allocation
@@ -246,13 +271,13 @@ impl LeaseTable {
         let mut buffer = String::with_capacity(96);
         let mut ids: Vec<String> = self
             .by_key
-            .values()
-            .filter(|entry| {
+            .iter()
+            .filter(|(key, entry)| {
                 buffer.clear();
-                write_lease_id(&mut buffer, &entry.role.name, entry.key);
+                write_lease_id(&mut buffer, &entry.role.name, **key);
                 buffer.starts_with(prefix)
             })
-            .map(Entry::id)
+            .map(|(key, entry)| entry.id(*key))
             .collect();
         ids.sort();
         ids
@@ -260,19 +285,19 @@ impl LeaseTable {
 
     /// Every lease, sorted by id.
     pub(crate) fn leases(&self) -> Vec<Lease> {
-        sorted(self.by_key.values().map(Entry::lease).collect())
+        sorted(self.by_key.iter().map(|(k, e)| e.lease(*k)).collect())
     }
 
     /// Leases whose revocation has failed at least once, sorted by id.
     pub(crate) fn failed_leases(&self) -> Vec<Lease> {
-        let failed = self.by_key.values().filter(|e| e.attempts > 0);
-        sorted(failed.map(Entry::lease).collect())
+        let failed = self.by_key.iter().filter(|(_, e)| e.attempts > 0);
+        sorted(failed.map(|(k, e)| e.lease(*k)).collect())
     }
 }
 
-fn due_lease(entry: &Entry) -> DueLease {
+fn due_lease(key: u128, entry: &Entry) -> DueLease {
     DueLease {
-        id: entry.id(),
+        id: entry.id(key),
         username: entry.username(),
         role: entry.role.clone(),
         attempts: entry.attempts,
@@ -300,31 +325,32 @@ mod tests {
     }
 
     /// A lease of role `r` whose id ends in `n`, expiring at `expires`.
-    fn entry_of(role_name: &str, n: u128, expires: u64) -> Entry {
+    fn lease_of(role_name: &str, n: u128, expires: u64) -> Lease {
         let mut id = String::new();
         write_lease_id(&mut id, role_name, n);
-        Entry::new(
-            Lease {
-                id,
-                role: role_name.into(),
-                username: format!("{}-1000-{:016}", role_name.to_ascii_lowercase(), n),
-                issued_at: at(0),
-                expires_at: at(expires),
-                max_expires_at: at(600),
-                revocation_attempts: 0,
-                last_error: None,
-            },
-            role(role_name),
-        )
-        .unwrap()
+        Lease {
+            id,
+            role: role_name.into(),
+            username: format!("{}-1000-{:016}", role_name.to_ascii_lowercase(), n),
+            issued_at: at(0),
+            expires_at: at(expires),
+            max_expires_at: at(600),
+            revocation_attempts: 0,
+            last_error: None,
+        }
     }
 
-    fn entry(n: u128, expires: u64) -> Entry {
-        entry_of("r", n, expires)
+    fn lease(n: u128, expires: u64) -> Lease {
+        lease_of("r", n, expires)
     }
 
     fn id(n: u128) -> String {
-        entry(n, 0).id()
+        lease(n, 0).id
+    }
+
+    /// Inserts lease `n` of role `r`; returns whether it is the earliest due.
+    fn add(t: &mut LeaseTable, n: u128, expires: u64) -> bool {
+        t.insert(lease(n, expires), role("r")).unwrap()
     }
 
     fn ids(due: Vec<DueLease>) -> Vec<String> {
@@ -333,18 +359,16 @@ mod tests {
 
     #[test]
     fn an_entry_gives_back_the_lease_it_was_made_from() {
-        let e = entry_of("Prod_1", 0xabc, 50);
-        let lease = e.lease();
+        let lease = lease_of("Prod_1", 0xabc, 50);
+        let mut t = LeaseTable::default();
+        t.insert(lease.clone(), role("Prod_1")).unwrap();
+        assert_eq!(t.lease(&lease.id).as_ref(), Some(&lease));
         assert_eq!(
             lease.id,
             "postgresql/creds/Prod_1/00000000-0000-0000-0000-000000000abc"
         );
         assert_eq!(lease.username, "prod_1-1000-0000000000002748");
         assert_eq!((lease.expires_at, lease.max_expires_at), (at(50), at(600)));
-        assert_eq!(
-            Entry::new(lease.clone(), role("Prod_1")).unwrap().lease(),
-            lease
-        );
         // Ids and usernames this crate did not make are refused.
         for (id, user) in [
             ("postgresql/creds/Prod_1/xyz", lease.username.as_str()),
@@ -356,16 +380,16 @@ mod tests {
                 username: user.into(),
                 ..lease.clone()
             };
-            assert!(Entry::new(other, role("Prod_1")).is_none(), "{id} {user}");
+            assert!(t.insert(other, role("Prod_1")).is_none(), "{id} {user}");
         }
     }
 
     #[test]
     fn insert_reports_new_earliest() {
         let mut t = LeaseTable::default();
-        assert!(t.insert(entry(1, 50)));
-        assert!(!t.insert(entry(2, 60)));
-        assert!(t.insert(entry(3, 10)));
+        assert!(add(&mut t, 1, 50));
+        assert!(!add(&mut t, 2, 60));
+        assert!(add(&mut t, 3, 10));
         assert_eq!(t.next_due(), Some(at(10)));
         assert_eq!(t.len(), 3);
     }
@@ -373,7 +397,7 @@ mod tests {
     #[test]
     fn lookups_need_the_whole_id() {
         let mut t = LeaseTable::default();
-        t.insert(entry(1, 50));
+        add(&mut t, 1, 50);
         assert!(t.get(&id(1)).is_some());
         assert!(t.get(&id(1).replace("/r/", "/other/")).is_none());
         assert!(t.get("postgresql/creds/r/").is_none());
@@ -384,7 +408,7 @@ mod tests {
     fn claim_due_takes_expired_in_order_and_hides_them() {
         let mut t = LeaseTable::default();
         for (n, exp) in [(1, 30), (2, 10), (3, 20), (4, 100)] {
-            t.insert(entry(n, exp));
+            add(&mut t, n, exp);
         }
         assert_eq!(ids(t.claim_due(at(30), 2)), [id(2), id(3)]);
         assert!(t.get(&id(2)).unwrap().in_flight());
@@ -400,11 +424,11 @@ mod tests {
     #[test]
     fn failed_revocation_is_due_again_with_its_error() {
         let mut t = LeaseTable::default();
-        t.insert(entry(1, 10));
+        add(&mut t, 1, 10);
         assert_eq!(t.claim_due(at(10), 10).len(), 1);
         assert_eq!(t.failed(&id(1), "boom".into(), at(15)), Some(1));
         assert_eq!(t.next_due(), Some(at(15)));
-        let lease = t.get(&id(1)).unwrap().lease();
+        let lease = t.lease(&id(1)).unwrap();
         assert_eq!(
             (lease.revocation_attempts, lease.last_error.as_deref()),
             (1, Some("boom"))
@@ -417,8 +441,8 @@ mod tests {
     #[test]
     fn set_expiry_moves_due_but_not_in_flight() {
         let mut t = LeaseTable::default();
-        t.insert(entry(1, 10));
-        t.insert(entry(2, 20));
+        add(&mut t, 1, 10);
+        add(&mut t, 2, 20);
         assert!(t.set_expiry(&id(1), at(40)));
         assert_eq!(t.next_due(), Some(at(20)));
         assert_eq!(t.get(&id(1)).unwrap().expires_at(), at(40));
@@ -430,12 +454,12 @@ mod tests {
     #[test]
     fn remove_prefix_and_claim_all() {
         let mut t = LeaseTable::default();
-        t.insert(entry_of("p", 1, 10));
-        t.insert(entry_of("p", 2, 10));
-        t.insert(entry_of("px", 3, 10));
-        t.insert(entry_of("q", 4, 10));
+        t.insert(lease_of("p", 1, 10), role("p")).unwrap();
+        t.insert(lease_of("p", 2, 10), role("p")).unwrap();
+        t.insert(lease_of("px", 3, 10), role("px")).unwrap();
+        t.insert(lease_of("q", 4, 10), role("q")).unwrap();
         let p = t.ids_with_prefix("postgresql/creds/p/");
-        assert_eq!(p, [entry_of("p", 1, 0).id(), entry_of("p", 2, 0).id()]);
+        assert_eq!(p, [lease_of("p", 1, 0).id, lease_of("p", 2, 0).id]);
         assert_eq!(t.ids_with_prefix("postgresql/creds/p").len(), 3);
         assert!(t.remove(&p[0]).is_some());
         assert!(t.remove(&p[0]).is_none());

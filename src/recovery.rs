@@ -20,7 +20,6 @@ use std::time::{Duration, SystemTime};
 use crate::broker::Shared;
 use crate::error::{Error, ErrorKind};
 use crate::lease::Lease;
-use crate::lease_table::Entry;
 use crate::marker::{marked_roles, MarkedRole};
 use crate::revoke::{drop_roles, retry_delay, Target};
 use crate::role::{CompiledRole, Role};
@@ -60,15 +59,24 @@ pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, 
     let mut to_drop: Vec<&MarkedRole> = Vec::new();
     for role in marked.iter().filter(|r| r.belongs_to(&shared.instance)) {
         match (mode, adoptable(shared, role, now)) {
-            (RecoveryMode::Adopt, Some(entry)) => {
-                log::info!(
-                    "adopted lease {} (role {}), valid until {}",
-                    entry.id(),
-                    role.username,
-                    humantime::format_rfc3339_seconds(entry.expires_at())
-                );
-                shared.state.lock().table.insert(entry);
-                recovered.adopted += 1;
+            (RecoveryMode::Adopt, Some((lease, definition))) => {
+                let (id, expires_at) = (lease.id.clone(), lease.expires_at);
+                if shared
+                    .state
+                    .lock()
+                    .table
+                    .insert(lease, definition)
+                    .is_some()
+                {
+                    log::info!(
+                        "adopted lease {id} (role {}), valid until {}",
+                        role.username,
+                        humantime::format_rfc3339_seconds(expires_at)
+                    );
+                    recovered.adopted += 1;
+                } else {
+                    log::warn!("recovery: role {} has a lease id or name credbroker does not make; left to the orphan sweep", role.username);
+                }
             }
             _ => to_drop.push(role),
         }
@@ -99,14 +107,15 @@ pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, 
                 );
                 // Into the table as a failed revocation, so it is retried with backoff and shows in
                 // failed_leases().
-                if let Some(entry) = adoptable(shared, role, SystemTime::UNIX_EPOCH) {
-                    let id = entry.id();
+                if let Some((lease, definition)) = adoptable(shared, role, SystemTime::UNIX_EPOCH) {
+                    let id = lease.id.clone();
                     let mut state = shared.state.lock();
-                    state.table.insert(entry);
-                    state.table.claim(&id);
-                    state
-                        .table
-                        .failed(&id, err.to_string(), now + retry_delay(1));
+                    if state.table.insert(lease, definition).is_some() {
+                        state.table.claim(&id);
+                        state
+                            .table
+                            .failed(&id, err.to_string(), now + retry_delay(1));
+                    }
                 }
             }
         }
@@ -116,8 +125,12 @@ pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, 
     Ok(recovered)
 }
 
-/// The lease table entry for a role this instance issued and whose lease is still live at `now`.
-fn adoptable(shared: &Shared, role: &MarkedRole, now: SystemTime) -> Option<Entry> {
+/// The lease (and its role definition) of a role this instance issued whose lease is still live at `now`.
+fn adoptable(
+    shared: &Shared,
+    role: &MarkedRole,
+    now: SystemTime,
+) -> Option<(Lease, Arc<CompiledRole>)> {
     let mark = role.mark.as_ref()?;
     let expires_at = role.expires_at()?;
     if expires_at <= now {
@@ -128,19 +141,17 @@ fn adoptable(shared: &Shared, role: &MarkedRole, now: SystemTime) -> Option<Entr
         // Roles are written after build: until then the lease is renewed and revoked the default way.
         None => Arc::new(CompiledRole::compile(&mark.role, Role::new(), shared.policy).ok()?),
     };
-    Entry::new(
-        Lease {
-            id: mark.lease_id.clone(),
-            role: mark.role.clone(),
-            username: role.username.clone(),
-            issued_at: mark.issued_at,
-            expires_at,
-            max_expires_at: mark.max_expires_at,
-            revocation_attempts: 0,
-            last_error: None,
-        },
-        definition,
-    )
+    let lease = Lease {
+        id: mark.lease_id.clone(),
+        role: mark.role.clone(),
+        username: role.username.clone(),
+        issued_at: mark.issued_at,
+        expires_at,
+        max_expires_at: mark.max_expires_at,
+        revocation_attempts: 0,
+        last_error: None,
+    };
+    Some((lease, definition))
 }
 
 fn lease_id(role: &MarkedRole) -> &str {

@@ -12,7 +12,8 @@
 //! `pg_terminate_backend` query and one `DROP ROLE a, b, …` for the whole batch. Roles that own objects or hold
 //! privileges, roles with a custom revocation SQL, and every role of a batch that failed are then dropped one
 //! per transaction, so one bad role never holds back the rest. Batches are bounded because dropping tens of
-//! thousands of roles in one transaction runs out of lock table ("out of shared memory").
+//! thousands of roles in one transaction runs out of lock table ("out of shared memory"); several batches run
+//! at once on as many pooled connections as the pool has, but one.
 
 use std::time::{Duration, SystemTime};
 
@@ -58,12 +59,11 @@ pub(crate) fn drop_roles(shared: &Shared, targets: &[Target<'_>]) -> Vec<Result<
     let batchable: Vec<usize> = (0..targets.len())
         .filter(|&i| targets[i].revocation.is_none())
         .collect();
-    for chunk in batchable.chunks(BATCH) {
-        let names: Vec<&str> = chunk.iter().map(|&i| targets[i].username).collect();
-        let settings = &shared.revoke_settings;
-        match shared.with_client(|client| revoke_batch(client, settings, &names)) {
+    let chunks: Vec<&[usize]> = batchable.chunks(BATCH).collect();
+    for (chunk, outcome) in chunks.iter().zip(run_batches(shared, targets, &chunks)) {
+        match outcome {
             Ok(Ok(left)) => {
-                for &i in chunk {
+                for &i in chunk.iter() {
                     if !left.iter().any(|u| u == targets[i].username) {
                         results[i] = Some(Ok(()));
                     }
@@ -71,11 +71,11 @@ pub(crate) fn drop_roles(shared: &Shared, targets: &[Target<'_>]) -> Vec<Result<
             }
             Ok(Err(e)) => log::debug!(
                 "dropping {} roles in one batch failed ({}); dropping them one at a time",
-                names.len(),
+                chunk.len(),
                 crate::error::describe(&e)
             ),
             Err(no_connection) => {
-                for &i in chunk {
+                for &i in chunk.iter() {
                     results[i] = Some(Err(Error::new(
                         no_connection.kind(),
                         no_connection.to_string(),
@@ -102,6 +102,37 @@ pub(crate) fn drop_roles(shared: &Shared, targets: &[Target<'_>]) -> Vec<Result<
             })
         })
         .collect()
+}
+
+/// What one batch came to: the roles it left for one-at-a-time revocation, a failure of the batch, or no
+/// connection at all.
+type BatchOutcome = Result<Result<Vec<String>, postgres::Error>, Error>;
+
+/// Runs [`revoke_batch`] for each chunk, on several pooled connections at once when there are several chunks.
+fn run_batches(shared: &Shared, targets: &[Target<'_>], chunks: &[&[usize]]) -> Vec<BatchOutcome> {
+    let run = |chunk: &[usize]| -> BatchOutcome {
+        let names: Vec<&str> = chunk.iter().map(|&i| targets[i].username).collect();
+        shared.with_client(|client| revoke_batch(client, &shared.revoke_settings, &names))
+    };
+    let workers = shared.revocation_workers().min(chunks.len());
+    if workers <= 1 {
+        return chunks.iter().map(|chunk| run(chunk)).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = parking_lot::Mutex::new(Vec::with_capacity(chunks.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(chunk) = chunks.get(i) else { break };
+                let outcome = run(chunk);
+                done.lock().push((i, outcome));
+            });
+        }
+    });
+    let mut done = done.into_inner();
+    done.sort_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, outcome)| outcome).collect()
 }
 
 /// Drops the roles `usernames` (all with the default revocation) in a few statements for the whole batch.

@@ -29,7 +29,11 @@ pub(crate) fn revoke_all(shared: &Shared, timeout: Duration) -> Result<usize, Er
     let deadline = Instant::now() + timeout;
     let mut revoked = 0;
     loop {
-        let claimed = shared.state.lock().table.claim_all(BATCH);
+        let claimed = shared
+            .state
+            .lock()
+            .table
+            .claim_all(BATCH * shared.revocation_workers());
         if claimed.is_empty() {
             log::info!("shutdown: revoked {revoked} leases");
             return Ok(revoked);
@@ -49,7 +53,7 @@ pub(crate) fn revoke_all(shared: &Shared, timeout: Duration) -> Result<usize, Er
                 ),
             ));
         }
-        if claimed.len() < BATCH && left > 0 {
+        if claimed.len() < BATCH * shared.revocation_workers() && left > 0 {
             // Everything left just failed: give the cause a moment before the next round.
             std::thread::sleep(Duration::from_millis(200).min(deadline - Instant::now()));
         }

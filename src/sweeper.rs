@@ -2,7 +2,7 @@
 //! revocations, and every orphan-sweep interval drops the expired marked roles no lease table holds.
 //!
 //! It sleeps on a condition variable until the earliest lease is due (woken early when a lease that expires
-//! sooner is added, and at shutdown), claims up to one batch of due leases under the lock, and revokes them with
+//! sooner is added, and at shutdown), claims up to one batch of due leases per connection it may use under the lock, and revokes them with
 //! the lock released, so `creds` and `renew` in other threads never wait for a sweep.
 
 use std::sync::Arc;
@@ -32,7 +32,10 @@ pub(crate) fn run(shared: Arc<Shared>) {
                     break Vec::new();
                 }
                 let now = SystemTime::now();
-                let due = state.table.claim_due(now, BATCH);
+                // Enough for every connection revocation may use to drop one batch.
+                let due = state
+                    .table
+                    .claim_due(now, BATCH * shared.revocation_workers());
                 if !due.is_empty() {
                     break due;
                 }

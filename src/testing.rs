@@ -514,3 +514,98 @@ fn find_bin_dir() -> io::Result<PathBuf> {
         )
     })
 }
+
+/// The SCRAM-SHA-256 verifier the broker would send for `password` with `iterations` rounds (random salt), for
+/// baselines that must do the same work as the broker.
+pub fn scram_verifier(password: &str, iterations: u32) -> Result<String, crate::Error> {
+    crate::credential::scram_verifier(password, iterations).map(|v| v.to_string())
+}
+
+/// The broker's in-memory lease table on its own, for benchmarks: leases of one role, named by number.
+///
+/// Each lease `n` gets the id and username the broker would give it; operations go through the same code as the
+/// broker's (`insert` parses the id and username as `creds` does).
+pub struct LeaseTableBench {
+    table: crate::lease_table::LeaseTable,
+    role: std::sync::Arc<crate::role::CompiledRole>,
+}
+
+impl Default for LeaseTableBench {
+    fn default() -> LeaseTableBench {
+        LeaseTableBench::new()
+    }
+}
+
+impl LeaseTableBench {
+    /// An empty table.
+    pub fn new() -> LeaseTableBench {
+        let day = std::time::Duration::from_secs(86_400);
+        let policy = crate::lease::LeasePolicy {
+            default: day,
+            max: day,
+        };
+        let role = crate::role::CompiledRole::compile("bench", crate::Role::new(), policy)
+            .unwrap_or_else(|_| unreachable!("\"bench\" is a valid role name"));
+        LeaseTableBench {
+            table: crate::lease_table::LeaseTable::default(),
+            role: std::sync::Arc::new(role),
+        }
+    }
+
+    /// The lease `n` expiring at `expires_at`, as `creds` builds it before inserting it.
+    pub fn lease(&self, n: u128, expires_at: std::time::SystemTime) -> crate::Lease {
+        let mut id = String::new();
+        crate::credential::write_lease_id(&mut id, "bench", n);
+        let issued = expires_at - std::time::Duration::from_secs(60);
+        crate::Lease {
+            id,
+            role: "bench".into(),
+            username: format!("bench-1764000000-{:016}", n % 10_000_000_000_000_000),
+            issued_at: issued,
+            expires_at,
+            max_expires_at: expires_at + std::time::Duration::from_secs(3600),
+            revocation_attempts: 0,
+            last_error: None,
+        }
+    }
+
+    /// Inserts a lease made by [`LeaseTableBench::lease`].
+    pub fn insert(&mut self, lease: crate::Lease) {
+        self.table.insert(lease, self.role.clone());
+    }
+
+    /// Whether lease `id` is in the table.
+    pub fn contains(&self, id: &str) -> bool {
+        self.table.get(id).is_some()
+    }
+
+    /// Moves lease `id`'s expiry, as `renew` does.
+    pub fn renew(&mut self, id: &str, expires_at: std::time::SystemTime) -> bool {
+        self.table.set_expiry(id, expires_at)
+    }
+
+    /// Claims up to `limit` leases due at `now` and removes them, as the sweeper does once their roles are
+    /// dropped; returns how many.
+    pub fn expire(&mut self, now: std::time::SystemTime, limit: usize) -> usize {
+        let due = self.table.claim_due(now, limit);
+        for lease in &due {
+            self.table.remove(&lease.id);
+        }
+        due.len()
+    }
+
+    /// Removes lease `id`, as a revocation does.
+    pub fn remove(&mut self, id: &str) -> bool {
+        self.table.remove(id).is_some()
+    }
+
+    /// How many leases the table holds.
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.table.len() == 0
+    }
+}

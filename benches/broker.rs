@@ -1,0 +1,605 @@
+//! The broker against baselines that do the same work without it, side by side in one run on one throwaway
+//! server, reported as ratios (the machines are shared and noisy; absolute figures move, ratios much less).
+//!
+//! | measurement | baseline |
+//! |---|---|
+//! | `creds()` at 1, 2, 4, 8 threads, SCRAM 4096 and 1 | the identical SQL (creation, marker, comment, one round trip) on a `postgres::Client` per thread |
+//! | `renew()` at 1, 2, 4, 8 threads | bare `ALTER ROLE … VALID UNTIL` per thread |
+//! | `revoke()`, one thread | bare `DROP ROLE`, one per transaction |
+//! | the sweeper draining 10,000 expired leases | one `DROP ROLE` per transaction |
+//! | the lease table alone at 10k, 100k, 1M leases | — (targets: ≥ 1M insert+remove/s, ≤ 256 bytes per lease) |
+//! | the sweeper's lateness with 100k live leases | — (target: p99 ≤ 50 ms) |
+//!
+//! `cargo bench` runs it all (a few minutes); `CREDBROKER_BENCH_QUICK=1` runs smaller sizes, and
+//! `CREDBROKER_BENCH_TABLE_ONLY=1` only the lease table (no database, for profiling).
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use credbroker::testing::{scram_verifier, LeaseTableBench, TestPostgres};
+use credbroker::{Broker, Role, DEFAULT_MARKER_ROLE};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+/// Counts live heap bytes, so that bytes per lease are measured, not estimated.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// One line of the result table.
+struct Row {
+    what: String,
+    ours: String,
+    baseline: String,
+    ratio: Option<f64>,
+    target: String,
+    met: Option<bool>,
+}
+
+impl Row {
+    fn new(what: impl Into<String>, ours: impl Into<String>) -> Row {
+        Row {
+            what: what.into(),
+            ours: ours.into(),
+            baseline: String::new(),
+            ratio: None,
+            target: String::new(),
+            met: None,
+        }
+    }
+
+    fn against(mut self, baseline: impl Into<String>, ratio: f64) -> Row {
+        self.baseline = baseline.into();
+        self.ratio = Some(ratio);
+        self
+    }
+
+    fn target(mut self, target: impl Into<String>, met: bool) -> Row {
+        self.target = target.into();
+        self.met = Some(met);
+        self
+    }
+}
+
+/// Throughput and latency percentiles of a run.
+struct Run {
+    per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Run {
+    fn show(&self) -> String {
+        format!(
+            "{:.0}/s p50 {:.1} ms p99 {:.1} ms",
+            self.per_sec,
+            ms(self.p50),
+            ms(self.p99)
+        )
+    }
+}
+
+/// An error and its causes on one line (`postgres::Error` alone says only "db error").
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Runs `ops` operations split over `threads` threads; `op(thread, i)` gets its thread's state from `setup`.
+fn run<S: Send>(
+    threads: usize,
+    ops: usize,
+    setup: impl Fn(usize) -> Result<S> + Sync,
+    op: impl Fn(&mut S, usize) -> Result<()> + Sync,
+) -> Result<Run> {
+    let states: Vec<S> = (0..threads).map(&setup).collect::<Result<_>>()?;
+    let start = Instant::now();
+    let per_thread = ops / threads;
+    let latencies: Vec<Vec<Duration>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = states
+            .into_iter()
+            .enumerate()
+            .map(|(t, mut state)| {
+                let op = &op;
+                scope.spawn(move || -> std::result::Result<Vec<Duration>, String> {
+                    let mut latencies = Vec::with_capacity(per_thread);
+                    for i in 0..per_thread {
+                        let began = Instant::now();
+                        op(&mut state, t * per_thread + i).map_err(|e| chain(&*e))?;
+                        latencies.push(began.elapsed());
+                    }
+                    Ok(latencies)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| "a bench thread panicked".to_string())?
+            })
+            .collect::<std::result::Result<_, String>>()
+    })?;
+    let elapsed = start.elapsed();
+    let mut all: Vec<Duration> = latencies.into_iter().flatten().collect();
+    all.sort();
+    Ok(Run {
+        per_sec: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&all, 0.5),
+        p99: percentile(&all, 0.99),
+    })
+}
+
+fn main() {
+    if let Err(e) = bench() {
+        eprintln!("benchmark failed: {}", chain(&*e));
+        std::process::exit(1);
+    }
+}
+
+fn bench() -> Result<()> {
+    let quick = std::env::var_os("CREDBROKER_BENCH_QUICK").is_some();
+    let mut rows = Vec::new();
+    lease_table(
+        &mut rows,
+        if quick {
+            &[10_000, 100_000]
+        } else {
+            &[10_000, 100_000, 1_000_000]
+        },
+    );
+
+    if std::env::var_os("CREDBROKER_BENCH_TABLE_ONLY").is_some() {
+        return print(rows);
+    }
+    let pg = TestPostgres::start()?;
+    let mut admin = pg.admin_client()?;
+    admin.batch_execute(&format!("CREATE ROLE {DEFAULT_MARKER_ROLE} NOLOGIN"))?;
+    let ops = if quick { 200 } else { 800 };
+    creds(&pg, &mut rows, ops)?;
+    renew(&pg, &mut rows, if quick { 400 } else { 4000 })?;
+    revoke(&pg, &mut rows, if quick { 200 } else { 1000 })?;
+    sweep(&pg, &mut rows, if quick { 2_000 } else { 10_000 })?;
+    lateness(&pg, &mut rows, if quick { 10_000 } else { 100_000 })?;
+
+    print(rows)
+}
+
+/// Prints the result table (Markdown, so it can go into the README as it is).
+fn print(rows: Vec<Row>) -> Result<()> {
+    println!("\ncredbroker benchmark: PostgreSQL on 127.0.0.1, one server, one run");
+    println!(
+        "| {:<44} | {:<34} | {:<38} | {:>6} | {:<22} | {:<4} |",
+        "measurement", "credbroker", "baseline", "ratio", "target", "met"
+    );
+    println!("|{}|", ["-"; 6].join("|"));
+    for row in rows {
+        println!(
+            "| {:<44} | {:<34} | {:<38} | {:>6} | {:<22} | {:<4} |",
+            row.what,
+            row.ours,
+            row.baseline,
+            row.ratio.map_or(String::new(), |r| format!("{r:.2}")),
+            row.target,
+            row.met.map_or("", |m| if m { "yes" } else { "NO" })
+        );
+    }
+    Ok(())
+}
+
+/// The in-memory lease table with no database: insert, lookup, renew, expire and insert+remove at `sizes`, and
+/// the heap bytes per lease.
+fn lease_table(rows: &mut Vec<Row>, sizes: &[usize]) {
+    let base = SystemTime::now() + Duration::from_secs(3600);
+    for &n in sizes {
+        let mut table = LeaseTableBench::new();
+        let keys: Vec<u128> = (0..n).map(|_| rand::random()).collect();
+        let lease = |i: usize| {
+            let expires = base + Duration::from_millis(i as u64 % 1_000_000);
+            // Lease ids are random: so are the table's keys.
+            table.lease(keys[i], expires)
+        };
+        let ids: Vec<String> = (0..n).map(|i| lease(i).id().to_owned()).collect();
+        // Bytes the table holds once the leases handed to it (and freed by it) are gone: the table alone.
+        let before = LIVE.load(Ordering::Relaxed);
+        let leases: Vec<_> = (0..n).map(lease).collect();
+        let start = Instant::now();
+        for lease in leases {
+            table.insert(lease);
+        }
+        let insert = start.elapsed();
+        let bytes = (LIVE.load(Ordering::Relaxed) - before) as f64 / n as f64;
+
+        let start = Instant::now();
+        let found = ids
+            .iter()
+            .step_by(7)
+            .filter(|id| table.contains(id))
+            .count();
+        let lookup = start.elapsed() / found.max(1) as u32;
+
+        let start = Instant::now();
+        let renewed = ids
+            .iter()
+            .step_by(7)
+            .filter(|id| table.renew(id, base + Duration::from_secs(60)))
+            .count();
+        let renew = start.elapsed() / renewed.max(1) as u32;
+
+        // At n live leases: insert a new one and remove an old one, as a steady issue-and-revoke load does.
+        let churn = n.min(200_000);
+        let fresh: Vec<_> = (0..churn as u128)
+            .map(|i| table.lease(u128::MAX - i, base + Duration::from_secs(7200)))
+            .collect();
+        let start = Instant::now();
+        for (lease, old) in fresh.into_iter().zip(&ids) {
+            table.insert(lease);
+            table.remove(old);
+        }
+        let pairs_per_sec = churn as f64 / start.elapsed().as_secs_f64();
+
+        let start = Instant::now();
+        let mut expired = 0;
+        while !table.is_empty() {
+            expired += table.expire(base + Duration::from_secs(100_000), 256);
+        }
+        let expire = start.elapsed() / expired.max(1) as u32;
+
+        let label = |what: &str| format!("lease table, {n} leases: {what}");
+        rows.push(Row::new(
+            label("insert / lookup / renew / expire"),
+            format!(
+                "{:.0} / {:.0} / {:.0} / {:.0} ns",
+                insert.as_nanos() as f64 / n as f64,
+                lookup.as_nanos(),
+                renew.as_nanos(),
+                expire.as_nanos()
+            ),
+        ));
+        rows.push(
+            Row::new(
+                label("insert+remove"),
+                format!("{:.2} M pairs/s", pairs_per_sec / 1e6),
+            )
+            .target("≥ 1 M/s", pairs_per_sec >= 1e6),
+        );
+        rows.push(
+            Row::new(label("heap bytes per lease"), format!("{bytes:.0} B"))
+                .target("≤ 256 B", bytes <= 256.0),
+        );
+    }
+}
+
+/// The identical creation SQL `creds()` sends, run on a bare client: fresh password, its verifier, creation,
+/// marker and comment, in one round trip.
+fn raw_create(client: &mut postgres::Client, iterations: u32, n: usize) -> Result<()> {
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH)?.as_secs();
+    let name = format!("raw-{secs}-{n:016}");
+    let password = format!("{:032x}", rand::random::<u128>());
+    let verifier = scram_verifier(&password, iterations)?;
+    let at = |d: u64| humantime::format_rfc3339_seconds(now + Duration::from_secs(d)).to_string();
+    let comment = format!(
+        "credbroker lease=postgresql/creds/raw/{:032x} role=raw instance=bench issued={} max={}",
+        rand::random::<u128>(),
+        at(0),
+        at(86_400)
+    );
+    client.batch_execute(&format!(
+        "BEGIN;\nCREATE ROLE \"{name}\" WITH LOGIN PASSWORD '{verifier}' VALID UNTIL '{}';\n;\n\
+         GRANT {DEFAULT_MARKER_ROLE} TO \"{name}\"; COMMENT ON ROLE \"{name}\" IS '{comment}';\n;\nCOMMIT;",
+        at(3600)
+    ))?;
+    Ok(())
+}
+
+fn broker(pg: &TestPostgres, pool: u32, iterations: u32) -> Result<Broker> {
+    let broker = Broker::builder()
+        .connection(pg.connection_string())
+        .instance_name("bench")
+        .pool_size(pool)
+        .scram_iterations(iterations)
+        .build()?;
+    broker.write_role("bench", Role::new())?;
+    Ok(broker)
+}
+
+fn creds(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
+    let mut counter = 0;
+    let mut default_rates = Vec::new();
+    for iterations in [4096, 1] {
+        for (k, threads) in [1, 2, 4, 8].into_iter().enumerate() {
+            let broker = broker(pg, threads as u32 + 1, iterations)?;
+            broker.creds("bench")?;
+            counter += ops;
+            let base = run(
+                threads,
+                ops,
+                |_| Ok(pg.admin_client()?),
+                |c, i| raw_create(c, iterations, counter + i),
+            )?;
+            let ours = run(
+                threads,
+                ops,
+                |_| Ok(()),
+                |_, _| Ok(broker.creds("bench").map(drop)?),
+            )?;
+            let ratio = ours.per_sec / base.per_sec;
+            rows.push(
+                Row::new(
+                    format!("creds(), SCRAM {iterations}, {threads} threads"),
+                    ours.show(),
+                )
+                .against(base.show(), ratio)
+                .target("≥ 0.95× baseline", ratio >= 0.95),
+            );
+            if iterations == 4096 {
+                default_rates.push(ours.per_sec);
+            } else if let Some(default) = default_rates.get(k) {
+                let speedup = ours.per_sec / default;
+                let row = Row::new(
+                    format!("creds() SCRAM 1 / SCRAM 4096, {threads} threads"),
+                    format!("{speedup:.1}×"),
+                );
+                rows.push(if threads >= 4 {
+                    row.target("≥ 4× at 4+ threads", speedup >= 4.0)
+                } else {
+                    row
+                });
+            }
+            broker.shutdown(credbroker::ShutdownMode::Revoke {
+                timeout: Duration::from_secs(120),
+            })?;
+        }
+    }
+    pg.admin_client()?.batch_execute(
+        "DO $$ DECLARE r text; BEGIN FOR r IN SELECT rolname FROM pg_roles WHERE rolname LIKE 'raw-%' LOOP \
+         EXECUTE format('DROP ROLE %I', r); END LOOP; END $$",
+    )?;
+    Ok(())
+}
+
+fn renew(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
+    let broker = broker(pg, 9, 1)?;
+    // A lease per operation: PostgreSQL refuses two concurrent ALTER ROLE of one role ("tuple concurrently
+    // updated"), so no two threads renew the same one.
+    let leases: Vec<(String, String)> = (0..ops)
+        .map(|_| {
+            broker
+                .creds("bench")
+                .map(|c| (c.lease_id().to_owned(), c.username().to_owned()))
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    for threads in [1, 2, 4, 8] {
+        let base = run(
+            threads,
+            ops,
+            |_| Ok(pg.admin_client()?),
+            |c, i| {
+                let until = humantime::format_rfc3339_seconds(
+                    SystemTime::now() + Duration::from_secs(1800),
+                );
+                c.batch_execute(&format!(
+                    "ALTER ROLE \"{}\" VALID UNTIL '{until}'",
+                    leases[i % leases.len()].1
+                ))?;
+                Ok(())
+            },
+        )?;
+        let ours = run(
+            threads,
+            ops,
+            |_| Ok(()),
+            |_, i| {
+                broker.renew(&leases[i % leases.len()].0, Some(Duration::from_secs(1800)))?;
+                Ok(())
+            },
+        )?;
+        let ratio = ours.per_sec / base.per_sec;
+        rows.push(
+            Row::new(format!("renew(), {threads} threads"), ours.show())
+                .against(base.show(), ratio)
+                .target("≥ 0.95× baseline", ratio >= 0.95),
+        );
+    }
+    broker.shutdown(credbroker::ShutdownMode::Revoke {
+        timeout: Duration::from_secs(120),
+    })?;
+    Ok(())
+}
+
+fn revoke(pg: &TestPostgres, rows: &mut Vec<Row>, n: usize) -> Result<()> {
+    let broker = broker(pg, 2, 1)?;
+    let ids: Vec<String> = (0..n)
+        .map(|_| broker.creds("bench").map(|c| c.lease_id().to_owned()))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut admin = pg.admin_client()?;
+    admin.batch_execute(&format!(
+        "DO $$ BEGIN FOR i IN 1..{n} LOOP EXECUTE format('CREATE ROLE %I LOGIN', 'plain-' || i); END LOOP; END $$"
+    ))?;
+    let base = run(
+        1,
+        n,
+        |_| Ok(pg.admin_client()?),
+        |c, i| {
+            c.batch_execute(&format!("DROP ROLE \"plain-{}\"", i + 1))?;
+            Ok(())
+        },
+    )?;
+    let ours = run(1, n, |_| Ok(()), |_, i| Ok(broker.revoke(&ids[i])?))?;
+    rows.push(Row::new("revoke(), one thread", ours.show()).against(
+        format!("DROP ROLE: {}", base.show()),
+        ours.per_sec / base.per_sec,
+    ));
+    Ok(())
+}
+
+/// Creates `n` marked roles of instance `instance` with lease comments, valid until `until`, in SQL (issuing them
+/// one by one would take minutes of SCRAM work), as a crashed run of that instance would leave them.
+fn marked_roles(
+    pg: &TestPostgres,
+    prefix: &str,
+    instance: &str,
+    n: usize,
+    until: SystemTime,
+) -> Result<()> {
+    let at = humantime::format_rfc3339_seconds(until).to_string();
+    let mut admin = pg.admin_client()?;
+    for chunk in 0..n.div_ceil(1000) {
+        let (first, last) = (chunk * 1000, ((chunk + 1) * 1000).min(n) - 1);
+        admin.batch_execute(&format!(
+            "DO $$ DECLARE u text; BEGIN
+               FOR i IN {first}..{last} LOOP
+                 u := '{prefix}-1764000000-' || lpad(i::text, 16, '0');
+                 EXECUTE format('CREATE ROLE %I LOGIN VALID UNTIL %L', u, '{at}');
+                 EXECUTE format('GRANT {DEFAULT_MARKER_ROLE} TO %I', u);
+                 EXECUTE format('COMMENT ON ROLE %I IS %L', u, 'credbroker lease=postgresql/creds/{prefix}/' ||
+                   '00000000-0000-0000-0000-' || lpad(to_hex(i), 12, '0') ||
+                   ' role={prefix} instance={instance} issued=2025-11-24T16:00:00Z max={at}');
+               END LOOP; END $$"
+        ))?;
+    }
+    Ok(())
+}
+
+fn sweep(pg: &TestPostgres, rows: &mut Vec<Row>, n: usize) -> Result<()> {
+    let mut admin = pg.admin_client()?;
+    admin.batch_execute(&format!(
+        "DO $$ BEGIN FOR i IN 1..{n} LOOP EXECUTE format('CREATE ROLE %I LOGIN', 'plain-' || i); END LOOP; END $$"
+    ))?;
+    let start = Instant::now();
+    for i in 1..=n {
+        admin.batch_execute(&format!("DROP ROLE \"plain-{i}\""))?;
+    }
+    let base = n as f64 / start.elapsed().as_secs_f64();
+
+    // A whole second, as VALID UNTIL and lease expiries are.
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let due = UNIX_EPOCH + Duration::from_secs(now + 3 + n as u64 / 2000);
+    marked_roles(pg, "swept", "sweeper", n, due)?;
+    let broker = Broker::builder()
+        .connection(pg.connection_string())
+        .instance_name("sweeper")
+        .build()?;
+    let adopted = broker.leases().len();
+    if adopted < n {
+        let why =
+            format!("only {adopted} of {n} leases adopted before they were due: machine too slow");
+        return Err(why.into());
+    }
+    // The sweeper starts at `due`; the drain ends when the table is empty.
+    while !broker.leases().is_empty() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let ours = adopted as f64 / SystemTime::now().duration_since(due)?.as_secs_f64();
+    let ratio = ours / base;
+    rows.push(
+        Row::new(
+            format!("sweeper draining {adopted} expired leases"),
+            format!("{ours:.0} roles/s"),
+        )
+        .against(format!("DROP ROLE per transaction: {base:.0}/s"), ratio)
+        .target("≥ 3× baseline", ratio >= 3.0),
+    );
+    Ok(())
+}
+
+fn lateness(pg: &TestPostgres, rows: &mut Vec<Row>, live: usize) -> Result<()> {
+    marked_roles(
+        pg,
+        "live",
+        "lateness",
+        live,
+        SystemTime::now() + Duration::from_secs(3600),
+    )?;
+    let broker = Broker::builder()
+        .connection(pg.connection_string())
+        .instance_name("lateness")
+        .build()?;
+    broker.write_role(
+        "probe",
+        Role::new().lease(Duration::from_secs(1), Duration::from_secs(60)),
+    )?;
+    let held = broker.leases().len();
+    let mut pending: Vec<(String, SystemTime)> = Vec::new();
+    let mut late: Vec<Duration> = Vec::new();
+    let until = Instant::now() + Duration::from_secs(8);
+    let mut next_issue = Instant::now();
+    while Instant::now() < until || !pending.is_empty() {
+        if Instant::now() >= next_issue && Instant::now() < until {
+            let creds = broker.creds("probe")?;
+            let expires = broker
+                .lease(creds.lease_id())
+                .map(|l| l.expires_at())
+                .ok_or("no lease")?;
+            pending.push((creds.lease_id().to_owned(), expires));
+            next_issue += Duration::from_millis(40);
+        }
+        pending.retain(|(id, expires)| {
+            if broker.lease(id).is_some() {
+                return true;
+            }
+            late.push(
+                SystemTime::now()
+                    .duration_since(*expires)
+                    .unwrap_or_default(),
+            );
+            false
+        });
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    late.sort();
+    let (p50, p99) = (percentile(&late, 0.5), percentile(&late, 0.99));
+    rows.push(
+        Row::new(
+            format!("sweeper lateness, {held} live leases"),
+            format!(
+                "p50 {:.1} ms p99 {:.1} ms ({} probes)",
+                ms(p50),
+                ms(p99),
+                late.len()
+            ),
+        )
+        .target("p99 ≤ 50 ms", p99 <= Duration::from_millis(50)),
+    );
+    Ok(())
+}
