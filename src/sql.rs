@@ -41,10 +41,6 @@ pub(crate) fn set_valid_until(username: &str, expiration: &str) -> String {
     )
 }
 
-/// The roles among the names `$1` (a `text[]`) that exist: name and oid.
-pub(crate) const ROLE_OIDS: &str =
-    "SELECT rolname::text, oid FROM pg_roles WHERE rolname = ANY($1)";
-
 /// Which of the roles with oids `$1` own objects or hold privileges anywhere (any database, or shared objects
 /// such as databases): those need `REASSIGN OWNED` and `DROP OWNED` before `DROP ROLE`.
 pub(crate) const WITH_DEPENDENCIES: &str = "SELECT DISTINCT refobjid FROM pg_shdepend \
@@ -157,3 +153,61 @@ pub(crate) const HAS_ADMIN_OPTION: &str =
 /// Databases that accept connections but not from the admin.
 pub(crate) const DATABASES_WITHOUT_CONNECT: &str = "SELECT datname::text FROM pg_database \
      WHERE datallowconn AND NOT has_database_privilege(datname, 'CONNECT') ORDER BY 1";
+
+/// Names as a list of SQL literals, for `IN (…)`.
+fn literals<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    let quoted: Vec<String> = names.into_iter().map(escape_literal).collect();
+    quoted.join(", ")
+}
+
+/// Oids as a list for `IN (…)`: numbers, nothing to quote.
+fn oid_list(oids: &[u32]) -> String {
+    let numbers: Vec<String> = oids.iter().map(u32::to_string).collect();
+    numbers.join(", ")
+}
+
+/// The roles among `names` that exist: name and oid (simple query, one round trip: no statement to prepare).
+pub(crate) fn existing_roles<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    format!(
+        "SELECT rolname::text, oid::text FROM pg_roles WHERE rolname IN ({})",
+        literals(names)
+    )
+}
+
+/// The tag on the rows of [`fence_batch`] that name a role with dependencies.
+pub(crate) const DEPENDENT_TAG: &str = "dependent";
+
+/// One round trip for a batch: commit `NOLOGIN` for every role, then (if `terminate`) end their sessions,
+/// waiting for each, then list (tagged [`DEPENDENT_TAG`]) the oids of those that own objects or hold
+/// privileges anywhere. In that order: until the sessions are gone they could still create objects.
+pub(crate) fn fence_batch<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    oids: &[u32],
+    terminate: bool,
+) -> String {
+    let oids = oid_list(oids);
+    let end_sessions = if terminate {
+        format!(
+            "SELECT 'ended', count(pg_terminate_backend(pid, 5000))::text FROM pg_stat_activity \
+             WHERE usesysid IN ({oids}) AND pid <> pg_backend_pid();"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "BEGIN; {} COMMIT; {end_sessions} SELECT DISTINCT '{DEPENDENT_TAG}', refobjid::text FROM pg_shdepend \
+         WHERE refclassid = 'pg_authid'::regclass AND refobjid IN ({oids});",
+        nologin_all(names)
+    )
+}
+
+/// One round trip: drop the roles (one statement), then, if `terminate`, end every session whose role no longer
+/// exists.
+pub(crate) fn drop_batch<'a>(names: impl IntoIterator<Item = &'a str>, terminate: bool) -> String {
+    let drop = drop_roles(names);
+    if terminate {
+        format!("{drop} {TERMINATE_ORPHAN_SESSIONS};")
+    } else {
+        drop
+    }
+}

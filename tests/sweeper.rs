@@ -120,11 +120,12 @@ fn twenty_thousand_expired_leases_are_swept_in_bounded_batches() {
             .batch_execute(&format!(
                 "DO $$ DECLARE u text; BEGIN
                    FOR i IN {first}..{last} LOOP
-                     u := 'bulk-' || i;
+                     u := 'bulk-1764000000-' || lpad(i::text, 16, '0');
                      EXECUTE format('CREATE ROLE %I LOGIN VALID UNTIL %L', u, '{at}');
                      EXECUTE format('GRANT {marker} TO %I', u);
                      EXECUTE format('COMMENT ON ROLE %I IS %L', u,
-                       'credbroker lease=postgresql/creds/bulk/' || i || ' role=bulk instance=bulk issued={at} max={at}');
+                       'credbroker lease=postgresql/creds/bulk/00000000-0000-0000-0000-' || lpad(to_hex(i), 12, '0') ||
+                       ' role=bulk instance=bulk issued={at} max={at}');
                    END LOOP; END $$",
                 first = chunk * 1000,
                 last = chunk * 1000 + 999,
@@ -138,6 +139,10 @@ fn twenty_thousand_expired_leases_are_swept_in_bounded_batches() {
         .build()
         .unwrap();
     let adopted = broker.leases().len();
+    assert_eq!(
+        adopted, ROLES,
+        "build() adopts every live marked role of its instance"
+    );
     eprintln!(
         "adopted {adopted} leases, due in {:?}",
         expires.duration_since(SystemTime::now())
