@@ -141,10 +141,14 @@ pub(crate) fn write_lease_id(out: &mut String, role: &str, key: u128) {
 /// The role and random part of a lease id this crate made; `None` for any other string. No allocation: the
 /// lease table parses an id on every lookup.
 pub(crate) fn parse_lease_id(id: &str) -> Option<(&str, u128)> {
-    let (role, uuid) = id.strip_prefix(LEASE_ID_PREFIX)?.rsplit_once('/')?;
-    if role.is_empty() || uuid.len() != 36 {
+    // The random part is the last 36 bytes, after a '/': no search needed. A role name never holds a '/', so a
+    // "role" that does matches no lease.
+    let rest = id.strip_prefix(LEASE_ID_PREFIX)?;
+    let split = rest.len().checked_sub(37)?;
+    if split == 0 || rest.as_bytes()[split] != b'/' {
         return None;
     }
+    let (role, uuid) = (rest.get(..split)?, rest.get(split + 1..)?);
     let mut key: u128 = 0;
     for (i, c) in uuid.bytes().enumerate() {
         let digit = match c {
@@ -158,10 +162,11 @@ pub(crate) fn parse_lease_id(id: &str) -> Option<(&str, u128)> {
     Some((role, key))
 }
 
-/// A generated username without its role prefix, in 24 bytes: `<role lowercased>-<secs>-<random>`.
+/// A generated username without its role prefix, in 20 bytes: `<role lowercased>-<secs>-<random>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct UsernameSuffix {
-    secs: u64,
+    /// Unix seconds at issue: a `u32` lasts until 2106, and keeps lease table entries small.
+    secs: u32,
     random: [u8; USERNAME_RANDOM_LEN],
 }
 
