@@ -88,15 +88,18 @@ struct Run {
     per_sec: f64,
     p50: Duration,
     p99: Duration,
+    /// CPU time of this process (the client side) per operation.
+    cpu: Duration,
 }
 
 impl Run {
     fn show(&self) -> String {
         format!(
-            "{:.0}/s p50 {:.1} ms p99 {:.1} ms",
+            "{:.0}/s p50 {:.1} p99 {:.1} cpu {:.2} ms",
             self.per_sec,
             ms(self.p50),
-            ms(self.p99)
+            ms(self.p99),
+            ms(self.cpu)
         )
     }
 }
@@ -111,6 +114,20 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
+}
+
+/// User plus system CPU time of this process so far (Linux, from `/proc/self/stat`, in clock ticks of 10 ms).
+fn process_cpu() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the parenthesised command name; utime and stime are the 14th and 15th fields.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ticks * 10)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -132,6 +149,7 @@ fn run<S: Send>(
     op: impl Fn(&mut S, usize) -> Result<()> + Sync,
 ) -> Result<Run> {
     let states: Vec<S> = (0..threads).map(&setup).collect::<Result<_>>()?;
+    let cpu_before = process_cpu();
     let start = Instant::now();
     let per_thread = ops / threads;
     let latencies: Vec<Vec<Duration>> = std::thread::scope(|scope| {
@@ -160,12 +178,14 @@ fn run<S: Send>(
             .collect::<std::result::Result<_, String>>()
     })?;
     let elapsed = start.elapsed();
+    let cpu = process_cpu().saturating_sub(cpu_before);
     let mut all: Vec<Duration> = latencies.into_iter().flatten().collect();
     all.sort();
     Ok(Run {
         per_sec: all.len() as f64 / elapsed.as_secs_f64(),
         p50: percentile(&all, 0.5),
         p99: percentile(&all, 0.99),
+        cpu: cpu / all.len().max(1) as u32,
     })
 }
 
