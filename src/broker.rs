@@ -757,7 +757,8 @@ impl Broker {
         let ids = self.shared.state.lock().table.ids_with_prefix(prefix);
         let mut revoked = 0;
         let mut failures = Vec::new();
-        for chunk in ids.chunks(BATCH) {
+        // As many batches at once as revocation may use connections.
+        for chunk in ids.chunks(BATCH * self.shared.revocation_workers()) {
             // Leases revoked or claimed meanwhile by someone else (the sweeper, another thread) are skipped.
             let claimed: Vec<_> = {
                 let mut state = self.shared.state.lock();
