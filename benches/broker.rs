@@ -393,7 +393,7 @@ fn creds(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
     let mut default_rates = Vec::new();
     for iterations in [4096, 1] {
         for (k, threads) in [1, 2, 4, 8].into_iter().enumerate() {
-            let broker = broker(pg, threads as u32, iterations)?;
+            let broker = broker(pg, threads as u32 + 1, iterations)?;
             broker.creds("bench")?;
             let (base, ours) = compare(
                 || {
