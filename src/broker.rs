@@ -307,6 +307,7 @@ impl BrokerBuilder {
             },
             marker: self.marker_role,
             scram_iterations: self.scram_iterations,
+            renewal_turns: (0..RENEWAL_TURNS).map(|_| Mutex::new(())).collect(),
             instance,
             orphan_interval: self.orphan_interval,
         });
@@ -362,6 +363,9 @@ pub(crate) struct Shared {
     pub(crate) marker: String,
     /// PBKDF2 rounds of the SCRAM verifiers of issued passwords.
     scram_iterations: u32,
+    /// Renewals of one lease take turns (PostgreSQL fails one of two concurrent `ALTER ROLE` of a role); a
+    /// lease's turn is the lock its random id falls on, so renewals of different leases rarely wait.
+    renewal_turns: Box<[Mutex<()>]>,
     /// This broker's instance name, written on every role it issues.
     pub(crate) instance: String,
     /// How often the sweeper looks for orphans, and how long past expiry a role must be to count as one.
@@ -426,6 +430,13 @@ impl Shared {
                 "lease {id} has an id or username the lease table cannot hold; it is left to the orphan sweep"
             ),
         }
+    }
+
+    /// The lock renewals of lease `id` take turns on; `None` for an id the broker did not make.
+    fn renewal_turn(&self, id: &str) -> Option<&Mutex<()>> {
+        let (_, key) = crate::credential::parse_lease_id(id)?;
+        self.renewal_turns
+            .get(usize::try_from(key % self.renewal_turns.len() as u128).ok()?)
     }
 
     /// How many connections may work on one revocation sweep at once: all but one of the pool's, so that
@@ -661,6 +672,7 @@ impl Broker {
     /// Fails with [`ErrorKind::UnknownLease`] for an id not in the table and [`ErrorKind::LeaseExpired`] for a
     /// lease past its end or being revoked.
     pub fn renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
+        let _turn = self.shared.renewal_turn(id).map(Mutex::lock);
         let now = SystemTime::now();
         let (snapshot, username, max_expires_at) = {
             let state = self.shared.state.lock();
@@ -698,7 +710,7 @@ impl Broker {
             None => sql::set_valid_until(&username, &expiration),
         };
         self.shared
-            .with_client(|client| client.batch_execute(&sql))?
+            .with_client(|client| alter_role(client, &sql))?
             .map_err(|e| {
                 Error::postgres(
                     ErrorKind::Database,
@@ -868,6 +880,35 @@ impl Drop for Broker {
             log::error!("{err}");
         }
     }
+}
+
+/// How many locks renewals are spread over (see `Shared::renewal_turns`).
+const RENEWAL_TURNS: usize = 1024;
+
+/// How many times an `ALTER ROLE` that lost a race with another change of the same role is tried.
+const ALTER_ATTEMPTS: usize = 5;
+
+/// Runs `sql`, an `ALTER ROLE`, again when PostgreSQL reports that another session changed the same role at the
+/// same moment ("tuple concurrently updated", an internal error `XX000` rather than a serialization failure): a
+/// renewal meeting a revocation's `NOLOGIN`, or another instance. (Renewals in this broker take turns.) Each
+/// attempt is one implicit transaction, so repeating it is safe.
+fn alter_role(client: &mut Client, sql: &str) -> Result<(), postgres::Error> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match client.batch_execute(sql) {
+            Err(e) if attempt < ALTER_ATTEMPTS && lost_update_race(&e) => {
+                std::thread::sleep(Duration::from_millis(rand::random_range(1..10)));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn lost_update_race(e: &postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::INTERNAL_ERROR && db.message() == "tuple concurrently updated"
+    })
 }
 
 /// Runs `sql` as one transaction in one round trip: `BEGIN; …; COMMIT` in a single simple query. A statement

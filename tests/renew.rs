@@ -164,3 +164,32 @@ fn valid_until_is_the_leases_end_even_when_the_templates_leave_it_out() {
         .get(0);
     assert_eq!(limit, 5, "the renew SQL ran too");
 }
+
+#[test]
+fn concurrent_renewals_of_one_lease_all_succeed() {
+    // PostgreSQL fails one of two concurrent ALTER ROLE of the same role ("tuple concurrently updated"); the
+    // broker tries the loser again.
+    let env = common::start_with(|b| b.pool_size(4));
+    env.broker.write_role("app", Role::new()).unwrap();
+    let creds = env.broker.creds("app").unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                for i in 0..100 {
+                    env.broker
+                        .renew(creds.lease_id(), Some(Duration::from_secs(600 + i)))
+                        .expect("a concurrent renewal succeeds");
+                }
+            });
+        }
+    });
+    let lease = env.broker.lease(creds.lease_id()).unwrap();
+    let valid_until = env.valid_until(creds.username()).unwrap();
+    // The last renewal to reach PostgreSQL and the last to update the table may differ by a few seconds.
+    let gap = lease
+        .expires_at()
+        .duration_since(valid_until)
+        .or_else(|e| Ok::<_, ()>(e.duration()))
+        .unwrap();
+    assert!(gap <= Duration::from_secs(100), "{gap:?}");
+}
