@@ -389,6 +389,14 @@ fn broker(pg: &TestPostgres, pool: u32, iterations: u32) -> Result<Broker> {
     Ok(broker)
 }
 
+/// Shuts `broker` down revoking every lease it holds, so the next measurement starts from a clean catalog.
+fn revoke_all(broker: Broker) -> Result<()> {
+    let mode = credbroker::ShutdownMode::Revoke {
+        timeout: Duration::from_secs(120),
+    };
+    Ok(broker.shutdown(mode)?)
+}
+
 fn creds(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
     let mut default_rates = Vec::new();
     for iterations in [4096, 1] {
@@ -436,9 +444,7 @@ fn creds(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
                     row
                 });
             }
-            broker.shutdown(credbroker::ShutdownMode::Revoke {
-                timeout: Duration::from_secs(120),
-            })?;
+            revoke_all(broker)?;
         }
     }
     // In bounded transactions: dropping tens of thousands of roles in one runs out of lock table.
@@ -508,9 +514,7 @@ fn renew(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
                 .target("≥ 0.95× baseline", ratio >= 0.95),
         );
     }
-    broker.shutdown(credbroker::ShutdownMode::Revoke {
-        timeout: Duration::from_secs(120),
-    })?;
+    revoke_all(broker)?;
     Ok(())
 }
 

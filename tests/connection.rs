@@ -214,12 +214,7 @@ fn an_admin_that_cannot_create_roles_is_refused_with_the_fix() {
              CREATE ROLE manager LOGIN CREATEROLE PASSWORD 'manager-password-1';",
         )
         .unwrap();
-    let as_user = |user: &str, password: &str| {
-        format!(
-            "host=127.0.0.1 port={} user={user} password={password} dbname=postgres sslmode=disable",
-            pg.port()
-        )
-    };
+    let as_user = |user: &str, password: &str| common::connection_as(&pg, user, password);
     let err = Broker::builder()
         .connection(as_user("weak", "weak-password-1"))
         .build()
@@ -258,17 +253,10 @@ fn an_admin_that_cannot_create_roles_is_refused_with_the_fix() {
         .unwrap()
         .batch_execute("GRANT CREATE ON SCHEMA public TO manager WITH GRANT OPTION")
         .unwrap();
-    let role = Role::new().creation_sql(
-        r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';
-           GRANT CREATE ON SCHEMA public TO "{{name}}";"#,
-    );
+    let role = Role::new().creation_sql(common::CREATES_TABLES);
     broker.write_role("app", role).unwrap();
     let creds = broker.creds("app").unwrap();
-    let mut session = pg.login(creds.username(), creds.password()).unwrap();
-    session
-        .batch_execute("CREATE TABLE owned_by_app (x int)")
-        .unwrap();
-    drop(session);
+    common::create_table_as(&pg, &creds, "owned_by_app");
     assert!(common::eventually(
         std::time::Duration::from_secs(5),
         || {

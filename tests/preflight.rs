@@ -8,10 +8,7 @@ use credbroker::testing::TestPostgres;
 use credbroker::{Broker, ErrorKind, Role};
 
 fn as_user(pg: &TestPostgres, user: &str) -> String {
-    format!(
-        "host=127.0.0.1 port={} user={user} password=pw-{user}-1 dbname=postgres sslmode=disable",
-        pg.port()
-    )
+    common::connection_as(pg, user, &format!("pw-{user}-1"))
 }
 
 #[test]

@@ -258,24 +258,14 @@ fn a_failing_revocation_is_retried_with_backoff_until_the_cause_is_fixed() {
         )
         .unwrap();
     let broker = credbroker::Broker::builder()
-        .connection(format!(
-            "host=127.0.0.1 port={} user=manager password=manager-password-1 dbname=postgres sslmode=disable",
-            pg.port()
-        ))
+        .connection(common::connection_as(&pg, "manager", "manager-password-1"))
         .reassign_owned_to("app_owner")
         .build()
         .unwrap();
-    let role = Role::new().creation_sql(
-        r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';
-           GRANT CREATE ON SCHEMA public TO "{{name}}";"#,
-    );
+    let role = Role::new().creation_sql(common::CREATES_TABLES);
     broker.write_role("app", role).unwrap();
     let creds = broker.creds("app").unwrap();
-    let mut session = pg.login(creds.username(), creds.password()).unwrap();
-    session
-        .batch_execute("CREATE TABLE made_by_app (x int)")
-        .unwrap();
-    drop(session);
+    common::create_table_as(&pg, &creds, "made_by_app");
 
     // The admin loses the right to hand objects to app_owner: REASSIGN OWNED fails.
     pg.admin_client()

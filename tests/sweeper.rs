@@ -190,10 +190,7 @@ fn one_role_that_cannot_be_dropped_does_not_hold_back_its_batch() {
         )
         .unwrap();
     let broker = Broker::builder()
-        .connection(format!(
-            "host=127.0.0.1 port={} user=manager password=manager-password-1 dbname=postgres sslmode=disable",
-            pg.port()
-        ))
+        .connection(common::connection_as(&pg, "manager", "manager-password-1"))
         .build()
         .unwrap();
     broker

@@ -192,3 +192,24 @@ pub mod logs {
         LINES.lock().clone()
     }
 }
+
+/// A connection string for `user` with `password` on `pg`, without TLS: a broker running as another admin.
+pub fn connection_as(pg: &TestPostgres, user: &str, password: &str) -> String {
+    format!(
+        "host=127.0.0.1 port={} user={user} password={password} dbname=postgres sslmode=disable",
+        pg.port()
+    )
+}
+
+/// A creation SQL whose credentials may create tables in `public`, so they can come to own objects (the admin
+/// needs `CREATE` on the schema `WITH GRANT OPTION` unless it is a superuser).
+pub const CREATES_TABLES: &str = r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';
+    GRANT CREATE ON SCHEMA public TO "{{name}}";"#;
+
+/// Logs in as `creds` and creates table `table`, so that the credential's role owns an object; logs out.
+pub fn create_table_as(pg: &TestPostgres, creds: &credbroker::Credential, table: &str) {
+    pg.login(creds.username(), creds.password())
+        .expect("log in with the credential")
+        .batch_execute(&format!("CREATE TABLE {table} (x int)"))
+        .expect("create a table as the credential");
+}
