@@ -21,12 +21,17 @@ use crate::credential::{
 };
 use crate::error::describe;
 use crate::error::{Error, ErrorKind};
+use crate::events::{
+    Events, HandleEvent, IssuedEvent, NopEventHandler, RenewedEvent, RevokeCause, RevokedEvent,
+    Stats,
+};
 use crate::lease::{pg_timestamp, Lease, LeasePolicy};
 use crate::lease_table::LeaseTable;
 use crate::marker::{check_instance_name, default_instance_name, LeaseMark, DEFAULT_MARKER_ROLE};
+use crate::pool::{PoolOptions, RolePool};
 use crate::preflight::{self, Needs};
 use crate::recovery::{self, RecoveryMode, DEFAULT_ORPHAN_INTERVAL};
-use crate::revoke::{revoke_lease, revoke_leases, RevokeSettings, BATCH};
+use crate::revoke::{revoke_lease, revoke_leases, RevokeSettings, Why, BATCH};
 use crate::role::{check_role_name, CompiledRole, Role};
 use crate::shutdown::{revoke_all, ShutdownMode};
 use crate::template::{Placeholder, Values};
@@ -54,6 +59,7 @@ const USERNAME_ATTEMPTS: usize = 3;
 /// | [`terminate_sessions`](BrokerBuilder::terminate_sessions) | true |
 /// | [`orphan_sweep_interval`](BrokerBuilder::orphan_sweep_interval) | 60 seconds |
 /// | [`scram_iterations`](BrokerBuilder::scram_iterations) | 4096 ([`DEFAULT_SCRAM_ITERATIONS`](crate::DEFAULT_SCRAM_ITERATIONS)) |
+/// | [`event_handler`](BrokerBuilder::event_handler) | [`NopEventHandler`](crate::NopEventHandler) |
 pub struct BrokerBuilder {
     connection: Option<Zeroizing<String>>,
     default_lease: Duration,
@@ -68,6 +74,7 @@ pub struct BrokerBuilder {
     terminate_sessions: bool,
     orphan_interval: Duration,
     scram_iterations: u32,
+    event_handler: Box<dyn HandleEvent>,
 }
 
 impl Default for BrokerBuilder {
@@ -86,6 +93,7 @@ impl Default for BrokerBuilder {
             terminate_sessions: true,
             orphan_interval: DEFAULT_ORPHAN_INTERVAL,
             scram_iterations: DEFAULT_SCRAM_ITERATIONS,
+            event_handler: Box::new(NopEventHandler),
         }
     }
 }
@@ -106,6 +114,7 @@ impl fmt::Debug for BrokerBuilder {
             .field("terminate_sessions", &self.terminate_sessions)
             .field("orphan_interval", &self.orphan_interval)
             .field("scram_iterations", &self.scram_iterations)
+            .field("event_handler", &self.event_handler)
             .finish()
     }
 }
@@ -205,6 +214,14 @@ impl BrokerBuilder {
     /// asks for it, or where the same verifier format is checked by tools that expect 4096.
     pub fn scram_iterations(mut self, iterations: u32) -> BrokerBuilder {
         self.scram_iterations = iterations;
+        self
+    }
+
+    /// Where the broker's events go: every lease issued, renewed, rotated, revoked or expired, and every failed
+    /// revocation, with lease id, role, username and times (never a password). The default ignores them. See
+    /// [`HandleEvent`] for when and where the handler is called.
+    pub fn event_handler(mut self, handler: impl HandleEvent) -> BrokerBuilder {
+        self.event_handler = Box::new(handler);
         self
     }
 
@@ -310,6 +327,7 @@ impl BrokerBuilder {
             renewal_turns: (0..RENEWAL_TURNS).map(|_| Mutex::new(())).collect(),
             instance,
             orphan_interval: self.orphan_interval,
+            events: Events::new(self.event_handler),
         });
         let recovered = recovery::recover(&shared, self.recovery)?;
         log::info!(
@@ -370,6 +388,8 @@ pub(crate) struct Shared {
     pub(crate) instance: String,
     /// How often the sweeper looks for orphans, and how long past expiry a role must be to count as one.
     pub(crate) orphan_interval: Duration,
+    /// Event counters and the user's handler.
+    pub(crate) events: Events,
 }
 
 #[derive(Default)]
@@ -433,7 +453,7 @@ impl Shared {
     }
 
     /// The lock renewals of lease `id` take turns on; `None` for an id the broker did not make.
-    fn renewal_turn(&self, id: &str) -> Option<&Mutex<()>> {
+    pub(crate) fn renewal_turn(&self, id: &str) -> Option<&Mutex<()>> {
         let (_, key) = crate::credential::parse_lease_id(id)?;
         self.renewal_turns
             .get(usize::try_from(key % self.renewal_turns.len() as u128).ok()?)
@@ -448,6 +468,233 @@ impl Shared {
     /// The role currently defined under `name`, if any.
     pub(crate) fn current_role(&self, name: &str) -> Option<Arc<CompiledRole>> {
         self.roles.read().get(name).cloned()
+    }
+}
+
+/// The credential lifecycle, shared by the [`Broker`] and its [`RolePool`](crate::RolePool)s.
+impl Shared {
+    /// Revokes lease `id` now; see [`Broker::revoke`].
+    pub(crate) fn revoke(&self, id: &str, why: Why) -> Result<(), Error> {
+        let lease = self
+            .state
+            .lock()
+            .table
+            .claim(id)
+            .ok_or_else(|| unknown_lease(id))?;
+        revoke_lease(self, &lease, why)
+    }
+
+    /// See [`Broker::creds`].
+    pub(crate) fn creds(&self, name: &str) -> Result<Credential, Error> {
+        check_role_name(name)?;
+        if self.state.lock().shutdown {
+            return Err(Error::new(
+                ErrorKind::ShutDown,
+                format!("cannot issue a credential for role {name:?}: the broker has shut down"),
+            ));
+        }
+        let role = self.current_role(name).ok_or_else(|| unknown_role(name))?;
+        let now = SystemTime::now();
+        let (issued_at, expires_at, max_expires_at) = role.policy.issue(now);
+        let password = generate_password()?;
+        let verifier = scram_verifier(&password, self.scram_iterations)?;
+        let expiration = pg_timestamp(expires_at);
+
+        let mut uncertain: Vec<(LeaseMark, String)> = Vec::new();
+        let mut attempt = 0;
+        let outcome = loop {
+            attempt += 1;
+            let username = generate_username(name, now)?;
+            let mark = LeaseMark {
+                lease_id: generate_lease_id(name)?,
+                role: name.to_owned(),
+                instance: self.instance.clone(),
+                issued_at,
+                max_expires_at,
+            };
+            let sql =
+                Zeroizing::new(self.creation_sql(&role, &username, &verifier, &expiration, &mark));
+            let result = self.with_client(|client| {
+                let result = run_in_one_round_trip(client, &sql);
+                if result.is_err() && client.is_closed() {
+                    // The COMMIT may have reached the server before the connection died.
+                    uncertain.push((mark.clone(), username.clone()));
+                }
+                result
+            });
+            match result {
+                Err(no_connection) => break Err((no_connection, username)),
+                Ok(Ok(())) => break Ok((mark, username)),
+                Ok(Err(e))
+                    if e.code() == Some(&SqlState::DUPLICATE_OBJECT)
+                        && attempt < USERNAME_ATTEMPTS =>
+                {
+                    log::warn!("username {username} was taken; retrying with another");
+                }
+                Ok(Err(e)) => {
+                    let err = Error::postgres(
+                        ErrorKind::Database,
+                        format!(
+                            "could not create a credential for role {name:?}; nothing was created"
+                        ),
+                        e,
+                        &[&verifier, &password],
+                    );
+                    break Err((err, username));
+                }
+            }
+        };
+        let created = outcome.as_ref().ok().map(|(mark, _)| mark.lease_id.clone());
+        for (mark, username) in uncertain
+            .into_iter()
+            .filter(|(m, _)| Some(&m.lease_id) != created.as_ref())
+        {
+            self.sweep_uncertain(mark, username, &role);
+        }
+        let (mark, username) = outcome.map_err(|(err, _)| err)?;
+
+        let lease = Lease {
+            id: mark.lease_id.clone(),
+            role: name.to_owned(),
+            username: username.clone(),
+            issued_at,
+            expires_at,
+            max_expires_at,
+            revocation_attempts: 0,
+            last_error: None,
+        };
+        // Before the lease enters the table, where others can find it: its first event comes first.
+        self.events.issued(IssuedEvent {
+            lease: lease.clone(),
+        });
+        self.track(lease, &role);
+        log::info!(
+            "issued lease {} for role {name}: user {username}, valid until {expiration}",
+            mark.lease_id
+        );
+        Ok(Credential {
+            lease_id: mark.lease_id,
+            lease_duration: role.policy.default,
+            username,
+            password,
+        })
+    }
+
+    /// The whole creation transaction's SQL: the role's template, `VALID UNTIL` if the template does not set it,
+    /// and the marker. Newlines around the separators keep a trailing `--` comment in the template from
+    /// swallowing what follows.
+    fn creation_sql(
+        &self,
+        role: &CompiledRole,
+        username: &str,
+        verifier: &str,
+        expiration: &str,
+        mark: &LeaseMark,
+    ) -> String {
+        let mut sql = role.creation.render(&Values {
+            name: username,
+            password: verifier,
+            expiration,
+        });
+        if !role.creation.uses(Placeholder::Expiration) {
+            sql.push_str("\n;\n");
+            sql.push_str(&sql::set_valid_until(username, expiration));
+        }
+        sql.push_str("\n;\n");
+        sql.push_str(&sql::mark(&self.marker, username, &mark.comment()));
+        sql
+    }
+
+    /// Records a creation whose outcome was lost with its connection as an expired lease: the sweeper drops
+    /// its role if the transaction committed after all, and forgets the lease either way.
+    fn sweep_uncertain(&self, mark: LeaseMark, username: String, role: &Arc<CompiledRole>) {
+        log::warn!(
+            "the connection was lost while creating lease {}; the sweeper makes sure its role is gone",
+            mark.lease_id
+        );
+        let lease = Lease {
+            id: mark.lease_id,
+            role: mark.role,
+            username,
+            issued_at: mark.issued_at,
+            expires_at: SystemTime::now(),
+            max_expires_at: mark.max_expires_at,
+            revocation_attempts: 0,
+            last_error: None,
+        };
+        self.track(lease, role);
+    }
+
+    /// See [`Broker::renew`].
+    pub(crate) fn renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
+        let _turn = self.renewal_turn(id).map(Mutex::lock);
+        let now = SystemTime::now();
+        let (snapshot, username, max_expires_at, previous_expires_at) = {
+            let state = self.state.lock();
+            let entry = state.table.get(id).ok_or_else(|| unknown_lease(id))?;
+            if entry.in_flight() || entry.attempts() > 0 {
+                return Err(Error::new(
+                    ErrorKind::LeaseExpired,
+                    format!("lease {id} is being revoked and cannot be renewed; request new credentials"),
+                ));
+            }
+            if entry.expires_at() <= now {
+                return Err(expired(id));
+            }
+            (
+                entry.role.clone(),
+                entry.username(),
+                entry.max_expires_at(),
+                entry.expires_at(),
+            )
+        };
+        let role = self.current_role(&snapshot.name).unwrap_or(snapshot);
+        let expires_at = role.policy.renew(now, increment, max_expires_at)?;
+        let expiration = pg_timestamp(expires_at);
+        // VALID UNTIL moves first and always: recovery reads the lease's end from it.
+        let sql = match &role.renew {
+            Some(template) if template.uses(Placeholder::Expiration) => template.render(&Values {
+                name: &username,
+                password: "",
+                expiration: &expiration,
+            }),
+            Some(template) => format!(
+                "{}\n;\n{}",
+                template.render(&Values {
+                    name: &username,
+                    password: "",
+                    expiration: &expiration,
+                }),
+                sql::set_valid_until(&username, &expiration)
+            ),
+            None => sql::set_valid_until(&username, &expiration),
+        };
+        self.with_client(|client| alter_role(client, &sql))?
+            .map_err(|e| {
+                Error::postgres(
+                    ErrorKind::Database,
+                    format!("could not renew lease {id}"),
+                    e,
+                    &[],
+                )
+            })?;
+
+        let mut state = self.state.lock();
+        if !state.table.set_expiry(id, expires_at) {
+            return Err(Error::new(
+                ErrorKind::LeaseExpired,
+                format!("lease {id} expired or was revoked while it was being renewed; request new credentials"),
+            ));
+        }
+        let lease = state.table.lease(id).ok_or_else(|| unknown_lease(id))?;
+        drop(state);
+        log::info!("renewed lease {id} (user {username}) until {expiration}");
+        // Still in this lease's turn, so no revocation event of it can come first.
+        self.events.renewed(RenewedEvent {
+            lease: lease.clone(),
+            previous_expires_at,
+        });
+        Ok(lease)
     }
 }
 
@@ -534,136 +781,7 @@ impl Broker {
     /// is lost while the transaction commits, the outcome is unknown: the broker then records the attempt as an
     /// expired lease, so the sweeper makes sure its role is gone.)
     pub fn creds(&self, name: &str) -> Result<Credential, Error> {
-        check_role_name(name)?;
-        let role = self
-            .shared
-            .current_role(name)
-            .ok_or_else(|| unknown_role(name))?;
-        let now = SystemTime::now();
-        let (issued_at, expires_at, max_expires_at) = role.policy.issue(now);
-        let password = generate_password()?;
-        let verifier = scram_verifier(&password, self.shared.scram_iterations)?;
-        let expiration = pg_timestamp(expires_at);
-
-        let mut uncertain: Vec<(LeaseMark, String)> = Vec::new();
-        let mut attempt = 0;
-        let outcome = loop {
-            attempt += 1;
-            let username = generate_username(name, now)?;
-            let mark = LeaseMark {
-                lease_id: generate_lease_id(name)?,
-                role: name.to_owned(),
-                instance: self.shared.instance.clone(),
-                issued_at,
-                max_expires_at,
-            };
-            let sql =
-                Zeroizing::new(self.creation_sql(&role, &username, &verifier, &expiration, &mark));
-            let result = self.shared.with_client(|client| {
-                let result = run_in_one_round_trip(client, &sql);
-                if result.is_err() && client.is_closed() {
-                    // The COMMIT may have reached the server before the connection died.
-                    uncertain.push((mark.clone(), username.clone()));
-                }
-                result
-            });
-            match result {
-                Err(no_connection) => break Err((no_connection, username)),
-                Ok(Ok(())) => break Ok((mark, username)),
-                Ok(Err(e))
-                    if e.code() == Some(&SqlState::DUPLICATE_OBJECT)
-                        && attempt < USERNAME_ATTEMPTS =>
-                {
-                    log::warn!("username {username} was taken; retrying with another");
-                }
-                Ok(Err(e)) => {
-                    let err = Error::postgres(
-                        ErrorKind::Database,
-                        format!(
-                            "could not create a credential for role {name:?}; nothing was created"
-                        ),
-                        e,
-                        &[&verifier, &password],
-                    );
-                    break Err((err, username));
-                }
-            }
-        };
-        let created = outcome.as_ref().ok().map(|(mark, _)| mark.lease_id.clone());
-        for (mark, username) in uncertain
-            .into_iter()
-            .filter(|(m, _)| Some(&m.lease_id) != created.as_ref())
-        {
-            self.sweep_uncertain(mark, username, &role);
-        }
-        let (mark, username) = outcome.map_err(|(err, _)| err)?;
-
-        let lease = Lease {
-            id: mark.lease_id.clone(),
-            role: name.to_owned(),
-            username: username.clone(),
-            issued_at,
-            expires_at,
-            max_expires_at,
-            revocation_attempts: 0,
-            last_error: None,
-        };
-        self.shared.track(lease, &role);
-        log::info!(
-            "issued lease {} for role {name}: user {username}, valid until {expiration}",
-            mark.lease_id
-        );
-        Ok(Credential {
-            lease_id: mark.lease_id,
-            lease_duration: role.policy.default,
-            username,
-            password,
-        })
-    }
-
-    /// The whole creation transaction's SQL: the role's template, `VALID UNTIL` if the template does not set it,
-    /// and the marker. Newlines around the separators keep a trailing `--` comment in the template from
-    /// swallowing what follows.
-    fn creation_sql(
-        &self,
-        role: &CompiledRole,
-        username: &str,
-        verifier: &str,
-        expiration: &str,
-        mark: &LeaseMark,
-    ) -> String {
-        let mut sql = role.creation.render(&Values {
-            name: username,
-            password: verifier,
-            expiration,
-        });
-        if !role.creation.uses(Placeholder::Expiration) {
-            sql.push_str("\n;\n");
-            sql.push_str(&sql::set_valid_until(username, expiration));
-        }
-        sql.push_str("\n;\n");
-        sql.push_str(&sql::mark(&self.shared.marker, username, &mark.comment()));
-        sql
-    }
-
-    /// Records a creation whose outcome was lost with its connection as an expired lease: the sweeper drops
-    /// its role if the transaction committed after all, and forgets the lease either way.
-    fn sweep_uncertain(&self, mark: LeaseMark, username: String, role: &Arc<CompiledRole>) {
-        log::warn!(
-            "the connection was lost while creating lease {}; the sweeper makes sure its role is gone",
-            mark.lease_id
-        );
-        let lease = Lease {
-            id: mark.lease_id,
-            role: mark.role,
-            username,
-            issued_at: mark.issued_at,
-            expires_at: SystemTime::now(),
-            max_expires_at: mark.max_expires_at,
-            revocation_attempts: 0,
-            last_error: None,
-        };
-        self.shared.track(lease, role);
+        self.shared.creds(name)
     }
 
     /// Renews lease `id`: its new end is now plus `increment` (`None`: the role's default lease), capped at the
@@ -672,65 +790,7 @@ impl Broker {
     /// Fails with [`ErrorKind::UnknownLease`] for an id not in the table and [`ErrorKind::LeaseExpired`] for a
     /// lease past its end or being revoked.
     pub fn renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
-        let _turn = self.shared.renewal_turn(id).map(Mutex::lock);
-        let now = SystemTime::now();
-        let (snapshot, username, max_expires_at) = {
-            let state = self.shared.state.lock();
-            let entry = state.table.get(id).ok_or_else(|| unknown_lease(id))?;
-            if entry.in_flight() || entry.attempts() > 0 {
-                return Err(Error::new(
-                    ErrorKind::LeaseExpired,
-                    format!("lease {id} is being revoked and cannot be renewed; request new credentials"),
-                ));
-            }
-            if entry.expires_at() <= now {
-                return Err(expired(id));
-            }
-            (entry.role.clone(), entry.username(), entry.max_expires_at())
-        };
-        let role = self.shared.current_role(&snapshot.name).unwrap_or(snapshot);
-        let expires_at = role.policy.renew(now, increment, max_expires_at)?;
-        let expiration = pg_timestamp(expires_at);
-        // VALID UNTIL moves first and always: recovery reads the lease's end from it.
-        let sql = match &role.renew {
-            Some(template) if template.uses(Placeholder::Expiration) => template.render(&Values {
-                name: &username,
-                password: "",
-                expiration: &expiration,
-            }),
-            Some(template) => format!(
-                "{}\n;\n{}",
-                template.render(&Values {
-                    name: &username,
-                    password: "",
-                    expiration: &expiration,
-                }),
-                sql::set_valid_until(&username, &expiration)
-            ),
-            None => sql::set_valid_until(&username, &expiration),
-        };
-        self.shared
-            .with_client(|client| alter_role(client, &sql))?
-            .map_err(|e| {
-                Error::postgres(
-                    ErrorKind::Database,
-                    format!("could not renew lease {id}"),
-                    e,
-                    &[],
-                )
-            })?;
-
-        let mut state = self.shared.state.lock();
-        if !state.table.set_expiry(id, expires_at) {
-            return Err(Error::new(
-                ErrorKind::LeaseExpired,
-                format!("lease {id} expired or was revoked while it was being renewed; request new credentials"),
-            ));
-        }
-        let lease = state.table.lease(id).ok_or_else(|| unknown_lease(id))?;
-        drop(state);
-        log::info!("renewed lease {id} (user {username}) until {expiration}");
-        Ok(lease)
+        self.shared.renew(id, increment)
     }
 
     /// The lease `id`, if it is in the table (issued, and its role not yet dropped).
@@ -748,18 +808,47 @@ impl Broker {
         self.shared.state.lock().table.failed_leases()
     }
 
+    /// Counts of what the broker did since it was built (issued, renewed, rotated, revoked, expired, failed
+    /// revocations), the live leases per role, and how late the sweeper is. Cheap enough to poll every second:
+    /// it copies counters and a map with one entry per role, under the lease table's lock for microseconds.
+    pub fn stats(&self) -> Stats {
+        let mut stats = Stats::default();
+        self.shared.events.count(&mut stats);
+        let mut state = self.shared.state.lock();
+        stats.live = state.table.per_role().clone();
+        stats.failing = state.table.failing();
+        let next_due = state.table.next_due();
+        drop(state);
+        stats.sweeper_lag = next_due
+            .and_then(|due| SystemTime::now().duration_since(due).ok())
+            .unwrap_or(Duration::ZERO);
+        stats
+    }
+
     /// Revokes lease `id` now: ends the role's sessions, drops what it owns and the role itself. A role already
     /// gone counts as revoked. The lease leaves the table only once the role is gone; if revocation fails the
     /// error is returned and the sweeper retries with backoff.
     pub fn revoke(&self, id: &str) -> Result<(), Error> {
-        let lease = self
-            .shared
-            .state
-            .lock()
-            .table
-            .claim(id)
-            .ok_or_else(|| unknown_lease(id))?;
-        revoke_lease(&self.shared, &lease, "requested")
+        self.shared.revoke(id, Why::Revoke(RevokeCause::Requested))
+    }
+
+    /// A pool of connections for role `name` with the default [`PoolOptions`]: see
+    /// [`pool_with`](Broker::pool_with).
+    pub fn pool(&self, name: &str) -> Result<RolePool, Error> {
+        self.pool_with(name, PoolOptions::new())
+    }
+
+    /// A pool of connections for role `name`, always logged in with a valid credential of that role.
+    ///
+    /// The pool issues one credential now (and logs in once with it, so a role that cannot log in fails here),
+    /// renews its lease in the background, and before the lease reaches its max rotates to a new credential:
+    /// new connections use the new one, connections of the old one are closed as they are returned (never while
+    /// checked out), and the old lease is revoked once none of its connections remain, or at its end. Each
+    /// connection's `application_name` is its lease id (see the README's section on the pool). Fails as
+    /// [`creds`](Broker::creds) does, with [`ErrorKind::InvalidConfig`] for bad options, and with
+    /// [`ErrorKind::Connection`] if the credential cannot log in.
+    pub fn pool_with(&self, name: &str, options: PoolOptions) -> Result<RolePool, Error> {
+        RolePool::open(&self.shared, name, options, self.shutdown_mode)
     }
 
     /// Revokes every lease whose id starts with `prefix` (e.g. `postgresql/creds/production/`), in batches, and
@@ -782,7 +871,8 @@ impl Broker {
                 }
                 claimed
             };
-            for result in revoke_leases(&self.shared, &claimed, "requested") {
+            for result in revoke_leases(&self.shared, &claimed, Why::Revoke(RevokeCause::Requested))
+            {
                 match result {
                     Ok(()) => revoked += 1,
                     Err(e) => failures.push(e),
@@ -820,10 +910,26 @@ impl Broker {
             .table
             .claim(id)
             .ok_or_else(|| unknown_lease(id))?;
-        let Err(err) = revoke_lease(&self.shared, &lease, "forced") else {
+        let Err(err) = revoke_lease(&self.shared, &lease, Why::Revoke(RevokeCause::Forced)) else {
             return Ok(());
         };
-        self.shared.state.lock().table.remove(id);
+        let forgotten = {
+            let _turn = self.shared.renewal_turn(id).map(Mutex::lock);
+            let forgotten = self.shared.state.lock().table.take(id);
+            if let Some(lease) = forgotten.clone() {
+                self.shared.events.revoked(RevokedEvent {
+                    lease,
+                    cause: RevokeCause::Forced,
+                    revoked_at: SystemTime::now(),
+                    role_dropped: false,
+                });
+            }
+            forgotten
+        };
+        if forgotten.is_none() {
+            // The sweeper's retry dropped the role meanwhile.
+            return Ok(());
+        }
         let unmark = sql::unmark(&self.shared.marker, &lease.username);
         let unmarked = match self
             .shared
@@ -924,7 +1030,7 @@ fn run_in_one_round_trip(client: &mut Client, sql: &str) -> Result<(), postgres:
     result
 }
 
-fn unknown_role(name: &str) -> Error {
+pub(crate) fn unknown_role(name: &str) -> Error {
     Error::new(
         ErrorKind::UnknownRole,
         format!("no role named {name:?} is defined; define it with Broker::write_role"),

@@ -40,6 +40,9 @@ pub enum ErrorKind {
     Revocation,
     /// The operating system's random number generator failed.
     Random,
+    /// The broker has shut down: no new credentials (a [`RolePool`](crate::RolePool) that outlives its broker
+    /// cannot rotate).
+    ShutDown,
 }
 
 /// The error of every fallible operation in this crate.

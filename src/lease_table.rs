@@ -15,7 +15,7 @@
 //! keeps the random parts and a shared pointer to its role, times as whole seconds, and no heap allocation of
 //! its own (64 bytes). The public [`Lease`] is built from an entry when asked for.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -135,6 +135,8 @@ pub(crate) struct LeaseTable {
     due: BTreeSet<(u64, u128)>,
     /// The last revocation error of the few leases that have one, kept out of the entries to keep them small.
     errors: HashMap<u128, Box<str>>,
+    /// How many leases each role has, for stats polled every second (counting a million entries takes ms).
+    per_role: BTreeMap<String, usize>,
 }
 
 impl LeaseTable {
@@ -161,9 +163,37 @@ impl LeaseTable {
             }
             None => self.forget_error(key),
         }
+        self.count(&entry.role.name, true);
         // A replaced entry's index item goes stale and is skipped when reached.
-        self.by_key.insert(key, entry);
+        if let Some(replaced) = self.by_key.insert(key, entry) {
+            self.count(&replaced.role.name, false);
+        }
         Some(self.schedule(due, key))
+    }
+
+    /// Counts a lease of `role` in (`added`) or out.
+    fn count(&mut self, role: &str, added: bool) {
+        match self.per_role.get_mut(role) {
+            Some(n) if added => *n += 1,
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                self.per_role.remove(role);
+            }
+            None if added => {
+                self.per_role.insert(role.to_owned(), 1);
+            }
+            None => {}
+        }
+    }
+
+    /// How many leases each role has (roles with none left out).
+    pub(crate) fn per_role(&self) -> &BTreeMap<String, usize> {
+        &self.per_role
+    }
+
+    /// How many leases have a failed revocation and wait for a retry.
+    pub(crate) fn failing(&self) -> usize {
+        self.errors.len()
     }
 
     /// Adds an index item; returns whether it is the earliest.
@@ -202,7 +232,16 @@ impl LeaseTable {
         }
         let entry = found.remove();
         self.forget_error(key);
+        self.count(&entry.role.name, false);
         Some(entry)
+    }
+
+    /// Removes lease `id` and returns its public view, as it was.
+    pub(crate) fn take(&mut self, id: &str) -> Option<Lease> {
+        let key = self.key(id)?;
+        let lease = self.by_key.get(&key).map(|e| self.public(key, e));
+        self.remove(id);
+        lease
     }
 
     /// Drops the last error of lease `key`; free when no lease has one, the usual case.
@@ -389,6 +428,25 @@ mod tests {
 
     fn ids(due: Vec<DueLease>) -> Vec<String> {
         due.into_iter().map(|d| d.id).collect()
+    }
+
+    #[test]
+    fn live_leases_are_counted_per_role_through_insert_replace_and_removal() {
+        let mut t = LeaseTable::default();
+        add(&mut t, 1, 10);
+        add(&mut t, 2, 10);
+        add(&mut t, 2, 20); // replaces lease 2
+        t.insert(lease_of("other", 3, 10), role("other")).unwrap();
+        let counts = |t: &LeaseTable| t.per_role().clone().into_iter().collect::<Vec<_>>();
+        assert_eq!(counts(&t), [("other".to_owned(), 1), ("r".to_owned(), 2)]);
+        assert_eq!(t.take(&id(1)).map(|l| l.expires_at), Some(at(10)));
+        assert!(t.take(&id(1)).is_none());
+        t.remove(&lease_of("other", 3, 10).id);
+        assert_eq!(counts(&t), [("r".to_owned(), 1)]);
+        t.failed(&id(2), "boom".into(), at(30));
+        assert_eq!(t.failing(), 1);
+        t.remove(&id(2));
+        assert_eq!((counts(&t), t.failing()), (vec![], 0));
     }
 
     #[test]

@@ -59,13 +59,16 @@ mod broker;
 mod connection;
 mod credential;
 mod error;
+mod events;
 mod lease;
 mod lease_table;
 mod marker;
+mod pool;
 mod preflight;
 mod recovery;
 mod revoke;
 mod role;
+mod rotation;
 mod shutdown;
 mod sql;
 mod sweeper;
@@ -77,8 +80,13 @@ pub use broker::{Broker, BrokerBuilder};
 pub use connection::SslMode;
 pub use credential::{Credential, DEFAULT_SCRAM_ITERATIONS};
 pub use error::{Error, ErrorKind};
+pub use events::{
+    ExpiredEvent, HandleEvent, IssuedEvent, NopEventHandler, RenewedEvent, RevocationFailedEvent,
+    RevokeCause, RevokedEvent, RotatedEvent, Stats,
+};
 pub use lease::{Lease, MAX_LEASE};
 pub use marker::{DEFAULT_MARKER_ROLE, MAX_INSTANCE_NAME_LEN};
+pub use pool::{PoolOptions, PooledClient, RolePool};
 pub use recovery::RecoveryMode;
 pub use role::{Role, DEFAULT_CREATION_SQL, MAX_ROLE_NAME_LEN};
 pub use shutdown::ShutdownMode;

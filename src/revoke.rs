@@ -15,13 +15,17 @@
 //! thousands of roles in one transaction runs out of lock table ("out of shared memory"); several batches run
 //! at once on as many pooled connections as the pool has, but one.
 
+use std::fmt;
 use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
 
 use postgres::Client;
 
 use crate::broker::Shared;
 use crate::connection::Connection;
 use crate::error::{Error, ErrorKind};
+use crate::events::{ExpiredEvent, RevocationFailedEvent, RevokeCause, RevokedEvent};
 use crate::lease_table::DueLease;
 use crate::sql;
 use crate::template::{Template, Values};
@@ -319,12 +323,34 @@ fn failed(username: &str, err: postgres::Error) -> Error {
     Error::postgres(ErrorKind::Revocation, context, err, &[])
 }
 
+/// Why a lease is being revoked: for the log and the event.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Why {
+    /// The sweeper found it at its end.
+    Expired,
+    /// The sweeper retries a failed revocation (of an expired lease, or one revoked on request).
+    Retried,
+    /// Revoked before its end.
+    Revoke(RevokeCause),
+}
+
+impl fmt::Display for Why {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Why::Expired => f.write_str("expired"),
+            Why::Retried => f.write_str("retried"),
+            Why::Revoke(cause) => cause.fmt(f),
+        }
+    }
+}
+
 /// Revokes claimed leases and settles the lease table: a revoked lease leaves it; a failed one stays, with the
-/// error and a retry time for the sweeper. `why` says who asked, for the log. One result per lease, in order.
+/// error and a retry time for the sweeper. `why` says who asked, for the log and the event. One result per
+/// lease, in order.
 pub(crate) fn revoke_leases(
     shared: &Shared,
     leases: &[DueLease],
-    why: &str,
+    why: Why,
 ) -> Vec<Result<(), Error>> {
     let roles: Vec<_> = leases
         .iter()
@@ -351,36 +377,68 @@ pub(crate) fn revoke_leases(
 }
 
 /// Revokes one claimed lease; see [`revoke_leases`].
-pub(crate) fn revoke_lease(shared: &Shared, lease: &DueLease, why: &str) -> Result<(), Error> {
+pub(crate) fn revoke_lease(shared: &Shared, lease: &DueLease, why: Why) -> Result<(), Error> {
     revoke_leases(shared, std::slice::from_ref(lease), why)
         .pop()
         .unwrap_or(Ok(()))
 }
 
+/// Records the outcome of one revocation in the lease table, logs it and sends its event. Takes the lease's
+/// renewal turn, so that a renewal's event never comes after this one.
 fn settle(
     shared: &Shared,
     lease: &DueLease,
     result: Result<(), Error>,
-    why: &str,
+    why: Why,
 ) -> Result<(), Error> {
+    let _turn = shared.renewal_turn(&lease.id).map(Mutex::lock);
     match result {
         Ok(()) => {
-            shared.state.lock().table.remove(&lease.id);
+            let gone = shared.state.lock().table.take(&lease.id);
             log::info!(
                 "revoked lease {} ({why}): dropped role {}",
                 lease.id,
                 lease.username
             );
+            if let Some(lease) = gone {
+                let now = SystemTime::now();
+                let cause = match why {
+                    Why::Expired => None,
+                    Why::Retried if lease.expires_at <= now => None,
+                    Why::Retried => Some(RevokeCause::Requested),
+                    Why::Revoke(cause) => Some(cause),
+                };
+                match cause {
+                    None => shared.events.expired(ExpiredEvent {
+                        lease,
+                        revoked_at: now,
+                    }),
+                    Some(cause) => shared.events.revoked(RevokedEvent {
+                        lease,
+                        cause,
+                        revoked_at: now,
+                        role_dropped: true,
+                    }),
+                }
+            }
             Ok(())
         }
         Err(err) => {
-            let attempts = {
+            let (attempts, failed) = {
                 let mut state = shared.state.lock();
                 let previous = state.table.get(&lease.id).map_or(0, |e| e.attempts());
                 let retry_at = SystemTime::now() + retry_delay(previous + 1);
-                state.table.failed(&lease.id, err.to_string(), retry_at)
+                let attempts = state.table.failed(&lease.id, err.to_string(), retry_at);
+                let failed = state
+                    .table
+                    .lease(&lease.id)
+                    .map(|lease| RevocationFailedEvent { lease, retry_at });
+                (attempts, failed)
             };
             shared.wake.notify_one();
+            if let Some(event) = failed {
+                shared.events.revocation_failed(event);
+            }
             match attempts {
                 Some(n) if n >= FAILURES_BEFORE_ERROR => log::error!(
                     "revocation of lease {} (role {}) has failed {n} times and will be retried; \

@@ -4,7 +4,8 @@ use std::time::{Duration, Instant};
 
 use crate::broker::Shared;
 use crate::error::{Error, ErrorKind};
-use crate::revoke::{revoke_leases, BATCH};
+use crate::events::RevokeCause;
+use crate::revoke::{revoke_leases, Why, BATCH};
 
 /// What [`Broker::shutdown`](crate::Broker::shutdown), and dropping a [`Broker`](crate::Broker), do with the
 /// leases still in the table. Set the default for `Drop` with
@@ -38,7 +39,7 @@ pub(crate) fn revoke_all(shared: &Shared, timeout: Duration) -> Result<usize, Er
             log::info!("shutdown: revoked {revoked} leases");
             return Ok(revoked);
         }
-        revoked += revoke_leases(shared, &claimed, "shutdown")
+        revoked += revoke_leases(shared, &claimed, Why::Revoke(RevokeCause::Shutdown))
             .iter()
             .filter(|r| r.is_ok())
             .count();

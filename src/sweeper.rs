@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::broker::Shared;
 use crate::recovery::sweep_orphans;
-use crate::revoke::{revoke_leases, BATCH};
+use crate::revoke::{revoke_leases, Why, BATCH};
 
 /// Longest sleep: bounds how long a jump of the wall clock can delay a sweep.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -57,7 +57,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
         }
         let (expired, retried): (Vec<_>, Vec<_>) = due.into_iter().partition(|l| l.attempts == 0);
         // Failures are recorded in the lease table and logged by revoke_leases.
-        let _ = revoke_leases(&shared, &expired, "expired");
-        let _ = revoke_leases(&shared, &retried, "retried");
+        let _ = revoke_leases(&shared, &expired, Why::Expired);
+        let _ = revoke_leases(&shared, &retried, Why::Retried);
     }
 }

@@ -213,3 +213,58 @@ pub fn create_table_as(pg: &TestPostgres, creds: &credbroker::Credential, table:
         .batch_execute(&format!("CREATE TABLE {table} (x int)"))
         .expect("create a table as the credential");
 }
+
+/// An event handler that records every event as `(kind, lease id)`, in arrival order; clones share the record.
+#[derive(Debug, Clone, Default)]
+pub struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<(&'static str, String)>>>);
+
+impl Recorder {
+    fn push(&self, kind: &'static str, id: &str) {
+        self.0.lock().unwrap().push((kind, id.to_owned()));
+    }
+
+    /// Every event so far.
+    pub fn all(&self) -> Vec<(&'static str, String)> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// The kinds of the events of lease `id`, in order.
+    pub fn of(&self, id: &str) -> Vec<&'static str> {
+        self.all()
+            .into_iter()
+            .filter(|(_, lease)| lease == id)
+            .map(|(kind, _)| kind)
+            .collect()
+    }
+}
+
+impl credbroker::HandleEvent for Recorder {
+    fn handle_issued(&self, e: credbroker::IssuedEvent) {
+        self.push("issued", e.lease.id());
+    }
+    fn handle_renewed(&self, e: credbroker::RenewedEvent) {
+        self.push("renewed", e.lease.id());
+    }
+    fn handle_rotated(&self, e: credbroker::RotatedEvent) {
+        self.push("rotated away", e.old.id());
+        self.push("rotated to", e.new.id());
+    }
+    fn handle_revoked(&self, e: credbroker::RevokedEvent) {
+        let kind = match e.cause {
+            credbroker::RevokeCause::Requested => "revoked",
+            credbroker::RevokeCause::Forced => "revoked (forced)",
+            credbroker::RevokeCause::Rotated => "revoked (rotated)",
+            credbroker::RevokeCause::PoolClosed => "revoked (pool closed)",
+            credbroker::RevokeCause::Shutdown => "revoked (shutdown)",
+            _ => "revoked (other)",
+        };
+        self.push(kind, e.lease.id());
+    }
+    fn handle_expired(&self, e: credbroker::ExpiredEvent) {
+        assert!(e.revoked_at >= e.lease.expires_at());
+        self.push("expired", e.lease.id());
+    }
+    fn handle_revocation_failed(&self, e: credbroker::RevocationFailedEvent) {
+        self.push("revocation failed", e.lease.id());
+    }
+}

@@ -1,0 +1,301 @@
+//! Events: the audit hook. Every change of a lease (issued, renewed, rotated, revoked, expired, a failed
+//! revocation) is counted for [`Broker::stats`](crate::Broker::stats) and passed to the [`HandleEvent`] given to
+//! [`BrokerBuilder::event_handler`](crate::BrokerBuilder::event_handler), in the style of r2d2's `HandleEvent`.
+//!
+//! Events carry the [`Lease`] (id, role, username, times) and never a password. They are delivered synchronously
+//! on the thread that made the change (a caller's, the sweeper's, or a [`RolePool`](crate::RolePool)'s), after the
+//! change, and in order for any one lease: issued, then renewals and rotation, then one of revoked or expired.
+//! A handler that panics is caught and logged; the broker carries on.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use crate::lease::Lease;
+
+/// Receives the broker's events. Every method has a no-op default: implement the ones you need.
+///
+/// Methods are called synchronously, on the thread that issued, renewed or revoked the lease (the sweeper's
+/// among them), so they should be quick and must not block: hand slow work (a network audit log) to a channel.
+pub trait HandleEvent: fmt::Debug + Send + Sync + 'static {
+    /// A credential was issued: its role now exists in PostgreSQL.
+    fn handle_issued(&self, event: IssuedEvent) {
+        let _ = event;
+    }
+
+    /// A lease was renewed: its role's `VALID UNTIL` moved.
+    fn handle_renewed(&self, event: RenewedEvent) {
+        let _ = event;
+    }
+
+    /// A [`RolePool`](crate::RolePool) replaced its credential: new connections use the new lease, and the old
+    /// one is revoked once its last connection is returned (or at its end).
+    fn handle_rotated(&self, event: RotatedEvent) {
+        let _ = event;
+    }
+
+    /// A lease was revoked before its end: its role is gone (or, for [`RevokeCause::Forced`], forgotten).
+    fn handle_revoked(&self, event: RevokedEvent) {
+        let _ = event;
+    }
+
+    /// A lease reached its end and the sweeper dropped its role.
+    fn handle_expired(&self, event: ExpiredEvent) {
+        let _ = event;
+    }
+
+    /// Dropping a lease's role failed; the lease stays in the table and is retried at
+    /// [`RevocationFailedEvent::retry_at`].
+    fn handle_revocation_failed(&self, event: RevocationFailedEvent) {
+        let _ = event;
+    }
+}
+
+/// The default handler: ignores every event.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NopEventHandler;
+
+impl HandleEvent for NopEventHandler {}
+
+/// See [`HandleEvent::handle_issued`].
+#[derive(Debug, Clone)]
+pub struct IssuedEvent {
+    /// The new lease.
+    pub lease: Lease,
+}
+
+/// See [`HandleEvent::handle_renewed`].
+#[derive(Debug, Clone)]
+pub struct RenewedEvent {
+    /// The lease after the renewal.
+    pub lease: Lease,
+    /// Its end before the renewal.
+    pub previous_expires_at: SystemTime,
+}
+
+/// See [`HandleEvent::handle_rotated`].
+#[derive(Debug, Clone)]
+pub struct RotatedEvent {
+    /// The lease the pool stopped using for new connections.
+    pub old: Lease,
+    /// The lease new connections use.
+    pub new: Lease,
+}
+
+/// Why a lease was revoked before its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RevokeCause {
+    /// [`Broker::revoke`](crate::Broker::revoke) or [`Broker::revoke_prefix`](crate::Broker::revoke_prefix)
+    /// (or a retry of one, by the sweeper).
+    Requested,
+    /// [`Broker::revoke_force`](crate::Broker::revoke_force). If [`RevokedEvent::role_dropped`] is false, the
+    /// role could not be dropped and the broker forgot the lease anyway.
+    Forced,
+    /// A [`RolePool`](crate::RolePool) rotated to a new credential and the last connection of this one was
+    /// returned.
+    Rotated,
+    /// The last handle of a [`RolePool`](crate::RolePool) was dropped.
+    PoolClosed,
+    /// [`Broker::shutdown`](crate::Broker::shutdown) with [`ShutdownMode::Revoke`](crate::ShutdownMode::Revoke),
+    /// or dropping a broker built with that mode.
+    Shutdown,
+}
+
+impl fmt::Display for RevokeCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RevokeCause::Requested => "requested",
+            RevokeCause::Forced => "forced",
+            RevokeCause::Rotated => "rotated",
+            RevokeCause::PoolClosed => "pool closed",
+            RevokeCause::Shutdown => "shutdown",
+        })
+    }
+}
+
+/// See [`HandleEvent::handle_revoked`].
+#[derive(Debug, Clone)]
+pub struct RevokedEvent {
+    /// The lease, as it was when revoked.
+    pub lease: Lease,
+    /// Why.
+    pub cause: RevokeCause,
+    /// When the revocation completed.
+    pub revoked_at: SystemTime,
+    /// Whether the role is gone; false only when [`Broker::revoke_force`](crate::Broker::revoke_force) forgot
+    /// a lease whose role could not be dropped.
+    pub role_dropped: bool,
+}
+
+/// See [`HandleEvent::handle_expired`].
+#[derive(Debug, Clone)]
+pub struct ExpiredEvent {
+    /// The lease, as it was when it expired.
+    pub lease: Lease,
+    /// When the sweeper dropped its role (at or after [`Lease::expires_at`]).
+    pub revoked_at: SystemTime,
+}
+
+/// See [`HandleEvent::handle_revocation_failed`].
+#[derive(Debug, Clone)]
+pub struct RevocationFailedEvent {
+    /// The lease; [`Lease::revocation_attempts`] counts this failure, and [`Lease::last_error`] is its error.
+    pub lease: Lease,
+    /// When the sweeper tries again.
+    pub retry_at: SystemTime,
+}
+
+/// Counts of what the broker did since it was built, and where it stands: see
+/// [`Broker::stats`](crate::Broker::stats).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Leases in the table, by role name (roles with none are left out).
+    pub live: BTreeMap<String, usize>,
+    /// Credentials issued.
+    pub issued: u64,
+    /// Renewals that succeeded.
+    pub renewed: u64,
+    /// Credential rotations by [`RolePool`](crate::RolePool)s.
+    pub rotated: u64,
+    /// Leases revoked before their end (every [`RevokeCause`]).
+    pub revoked: u64,
+    /// Leases the sweeper revoked at their end.
+    pub expired: u64,
+    /// Failed attempts to drop a role (each is retried).
+    pub revocation_failures: u64,
+    /// Leases whose revocation has failed and that wait for a retry now.
+    pub failing: usize,
+    /// How late the sweeper is: how long ago the most overdue lease was due (its end, or its retry time), or zero
+    /// when none is overdue. More than a few milliseconds means revocation cannot keep up (the database is
+    /// slow or down) or the broker is short of connections.
+    pub sweeper_lag: Duration,
+}
+
+/// The counters behind [`Stats`] and the handler; one per broker.
+pub(crate) struct Events {
+    handler: Box<dyn HandleEvent>,
+    issued: AtomicU64,
+    renewed: AtomicU64,
+    rotated: AtomicU64,
+    revoked: AtomicU64,
+    expired: AtomicU64,
+    revocation_failures: AtomicU64,
+}
+
+impl Events {
+    pub(crate) fn new(handler: Box<dyn HandleEvent>) -> Events {
+        Events {
+            handler,
+            issued: AtomicU64::new(0),
+            renewed: AtomicU64::new(0),
+            rotated: AtomicU64::new(0),
+            revoked: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            revocation_failures: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn issued(&self, event: IssuedEvent) {
+        self.issued.fetch_add(1, Ordering::Relaxed);
+        self.deliver("issued", |h| h.handle_issued(event));
+    }
+
+    pub(crate) fn renewed(&self, event: RenewedEvent) {
+        self.renewed.fetch_add(1, Ordering::Relaxed);
+        self.deliver("renewed", |h| h.handle_renewed(event));
+    }
+
+    pub(crate) fn rotated(&self, event: RotatedEvent) {
+        self.rotated.fetch_add(1, Ordering::Relaxed);
+        self.deliver("rotated", |h| h.handle_rotated(event));
+    }
+
+    pub(crate) fn revoked(&self, event: RevokedEvent) {
+        self.revoked.fetch_add(1, Ordering::Relaxed);
+        self.deliver("revoked", |h| h.handle_revoked(event));
+    }
+
+    pub(crate) fn expired(&self, event: ExpiredEvent) {
+        self.expired.fetch_add(1, Ordering::Relaxed);
+        self.deliver("expired", |h| h.handle_expired(event));
+    }
+
+    pub(crate) fn revocation_failed(&self, event: RevocationFailedEvent) {
+        self.revocation_failures.fetch_add(1, Ordering::Relaxed);
+        self.deliver("revocation failed", |h| h.handle_revocation_failed(event));
+    }
+
+    /// The counters, into `stats`.
+    pub(crate) fn count(&self, stats: &mut Stats) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        stats.issued = get(&self.issued);
+        stats.renewed = get(&self.renewed);
+        stats.rotated = get(&self.rotated);
+        stats.revoked = get(&self.revoked);
+        stats.expired = get(&self.expired);
+        stats.revocation_failures = get(&self.revocation_failures);
+    }
+
+    /// Calls the handler; a panic in it is logged, never passed on (the sweeper must not die of it).
+    fn deliver(&self, what: &str, call: impl FnOnce(&dyn HandleEvent)) {
+        if catch_unwind(AssertUnwindSafe(|| call(&*self.handler))).is_err() {
+            log::error!("the event handler panicked on a {what} event; the broker carries on");
+        }
+    }
+}
+
+impl fmt::Debug for Events {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Events")
+            .field("handler", &self.handler)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Default)]
+    struct Panicky(Mutex<Vec<String>>);
+
+    impl HandleEvent for Panicky {
+        fn handle_issued(&self, event: IssuedEvent) {
+            self.0.lock().unwrap().push(event.lease.id);
+            panic!("handler bug");
+        }
+    }
+
+    fn lease() -> Lease {
+        let t = SystemTime::UNIX_EPOCH;
+        Lease {
+            id: "postgresql/creds/r/x".into(),
+            role: "r".into(),
+            username: "r-1-x".into(),
+            issued_at: t,
+            expires_at: t,
+            max_expires_at: t,
+            revocation_attempts: 0,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn a_panicking_handler_is_contained_and_events_still_count() {
+        let events = Events::new(Box::new(Panicky::default()));
+        events.issued(IssuedEvent { lease: lease() });
+        events.issued(IssuedEvent { lease: lease() });
+        events.expired(ExpiredEvent {
+            lease: lease(),
+            revoked_at: SystemTime::now(),
+        });
+        let mut stats = Stats::default();
+        events.count(&mut stats);
+        assert_eq!((stats.issued, stats.expired, stats.revoked), (2, 1, 0));
+    }
+}

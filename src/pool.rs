@@ -1,0 +1,656 @@
+//! The application side: [`RolePool`], an r2d2 pool of connections that log in with a credential the pool
+//! holds, renews and rotates (see `rotation` for when and how).
+//!
+//! Every connection belongs to one *generation*: the credential current when it was opened. Rotation makes a
+//! new generation current and retires the old one. From then on a retired connection is never handed out again:
+//! r2d2 asks [`LeaseManager::is_valid`] at checkout and [`LeaseManager::has_broken`] at return, and both say
+//! "retired", so the connection is closed then, and never while checked out. Each generation counts its
+//! connections (logins in progress included), and the rotation thread revokes a retired generation's lease
+//! once its count reaches zero.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, RwLock};
+use postgres::Client;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::broker::Shared;
+use crate::credential::Credential;
+use crate::error::{describe, Error, ErrorKind};
+use crate::events::RevokeCause;
+use crate::lease::Lease;
+use crate::revoke::Why;
+use crate::rotation;
+use crate::shutdown::ShutdownMode;
+
+/// PostgreSQL keeps the first 63 bytes of `application_name` (NAMEDATALEN - 1).
+const MAX_APPLICATION_NAME: usize = 63;
+
+/// A connection idle for longer than this is checked with an empty query before it is handed out; one used more
+/// recently is handed out as is (HikariCP's `aliveBypassWindowMs` is the same idea, at 500 ms).
+const TRUST_IDLE_FOR: Duration = Duration::from_millis(500);
+
+/// Options of a [`RolePool`]: see [`Broker::pool_with`](crate::Broker::pool_with).
+///
+/// | option | default |
+/// |---|---|
+/// | [`max_size`](PoolOptions::max_size) | 10 connections |
+/// | [`min_idle`](PoolOptions::min_idle) | 1 connection |
+/// | [`database`](PoolOptions::database) | the admin connection's database |
+/// | [`connection_timeout`](PoolOptions::connection_timeout) | 30 seconds |
+/// | [`rotate_before`](PoolOptions::rotate_before) | a third of the role's max lease, at most 1 hour |
+/// | [`on_drop`](PoolOptions::on_drop) | the broker's [`shutdown_mode`](crate::BrokerBuilder::shutdown_mode) |
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    max_size: u32,
+    min_idle: u32,
+    database: Option<String>,
+    connection_timeout: Duration,
+    rotate_before: Option<Duration>,
+    on_drop: Option<ShutdownMode>,
+}
+
+impl Default for PoolOptions {
+    fn default() -> PoolOptions {
+        PoolOptions {
+            max_size: 10,
+            min_idle: 1,
+            database: None,
+            connection_timeout: Duration::from_secs(30),
+            rotate_before: None,
+            on_drop: None,
+        }
+    }
+}
+
+impl PoolOptions {
+    /// The defaults listed on [`PoolOptions`].
+    pub fn new() -> PoolOptions {
+        PoolOptions::default()
+    }
+
+    /// Most connections open at once (at least 1).
+    pub fn max_size(mut self, size: u32) -> PoolOptions {
+        self.max_size = size;
+        self
+    }
+
+    /// How many idle connections the pool keeps open, ready for use (at most `max_size`). After a rotation they
+    /// are opened again with the new credential.
+    pub fn min_idle(mut self, idle: u32) -> PoolOptions {
+        self.min_idle = idle;
+        self
+    }
+
+    /// The database the connections use.
+    pub fn database(mut self, database: impl Into<String>) -> PoolOptions {
+        self.database = Some(database.into());
+        self
+    }
+
+    /// How long [`RolePool::get`] waits for a connection before failing.
+    pub fn connection_timeout(mut self, timeout: Duration) -> PoolOptions {
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// How long before its lease's max the pool rotates to a new credential. This is also how long a connection
+    /// checked out just before a rotation may stay checked out: at the old lease's max its role is dropped and
+    /// its sessions are ended. At least 1 second, and less than the role's max lease.
+    pub fn rotate_before(mut self, before: Duration) -> PoolOptions {
+        self.rotate_before = Some(before);
+        self
+    }
+
+    /// What dropping the last handle of the pool does with its leases: [`ShutdownMode::Revoke`] revokes them
+    /// (ending connections still checked out), [`ShutdownMode::Keep`] leaves them to expire (the sweeper then
+    /// drops their roles). The timeout of `Revoke` is not used: the pool's few leases are revoked at once.
+    pub fn on_drop(mut self, mode: ShutdownMode) -> PoolOptions {
+        self.on_drop = Some(mode);
+        self
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        let bad = |msg: String| Err(Error::new(ErrorKind::InvalidConfig, msg));
+        if self.max_size == 0 {
+            return bad("pool max_size is 0; give at least 1 connection".into());
+        }
+        if self.min_idle > self.max_size {
+            return bad(format!(
+                "pool min_idle {} is more than max_size {}; lower min_idle or raise max_size",
+                self.min_idle, self.max_size
+            ));
+        }
+        if self.connection_timeout.is_zero() {
+            return bad(
+                "pool connection_timeout is zero; give how long get() may wait, e.g. Duration::from_secs(30)"
+                    .into(),
+            );
+        }
+        if let Some(db) = &self.database {
+            if db.is_empty() || db.len() > 63 || db.contains('\0') {
+                return bad(format!(
+                    "pool database {db:?} must be 1–63 bytes long (PostgreSQL's limit for names), without NUL"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One credential of a pool and the connections logged in with it.
+pub(crate) struct Generation {
+    pub(crate) lease_id: String,
+    pub(crate) username: String,
+    /// How long the credential was issued for: renewals add this much.
+    pub(crate) lease_duration: Duration,
+    /// The connection settings, with the credential's user, password and `application_name`. `postgres::Config`
+    /// keeps the password in a buffer it frees without wiping (see the README's "Secrets in memory").
+    config: postgres::Config,
+    /// Open connections, counted from the moment a login starts.
+    connections: AtomicUsize,
+    retired: AtomicBool,
+}
+
+impl Generation {
+    fn new(credential: Credential, base: &postgres::Config, database: Option<&str>) -> Generation {
+        let mut config = base.clone();
+        config
+            .user(credential.username())
+            .password(credential.password())
+            .application_name(application_name(credential.lease_id()));
+        if let Some(db) = database {
+            config.dbname(db);
+        }
+        Generation {
+            lease_id: credential.lease_id().to_owned(),
+            username: credential.username().to_owned(),
+            lease_duration: credential.lease_duration(),
+            config,
+            connections: AtomicUsize::new(0),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+}
+
+impl fmt::Debug for Generation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Generation")
+            .field("lease_id", &self.lease_id)
+            .field("username", &self.username)
+            .field("connections", &self.connections())
+            .field("retired", &self.is_retired())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `application_name` for lease `id`: the id itself, or its last 63 bytes when longer, which keep its random
+/// part whole (the start, `postgresql/creds/`, is the same for every lease).
+pub(crate) fn application_name(id: &str) -> &str {
+    let mut start = id.len().saturating_sub(MAX_APPLICATION_NAME);
+    while !id.is_char_boundary(start) {
+        start += 1;
+    }
+    &id[start..]
+}
+
+/// What the pool's connections, its rotation thread and its handle share.
+pub(crate) struct Credentials {
+    pub(crate) role: String,
+    base: postgres::Config,
+    database: Option<String>,
+    current: RwLock<Arc<Generation>>,
+    /// Generations rotated away from whose leases are not yet revoked.
+    pub(crate) retired: Mutex<Vec<Arc<Generation>>>,
+    /// Wakes the rotation thread: a retired generation lost its last connection, or the pool is closing.
+    pub(crate) signal: Mutex<Signal>,
+    pub(crate) wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Signal {
+    pub(crate) stop: bool,
+    pub(crate) drained: bool,
+}
+
+impl Credentials {
+    pub(crate) fn current(&self) -> Arc<Generation> {
+        self.current.read().clone()
+    }
+
+    /// Makes a new credential current and returns the generation it replaces, now retired.
+    pub(crate) fn rotate(&self, credential: Credential) -> Arc<Generation> {
+        let new = Arc::new(Generation::new(
+            credential,
+            &self.base,
+            self.database.as_deref(),
+        ));
+        let old = std::mem::replace(&mut *self.current.write(), new);
+        // Logins that took the old generation did so under the read lock: all are counted by now.
+        old.retired.store(true, Ordering::Release);
+        self.retired.lock().push(old.clone());
+        old
+    }
+
+    fn poke(&self) {
+        self.signal.lock().drained = true;
+        self.wake.notify_all();
+    }
+}
+
+/// The r2d2 connection manager: logs in with the pool's current credential.
+pub(crate) struct LeaseManager {
+    credentials: Arc<Credentials>,
+    tls: MakeRustlsConnect,
+}
+
+/// A pooled connection and the generation it belongs to.
+pub(crate) struct LeaseConnection {
+    client: Client,
+    generation: Arc<Generation>,
+    credentials: Arc<Credentials>,
+    /// When it was last returned to the pool (or opened).
+    returned: Instant,
+}
+
+impl Drop for LeaseConnection {
+    fn drop(&mut self) {
+        release(&self.generation, &self.credentials);
+    }
+}
+
+/// Uncounts a connection of `generation` (closed, or a login that failed); the last one of a retired generation
+/// wakes the rotation thread to revoke its lease.
+fn release(generation: &Generation, credentials: &Credentials) {
+    if generation.connections.fetch_sub(1, Ordering::AcqRel) == 1 && generation.is_retired() {
+        credentials.poke();
+    }
+}
+
+impl r2d2::ManageConnection for LeaseManager {
+    type Connection = LeaseConnection;
+    type Error = Error;
+
+    fn connect(&self) -> Result<LeaseConnection, Error> {
+        let generation = {
+            let current = self.credentials.current.read();
+            // Counted before the login, under the read lock, so rotation never revokes a lease that a login
+            // in progress is using.
+            current.connections.fetch_add(1, Ordering::AcqRel);
+            current.clone()
+        };
+        match generation.config.connect(self.tls.clone()) {
+            Ok(client) => Ok(LeaseConnection {
+                client,
+                generation,
+                credentials: self.credentials.clone(),
+                returned: Instant::now(),
+            }),
+            Err(e) => {
+                release(&generation, &self.credentials);
+                Err(login_failed(&self.credentials.role, &generation, e))
+            }
+        }
+    }
+
+    fn is_valid(&self, conn: &mut LeaseConnection) -> Result<(), Error> {
+        if conn.generation.is_retired() {
+            return Err(Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "connection of lease {} retired by a rotation; closing it",
+                    conn.generation.lease_id
+                ),
+            ));
+        }
+        if conn.returned.elapsed() > TRUST_IDLE_FOR {
+            conn.client.simple_query("").map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!(
+                        "idle connection of lease {} is broken ({}); opening another",
+                        conn.generation.lease_id,
+                        describe(&e)
+                    ),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut LeaseConnection) -> bool {
+        conn.returned = Instant::now();
+        conn.generation.is_retired() || conn.client.is_closed()
+    }
+}
+
+fn login_failed(role: &str, generation: &Generation, e: postgres::Error) -> Error {
+    Error::new(
+        ErrorKind::Connection,
+        format!(
+            "pool of role {role:?} could not log in as {} (lease {}): {}; check that the role's creation SQL \
+             grants LOGIN and that pg_hba.conf lets it connect to this database",
+            generation.username,
+            generation.lease_id,
+            describe(&e)
+        ),
+    )
+}
+
+/// r2d2 reports failed checks and logins here; a retired connection is routine, not an error.
+#[derive(Debug)]
+struct PoolErrors;
+
+impl r2d2::HandleError<Error> for PoolErrors {
+    fn handle_error(&self, error: Error) {
+        if error.to_string().contains("retired by a rotation") {
+            log::debug!("{error}");
+        } else {
+            log::warn!("{error}");
+        }
+    }
+}
+
+/// A pool of PostgreSQL connections for one broker role, always logged in with a valid credential: see
+/// [`Broker::pool`](crate::Broker::pool).
+///
+/// Cloning is cheap and gives another handle to the same pool; it is `Send + Sync`. The pool holds one lease at a
+/// time (two for a moment around a rotation), renews it in the background, and rotates to a new credential
+/// before the lease reaches its max, without ever closing a connection that is checked out. Dropping the last
+/// handle stops the renewals and, as [`PoolOptions::on_drop`] says, revokes or keeps the leases.
+#[derive(Clone)]
+pub struct RolePool {
+    handle: Arc<PoolHandle>,
+}
+
+struct PoolHandle {
+    pool: r2d2::Pool<LeaseManager>,
+    credentials: Arc<Credentials>,
+    shared: Arc<Shared>,
+    rotation: Mutex<Option<JoinHandle<()>>>,
+    on_drop: ShutdownMode,
+}
+
+impl RolePool {
+    pub(crate) fn open(
+        shared: &Arc<Shared>,
+        role: &str,
+        options: PoolOptions,
+        broker_shutdown: ShutdownMode,
+    ) -> Result<RolePool, Error> {
+        options.check()?;
+        let definition = shared
+            .current_role(role)
+            .ok_or_else(|| crate::broker::unknown_role(role))?;
+        let max = definition.policy.max;
+        let rotate_before = options
+            .rotate_before
+            .unwrap_or_else(|| (max / 3).min(Duration::from_secs(3600)));
+        if rotate_before < Duration::from_secs(1) || rotate_before >= max {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "pool rotate_before {rotate_before:?} must be at least 1 second and less than role {role:?}'s \
+                     max lease ({max:?}); give a shorter time or a longer max lease"
+                ),
+            ));
+        }
+        let credential = shared.creds(role)?;
+        let base = shared.revoke_settings.connection.config.clone();
+        let tls = shared.revoke_settings.connection.tls.clone();
+        let generation = Generation::new(credential, &base, options.database.as_deref());
+
+        // One login now, so that a role that cannot log in fails here with PostgreSQL's reason, not at the
+        // first get() with a timeout.
+        if let Err(e) = generation.config.connect(tls.clone()) {
+            let err = login_failed(role, &generation, e);
+            if let Err(revoke) =
+                shared.revoke(&generation.lease_id, Why::Revoke(RevokeCause::PoolClosed))
+            {
+                log::warn!("{revoke}");
+            }
+            return Err(err);
+        }
+        let credentials = Arc::new(Credentials {
+            role: role.to_owned(),
+            base,
+            database: options.database,
+            current: RwLock::new(Arc::new(generation)),
+            retired: Mutex::new(Vec::new()),
+            signal: Mutex::new(Signal::default()),
+            wake: Condvar::new(),
+        });
+        let pool = r2d2::Pool::builder()
+            .max_size(options.max_size)
+            .min_idle(Some(options.min_idle))
+            .connection_timeout(options.connection_timeout)
+            .test_on_check_out(true)
+            .error_handler(Box::new(PoolErrors))
+            .build_unchecked(LeaseManager {
+                credentials: credentials.clone(),
+                tls,
+            });
+        let rotation = {
+            let (shared, credentials, pool) = (shared.clone(), credentials.clone(), pool.clone());
+            std::thread::Builder::new()
+                .name(format!("credbroker-pool-{role}"))
+                .spawn(move || rotation::run(&shared, &credentials, &pool, rotate_before))
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Connection,
+                        "could not start the pool's rotation thread",
+                    )
+                    .with_source(e)
+                })?
+        };
+        log::info!(
+            "opened pool of role {role} (max {} connections) with lease {}; rotating {rotate_before:?} before \
+             the max lease",
+            options.max_size,
+            credentials.current().lease_id
+        );
+        Ok(RolePool {
+            handle: Arc::new(PoolHandle {
+                pool,
+                credentials,
+                shared: shared.clone(),
+                rotation: Mutex::new(Some(rotation)),
+                on_drop: options.on_drop.unwrap_or(broker_shutdown),
+            }),
+        })
+    }
+
+    /// A connection, waiting up to the pool's connection timeout for one to be free or opened. It returns to
+    /// the pool when dropped. Fails with [`ErrorKind::Connection`] if none could be had in time (the error
+    /// says why the last login failed).
+    pub fn get(&self) -> Result<PooledClient, Error> {
+        let pool = &self.handle.pool;
+        pool.get()
+            .map(|conn| PooledClient { conn })
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Connection,
+                    format!(
+                        "no connection in the pool of role {:?} within {:?}: {e}; check that the server is up, or \
+                         raise max_size",
+                        self.handle.credentials.role,
+                        pool.connection_timeout()
+                    ),
+                )
+            })
+    }
+
+    /// The broker role this pool's credentials are issued for.
+    pub fn role(&self) -> &str {
+        &self.handle.credentials.role
+    }
+
+    /// The lease new connections log in with.
+    pub fn lease_id(&self) -> String {
+        self.handle.credentials.current().lease_id.clone()
+    }
+
+    /// The lease new connections log in with, as the broker's lease table holds it (`None` if it has just been
+    /// revoked or has expired, and the pool is about to rotate).
+    pub fn lease(&self) -> Option<Lease> {
+        self.handle
+            .shared
+            .state
+            .lock()
+            .table
+            .lease(&self.lease_id())
+    }
+
+    /// Open connections and idle connections, as r2d2 counts them.
+    pub fn connections(&self) -> (u32, u32) {
+        let state = self.handle.pool.state();
+        (state.connections, state.idle_connections)
+    }
+}
+
+impl fmt::Debug for RolePool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RolePool")
+            .field("role", &self.role())
+            .field("current", &*self.handle.credentials.current())
+            .field("retired", &*self.handle.credentials.retired.lock())
+            .finish()
+    }
+}
+
+impl Drop for PoolHandle {
+    fn drop(&mut self) {
+        {
+            self.credentials.signal.lock().stop = true;
+            self.credentials.wake.notify_all();
+        }
+        if let Some(thread) = self.rotation.lock().take() {
+            if thread.join().is_err() {
+                log::error!(
+                    "the rotation thread of pool {} panicked",
+                    self.credentials.role
+                );
+            }
+        }
+        let mut leases: Vec<String> = self
+            .credentials
+            .retired
+            .lock()
+            .drain(..)
+            .map(|g| g.lease_id.clone())
+            .collect();
+        leases.push(self.credentials.current().lease_id.clone());
+        match self.on_drop {
+            ShutdownMode::Keep => log::info!(
+                "closed pool of role {}; kept lease(s) {}: they are no longer renewed, and expire",
+                self.credentials.role,
+                leases.join(", ")
+            ),
+            ShutdownMode::Revoke { .. } => {
+                for id in &leases {
+                    match self.shared.revoke(id, Why::Revoke(RevokeCause::PoolClosed)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == ErrorKind::UnknownLease => {}
+                        Err(e) => log::warn!("closing pool of role {}: {e}", self.credentials.role),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A connection checked out of a [`RolePool`]; use it as a [`postgres::Client`]. Dropping it returns it to the
+/// pool (or closes it, if the pool has rotated to a new credential meanwhile).
+pub struct PooledClient {
+    conn: r2d2::PooledConnection<LeaseManager>,
+}
+
+impl PooledClient {
+    /// The lease this connection logged in with (its `application_name` is this id, or its last 63 bytes).
+    pub fn lease_id(&self) -> &str {
+        &self.conn.generation.lease_id
+    }
+
+    /// The PostgreSQL user this connection logged in as.
+    pub fn username(&self) -> &str {
+        &self.conn.generation.username
+    }
+
+    /// Whether the pool has rotated away from this connection's credential: it is closed when returned.
+    pub fn is_retired(&self) -> bool {
+        self.conn.generation.is_retired()
+    }
+}
+
+impl Deref for PooledClient {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.conn.client
+    }
+}
+
+impl DerefMut for PooledClient {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.conn.client
+    }
+}
+
+impl fmt::Debug for PooledClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PooledClient")
+            .field("lease_id", &self.lease_id())
+            .field("username", &self.username())
+            .field("retired", &self.is_retired())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn application_name_is_the_lease_id_or_its_end() {
+        let short = "postgresql/creds/readonly/0123abcd-0000-0000-0000-0123456789ab";
+        assert_eq!(application_name(short), short);
+        let long = "postgresql/creds/a_role_name_of_thirty_two_chars_/0123abcd-0000-0000-0000-0123456789ab";
+        let name = application_name(long);
+        assert_eq!(name.len(), 63);
+        assert!(long.ends_with(name));
+        assert!(name.ends_with("/0123abcd-0000-0000-0000-0123456789ab"));
+    }
+
+    #[test]
+    fn options_are_checked() {
+        assert!(PoolOptions::new().check().is_ok());
+        for bad in [
+            PoolOptions::new().max_size(0),
+            PoolOptions::new().max_size(2).min_idle(3),
+            PoolOptions::new().connection_timeout(Duration::ZERO),
+            PoolOptions::new().database(""),
+            PoolOptions::new().database("x".repeat(64)),
+        ] {
+            assert_eq!(bad.check().unwrap_err().kind(), ErrorKind::InvalidConfig);
+        }
+    }
+
+    #[test]
+    fn pool_types_are_send_and_sync() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<RolePool>();
+    }
+}

@@ -1,0 +1,176 @@
+//! Rotation: the thread each [`RolePool`](crate::RolePool) runs to keep its credential valid.
+//!
+//! - **Renewal.** Once half of the current lease's duration has passed, the lease is renewed by its duration
+//!   (capped at its max), so `VALID UNTIL` stays ahead of the logins the pool makes.
+//! - **Make before break.** `rotate_before` ahead of the lease's max, the pool obtains a new credential and makes
+//!   it current: new connections log in with it. The old lease is renewed to its max, so connections still
+//!   checked out keep a role to run as; idle connections of the old credential are closed at once, checked-out
+//!   ones when they are returned.
+//! - **Revocation.** The old lease is revoked as soon as its last connection is closed, or, if one is held longer,
+//!   by the sweeper at the lease's end (which also ends that connection's session).
+//!
+//! Failures (the database down, say) are logged and retried every second; the pool keeps serving connections of
+//! the current credential meanwhile.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use crate::broker::Shared;
+use crate::error::ErrorKind;
+use crate::events::{RevokeCause, RotatedEvent};
+use crate::pool::{Credentials, LeaseManager};
+use crate::revoke::Why;
+
+/// Longest sleep, and the delay before retrying a failed renewal or rotation.
+const TICK: Duration = Duration::from_secs(1);
+/// Shortest sleep.
+const SOON: Duration = Duration::from_millis(100);
+
+/// The rotation thread's body; returns when the pool is dropped or the broker shuts down.
+pub(crate) fn run(
+    shared: &Arc<Shared>,
+    credentials: &Credentials,
+    pool: &r2d2::Pool<LeaseManager>,
+    rotate_before: Duration,
+) {
+    loop {
+        revoke_drained(shared, credentials);
+        // At least SOON between two looks: a lease of a second or two must not turn this into a busy loop.
+        let next = match keep_current(shared, credentials, pool, rotate_before) {
+            Some(at) => at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+                .clamp(SOON, TICK),
+            None => TICK,
+        };
+        let mut signal = credentials.signal.lock();
+        if !signal.stop && !signal.drained {
+            credentials.wake.wait_for(&mut signal, next);
+        }
+        signal.drained = false;
+        if signal.stop {
+            return;
+        }
+        drop(signal);
+        if shared.state.lock().shutdown {
+            log::info!(
+                "the broker has shut down: pool of role {} stops renewing and rotating; its connections work until \
+                 the lease ends",
+                credentials.role
+            );
+            return;
+        }
+    }
+}
+
+/// Renews or rotates the current credential if it is time; returns when to look again (`None`: after a tick).
+fn keep_current(
+    shared: &Shared,
+    credentials: &Credentials,
+    pool: &r2d2::Pool<LeaseManager>,
+    rotate_before: Duration,
+) -> Option<SystemTime> {
+    let current = credentials.current();
+    let now = SystemTime::now();
+    let times = shared
+        .state
+        .lock()
+        .table
+        .get(&current.lease_id)
+        .filter(|e| !e.in_flight() && e.attempts() == 0)
+        .map(|e| (e.expires_at(), e.max_expires_at()));
+    let rotate_at = times.map(|(_, max)| max.checked_sub(rotate_before).unwrap_or(max));
+    match (times, rotate_at) {
+        (Some((expires, max)), Some(rotate_at)) if now < rotate_at => {
+            if expires >= max {
+                return Some(rotate_at);
+            }
+            let renew_at = expires
+                .checked_sub(current.lease_duration / 2)
+                .unwrap_or(expires);
+            if now < renew_at {
+                return Some(renew_at.min(rotate_at));
+            }
+            match shared.renew(&current.lease_id, Some(current.lease_duration)) {
+                Ok(lease) => Some(
+                    lease
+                        .expires_at
+                        .checked_sub(current.lease_duration / 2)
+                        .unwrap_or(lease.expires_at)
+                        .min(rotate_at),
+                ),
+                Err(e) => {
+                    log::warn!("pool of role {}: {e}; retrying", credentials.role);
+                    None
+                }
+            }
+        }
+        // Time to rotate, or the lease is gone (revoked by hand, or expired while renewals failed).
+        _ => rotate(shared, credentials, pool).then_some(now),
+    }
+}
+
+/// Obtains a new credential, makes it current, extends the old lease to its max and closes idle connections of
+/// the old credential. Returns whether it rotated.
+fn rotate(shared: &Shared, credentials: &Credentials, pool: &r2d2::Pool<LeaseManager>) -> bool {
+    let credential = match shared.creds(&credentials.role) {
+        Ok(credential) => credential,
+        Err(e) => {
+            log::warn!(
+                "pool of role {} could not rotate: {e}; it keeps the current credential and retries",
+                credentials.role
+            );
+            return false;
+        }
+    };
+    let new_id = credential.lease_id().to_owned();
+    let old = credentials.rotate(credential);
+    // Connections checked out before the rotation keep their role until the old lease's max.
+    let old_lease = match shared.renew(&old.lease_id, Some(crate::lease::MAX_LEASE)) {
+        Ok(lease) => Some(lease),
+        Err(e) => {
+            log::debug!("rotation could not extend the old lease: {e}");
+            shared.state.lock().table.lease(&old.lease_id)
+        }
+    };
+    let new_lease = shared.state.lock().table.lease(&new_id);
+    log::info!(
+        "pool of role {} rotated from lease {} (user {}) to lease {new_id}",
+        credentials.role,
+        old.lease_id,
+        old.username
+    );
+    if let (Some(old), Some(new)) = (old_lease, new_lease) {
+        shared.events.rotated(RotatedEvent { old, new });
+    }
+    close_idle(pool);
+    true
+}
+
+/// Closes the idle connections of retired credentials now rather than at their next checkout: checks out every
+/// idle connection (r2d2 closes the retired ones as it goes) and returns the rest at once.
+fn close_idle(pool: &r2d2::Pool<LeaseManager>) {
+    let idle = pool.state().idle_connections;
+    let held: Vec<_> = (0..idle).map_while(|_| pool.try_get()).collect();
+    drop(held);
+}
+
+/// Revokes the leases of retired credentials whose last connection has closed, and forgets those whose lease is
+/// gone (the sweeper revoked it at its end).
+fn revoke_drained(shared: &Shared, credentials: &Credentials) {
+    let drained: Vec<_> = {
+        let mut retired = credentials.retired.lock();
+        let (drained, busy): (Vec<_>, Vec<_>) =
+            retired.drain(..).partition(|g| g.connections() == 0);
+        *retired = busy;
+        drained
+    };
+    for generation in drained {
+        match shared.revoke(&generation.lease_id, Why::Revoke(RevokeCause::Rotated)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::UnknownLease => {}
+            // The sweeper retries the lease; nothing more for the pool to do.
+            Err(e) => log::warn!("pool of role {}: {e}", credentials.role),
+        }
+    }
+}
