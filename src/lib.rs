@@ -33,6 +33,20 @@
 //!
 //! `cargo run --example quickstart` runs this against a throwaway PostgreSQL server.
 //!
+//! # A pool that always holds a valid credential
+//!
+//! ```no_run
+//! # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+//! let pool = broker.pool("readonly")?; // Clone + Send + Sync; renews and rotates its credential
+//! let mut client = pool.get()?; // derefs to postgres::Client, back to the pool on drop
+//! let user: String = client.query_one("SELECT current_user::text", &[])?.get(0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [`RolePool`] renews its lease in the background and, before the lease reaches its max, rotates to a new
+//! credential without closing a connection that is checked out. [`BrokerBuilder::event_handler`] receives every
+//! lease event, and [`Broker::stats`] counts them. `cargo run --example pool` shows a pool across rotations.
+//!
 //! # What reaches PostgreSQL
 //!
 //! Passwords are 32 characters of `[A-Za-z0-9-]` (191 bits) from the operating system's CSPRNG. The broker sends
@@ -51,6 +65,9 @@
 //! - `marker`: the marker role and lease comment every issued role carries, so the catalog holds the truth.
 //! - `recovery`: what `build()` does with roles an earlier run left, and the orphan sweep.
 //! - `preflight`: the admin rights `build()` checks. `shutdown`: keep or revoke leases when the broker stops.
+//! - `pool`: [`RolePool`], the application's connection pool on one role; `rotation`: its thread, where a
+//!   pool's lease is renewed and its credential rotated.
+//! - `events`: [`HandleEvent`], the events and the counters behind [`Stats`].
 //! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `template`: role SQL.
 //! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
 #![warn(missing_docs)]

@@ -28,6 +28,9 @@ use crate::revoke::Why;
 use crate::rotation;
 use crate::shutdown::ShutdownMode;
 
+/// What [`LeaseManager::is_valid`] says of a retired connection; [`PoolErrors`] logs it at debug level.
+const RETIRED: &str = "retired by a rotation; closing it";
+
 /// PostgreSQL keeps the first 63 bytes of `application_name` (NAMEDATALEN - 1).
 const MAX_APPLICATION_NAME: usize = 63;
 
@@ -310,10 +313,7 @@ impl r2d2::ManageConnection for LeaseManager {
         if conn.generation.is_retired() {
             return Err(Error::new(
                 ErrorKind::Connection,
-                format!(
-                    "connection of lease {} retired by a rotation; closing it",
-                    conn.generation.lease_id
-                ),
+                format!("connection of lease {} {RETIRED}", conn.generation.lease_id),
             ));
         }
         if conn.returned.elapsed() > TRUST_IDLE_FOR {
@@ -356,7 +356,7 @@ struct PoolErrors;
 
 impl r2d2::HandleError<Error> for PoolErrors {
     fn handle_error(&self, error: Error) {
-        if error.to_string().contains("retired by a rotation") {
+        if error.to_string().ends_with(RETIRED) {
             log::debug!("{error}");
         } else {
             log::warn!("{error}");

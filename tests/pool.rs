@@ -8,7 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{eventually, Recorder};
-use credbroker::{ErrorKind, PoolOptions, Role, ShutdownMode};
+use credbroker::{ErrorKind, PoolOptions, Role, RolePool, ShutdownMode};
+
+/// The one text value `sql` returns, on a connection of `pool`.
+fn one(pool: &RolePool, sql: &str) -> String {
+    pool.get()
+        .expect("a connection")
+        .query_one(sql, &[])
+        .expect("query")
+        .get(0)
+}
 
 #[test]
 fn four_threads_query_through_rotations_without_an_error() {
@@ -306,11 +315,36 @@ fn a_pool_uses_the_database_it_is_given() {
             PoolOptions::new().database("other").max_size(2).min_idle(0),
         )
         .unwrap();
-    let db: String = pool
-        .get()
-        .unwrap()
-        .query_one("SELECT current_database()::text", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(db, "other");
+    assert_eq!(one(&pool, "SELECT current_database()::text"), "other");
+}
+
+#[test]
+fn a_pool_whose_lease_is_revoked_from_outside_rotates_at_once() {
+    let env = common::start();
+    env.broker.write_role("app", Role::new()).unwrap();
+    let pool = env.broker.pool("app").unwrap();
+    let first = pool.lease_id();
+    env.broker.revoke_prefix("postgresql/creds/app/").unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || pool.lease_id() != first),
+        "the pool kept a revoked lease"
+    );
+    let user = one(&pool, "SELECT current_user::text");
+    assert_eq!(
+        Some(user.as_str()),
+        pool.lease().as_ref().map(|l| l.username())
+    );
+}
+
+#[test]
+fn a_pool_that_outlives_its_broker_serves_until_its_lease_ends() {
+    let common::Env { broker, pg } = common::start();
+    broker.write_role("app", Role::new()).unwrap();
+    let pool = broker
+        .pool_with("app", PoolOptions::new().min_idle(0))
+        .unwrap();
+    drop(broker);
+    assert!(one(&pool, "SELECT current_user::text").starts_with("app-"));
+    drop(pool);
+    drop(pg);
 }
