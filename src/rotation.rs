@@ -9,8 +9,8 @@
 //! - **Revocation.** The old lease is revoked as soon as its last connection is closed, or, if one is held longer,
 //!   by the sweeper at the lease's end (which also ends that connection's session).
 //!
-//! Failures (the database down, say) are logged and retried every second; the pool keeps serving connections of
-//! the current credential meanwhile.
+//! Failures (the database down, say) are logged and retried after 1 s, doubling up to 30 s; the pool keeps serving
+//! connections of the current credential meanwhile.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -21,10 +21,13 @@ use crate::events::{RevokeCause, RotatedEvent};
 use crate::pool::{Credentials, LeaseManager};
 use crate::revoke::Why;
 
-/// Longest sleep, and the delay before retrying a failed renewal or rotation.
+/// Longest sleep while all is well (so a lease revoked from outside, or the broker's shutdown, is noticed within
+/// it), and the first delay before retrying a failed renewal or rotation.
 const TICK: Duration = Duration::from_secs(1);
 /// Shortest sleep.
 const SOON: Duration = Duration::from_millis(100);
+/// Longest delay between retries of a renewal or rotation that keeps failing (it doubles from [`TICK`]).
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// The rotation thread's body; returns when the pool is dropped or the broker shuts down.
 pub(crate) fn run(
@@ -33,15 +36,22 @@ pub(crate) fn run(
     pool: &r2d2::Pool<LeaseManager>,
     rotate_before: Duration,
 ) {
+    let mut failures = 0;
     loop {
         revoke_drained(shared, credentials);
         // At least SOON between two looks: a lease of a second or two must not turn this into a busy loop.
         let next = match keep_current(shared, credentials, pool, rotate_before) {
-            Some(at) => at
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO)
-                .clamp(SOON, TICK),
-            None => TICK,
+            Some(at) => {
+                failures = 0;
+                at.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+                    .clamp(SOON, TICK)
+            }
+            None => {
+                failures += 1;
+                TICK.saturating_mul(1 << (failures - 1).min(5))
+                    .min(MAX_RETRY_DELAY)
+            }
         };
         let mut signal = credentials.signal.lock();
         if !signal.stop && !signal.drained {
@@ -63,7 +73,8 @@ pub(crate) fn run(
     }
 }
 
-/// Renews or rotates the current credential if it is time; returns when to look again (`None`: after a tick).
+/// Renews or rotates the current credential if it is time; returns when to look again, or `None` if renewing or
+/// rotating failed (it is logged).
 fn keep_current(
     shared: &Shared,
     credentials: &Credentials,

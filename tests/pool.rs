@@ -348,3 +348,22 @@ fn a_pool_that_outlives_its_broker_serves_until_its_lease_ends() {
     drop(pool);
     drop(pg);
 }
+
+#[test]
+fn after_a_server_restart_idle_connections_are_checked_and_replaced() {
+    let env = common::start();
+    env.broker.write_role("app", Role::new()).unwrap();
+    let pool = env
+        .broker
+        .pool_with("app", PoolOptions::new().max_size(4).min_idle(4))
+        .unwrap();
+    // Four connections in use at once, then idle in the pool.
+    let held: Vec<_> = (0..4).map(|_| pool.get().unwrap()).collect();
+    drop(held);
+    env.pg.restart().expect("restart PostgreSQL");
+    // Idle for longer than the pool trusts a connection without a check.
+    std::thread::sleep(Duration::from_millis(700));
+    for _ in 0..20 {
+        assert!(one(&pool, "SELECT current_user::text").starts_with("app-"));
+    }
+}
