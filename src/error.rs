@@ -40,8 +40,8 @@ pub enum ErrorKind {
     Revocation,
     /// The operating system's random number generator failed.
     Random,
-    /// The broker has shut down: no new credentials (a [`RolePool`](crate::RolePool) that outlives its broker
-    /// cannot rotate).
+    /// The broker has shut down: a [`RolePool`](crate::RolePool) that outlived it can no longer renew or rotate
+    /// its credential, and found no connection.
     ShutDown,
 }
 

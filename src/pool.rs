@@ -475,12 +475,22 @@ impl RolePool {
 
     /// A connection, waiting up to the pool's connection timeout for one to be free or opened. It returns to
     /// the pool when dropped. Fails with [`ErrorKind::Connection`] if none could be had in time (the error
-    /// says why the last login failed).
+    /// says why the last login failed), or [`ErrorKind::ShutDown`] if that happened after the broker shut down.
     pub fn get(&self) -> Result<PooledClient, Error> {
         let pool = &self.handle.pool;
         pool.get()
             .map(|conn| PooledClient { conn })
             .map_err(|e| {
+                if self.handle.shared.state.lock().shutdown {
+                    return Error::new(
+                        ErrorKind::ShutDown,
+                        format!(
+                            "no connection in the pool of role {:?}: its broker has shut down, so the pool no longer \
+                             renews or rotates its credential ({e}); keep the Broker alive as long as its pools",
+                            self.handle.credentials.role
+                        ),
+                    );
+                }
                 Error::new(
                     ErrorKind::Connection,
                     format!(

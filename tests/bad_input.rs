@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use credbroker::testing::TestPostgres;
-use credbroker::{Broker, Error, ErrorKind, Lease, Role};
+use credbroker::{Broker, Error, ErrorKind, Lease, PoolOptions, Role};
 
 /// What bad input must not change: the broker's leases and every role in the catalog.
 #[derive(Debug, PartialEq)]
@@ -458,5 +458,94 @@ fn role_names_outside_the_allowed_set() {
         }
     }
     assert_eq!(env.broker.roles(), ["app"]);
+    assert_eq!(snapshot(&env), before);
+}
+
+#[test]
+fn pool_options_out_of_range() {
+    let (env, creds) = env_with_a_credential();
+    let before = snapshot(&env);
+    let secrets = [env.pg.admin_password(), creds.password()];
+    let cases = [
+        (
+            PoolOptions::new().max_size(0),
+            "max_size is 0",
+            "at least 1",
+        ),
+        (
+            PoolOptions::new().max_size(2).min_idle(3),
+            "min_idle 3 is more than max_size 2",
+            "lower min_idle or raise max_size",
+        ),
+        (
+            PoolOptions::new().connection_timeout(Duration::ZERO),
+            "connection_timeout is zero",
+            "Duration::from_secs(30)",
+        ),
+        (
+            PoolOptions::new().database(""),
+            "database \"\"",
+            "1–63 bytes",
+        ),
+        (
+            PoolOptions::new().rotate_before(Duration::from_millis(500)),
+            "rotate_before 500ms",
+            "at least 1 second",
+        ),
+        (
+            PoolOptions::new().rotate_before(Duration::from_secs(24 * 3600)),
+            "less than role \"app\"'s max lease",
+            "give a shorter time or a longer max lease",
+        ),
+    ];
+    for (options, cause, fix) in cases {
+        let err = env.broker.pool_with("app", options).unwrap_err();
+        assert_refused(&err, ErrorKind::InvalidConfig, cause, fix, &secrets);
+    }
+    let err = env.broker.pool("nope").unwrap_err();
+    assert_refused(
+        &err,
+        ErrorKind::UnknownRole,
+        "no role named \"nope\" is defined",
+        "define it with Broker::write_role",
+        &secrets,
+    );
+    assert_eq!(snapshot(&env), before);
+}
+
+#[test]
+fn pool_whose_credential_cannot_log_in() {
+    let (env, creds) = env_with_a_credential();
+    env.broker
+        .write_role(
+            "nologin",
+            Role::new().creation_sql(
+                r#"CREATE ROLE "{{name}}" NOLOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"#,
+            ),
+        )
+        .unwrap();
+    let before = snapshot(&env);
+    let secrets = [env.pg.admin_password(), creds.password()];
+    // Issued, refused at the login, and revoked again.
+    let err = env.broker.pool("nologin").unwrap_err();
+    assert_refused(
+        &err,
+        ErrorKind::Connection,
+        "is not permitted to log in",
+        "check that the role's creation SQL grants LOGIN",
+        &secrets,
+    );
+    assert_eq!(snapshot(&env), before);
+    let err = env
+        .broker
+        .pool_with("app", PoolOptions::new().database("nosuchdb"))
+        .unwrap_err();
+    assert_refused(
+        &err,
+        ErrorKind::Connection,
+        "database \"nosuchdb\" does not exist",
+        "pg_hba.conf lets it connect to this database",
+        &secrets,
+    );
     assert_eq!(snapshot(&env), before);
 }
