@@ -274,13 +274,14 @@ fn renew_after_expiry() {
     env.broker
         .write_role(
             "brief",
-            Role::new().lease(Duration::from_secs(1), Duration::from_secs(60)),
+            Role::new().lease(Duration::from_secs(2), Duration::from_secs(60)),
         )
         .unwrap();
     let creds = env.broker.creds("brief").unwrap();
     let secrets = [env.pg.admin_password(), creds.password()];
     // Hold the role's catalog row so the sweeper's revocation (its ALTER ROLE ... NOLOGIN) waits: the lease
-    // stays in the table, past its end, while it is being revoked.
+    // stays in the table, past its end, while it is being revoked. (Leases start at a whole second, so a 2 s
+    // lease has at least 1 s left here: time to take the row before the sweeper does, even on a loaded machine.)
     let mut blocker = env.admin();
     let mut hold = blocker.transaction().unwrap();
     hold.batch_execute(&format!(
@@ -288,7 +289,7 @@ fn renew_after_expiry() {
         creds.username()
     ))
     .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(2500));
     let before = env
         .broker
         .lease(creds.lease_id())
