@@ -603,6 +603,17 @@ impl PooledClient {
     pub fn is_retired(&self) -> bool {
         self.conn.generation.is_retired()
     }
+
+    #[cfg(feature = "testing")]
+    pub(crate) fn password(&self) -> String {
+        let password = self
+            .conn
+            .generation
+            .config
+            .get_password()
+            .unwrap_or_default();
+        String::from_utf8_lossy(password).into_owned()
+    }
 }
 
 impl Deref for PooledClient {

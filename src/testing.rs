@@ -515,6 +515,12 @@ fn find_bin_dir() -> io::Result<PathBuf> {
     })
 }
 
+/// The password a [`PooledClient`](crate::PooledClient) logged in with, for tests that check it appears nowhere
+/// (logs, `Debug`, errors): the pool keeps it to itself otherwise.
+pub fn pool_password(client: &crate::PooledClient) -> String {
+    client.password()
+}
+
 /// The SCRAM-SHA-256 verifier the broker would send for `password` with `iterations` rounds (random salt), for
 /// baselines that must do the same work as the broker.
 pub fn scram_verifier(password: &str, iterations: u32) -> Result<String, crate::Error> {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use credbroker::{Broker, Credential, Error, Role};
+use credbroker::{testing, Broker, Credential, Error, PoolOptions, Role, ShutdownMode};
 
 #[test]
 fn logs_name_leases_and_users_but_no_secret() {
@@ -37,7 +37,38 @@ fn logs_name_leases_and_users_but_no_secret() {
         )
         .unwrap();
     broker.write_role("owner", Role::new()).unwrap();
+    broker
+        .write_role(
+            "pooled",
+            Role::new().lease(Duration::from_secs(2), Duration::from_secs(4)),
+        )
+        .unwrap();
     let mut errors: Vec<Error> = Vec::new();
+
+    // A pool that renews, rotates and revokes on drop; the passwords it logged in with.
+    let pool = broker
+        .pool_with(
+            "pooled",
+            PoolOptions::new()
+                .rotate_before(Duration::from_secs(1))
+                .on_drop(ShutdownMode::Revoke {
+                    timeout: Duration::from_secs(5),
+                }),
+        )
+        .unwrap();
+    let first = pool.get().unwrap();
+    let mut pool_passwords = vec![testing::pool_password(&first)];
+    let first_lease = first.lease_id().to_owned();
+    drop(first);
+    assert!(common::eventually(Duration::from_secs(10), || pool
+        .lease_id()
+        != first_lease));
+    let second = pool.get().unwrap();
+    pool_passwords.push(testing::pool_password(&second));
+    assert!(pool_passwords[1].len() == 32 && pool_passwords[0] != pool_passwords[1]);
+    let pool_debug = format!("{pool:?} {second:?}");
+    drop(second);
+    drop(pool);
 
     // Issue, renew, revoke, expire; a revocation SQL that fails, then a forced revocation.
     let renewed = broker.creds("app").unwrap();
@@ -90,6 +121,7 @@ fn logs_name_leases_and_users_but_no_secret() {
         format!("{:?}", broker.leases()),
         format!("{errors:?}"),
         errors.iter().map(Error::to_string).collect(),
+        pool_debug,
     ]
     .join("\n");
     drop(env.broker);
@@ -120,6 +152,7 @@ fn logs_name_leases_and_users_but_no_secret() {
     let secrets: Vec<&str> = issued
         .iter()
         .map(|c| c.password())
+        .chain(pool_passwords.iter().map(String::as_str))
         .chain([pg.admin_password()])
         .collect();
     for (what, text) in places {
@@ -147,13 +180,15 @@ fn logs_name_leases_and_users_but_no_secret() {
         "WARN revocation of lease",
         "WARN forced revocation",
         "INFO adopted lease",
+        "INFO opened pool of role pooled",
+        "INFO pool of role pooled rotated from lease",
     ] {
         assert!(
             lines.iter().any(|l| l.starts_with(event)),
             "{event}:\n{crate_log}"
         );
     }
-    for why in ["requested", "expired"] {
+    for why in ["requested", "expired", "rotated", "pool closed"] {
         assert!(
             lines
                 .iter()
