@@ -409,7 +409,10 @@ impl RolePool {
             ));
         }
         let credential = shared.creds(role)?;
-        let base = shared.revoke_settings.connection.config.clone();
+        // The admin's host, port, database and TLS settings, without the admin's password (the clone's copy is
+        // replaced at once, freed unwiped like every copy inside postgres::Config).
+        let mut base = shared.revoke_settings.connection.config.clone();
+        base.password("");
         let tls = shared.revoke_settings.connection.tls.clone();
         let generation = Generation::new(credential, &base, options.database.as_deref());
 

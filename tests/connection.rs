@@ -77,6 +77,23 @@ fn verify_full_checks_the_ca_and_the_host_name() {
     let creds = broker.creds("app").unwrap();
     assert!(broker_sessions_use_tls(&pg));
     broker.revoke(creds.lease_id()).unwrap();
+    // A pool's connections inherit the admin connection's TLS settings: its credentials travel encrypted too.
+    let pool = broker.pool("app").unwrap();
+    let mut client = pool.get().unwrap();
+    let (ssl, app): (bool, String) = {
+        let row = client
+            .query_one(
+                "SELECT s.ssl, a.application_name FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(ssl, "pool connection without TLS");
+    assert_eq!(app, client.lease_id());
+    drop(client);
+    drop(pool);
 
     // A certificate that does not name the host: verify-full refuses, verify-ca accepts.
     let wrong_host = base("host=db.invalid hostaddr=127.0.0.1");
