@@ -6,8 +6,9 @@
 //!   it current: new connections log in with it. The old lease is renewed to its max, so connections still
 //!   checked out keep a role to run as; idle connections of the old credential are closed at once, checked-out
 //!   ones when they are returned.
-//! - **Revocation.** The old lease is revoked as soon as its last connection is closed, or, if one is held longer,
-//!   by the sweeper at the lease's end (which also ends that connection's session).
+//! - **Revocation.** The old lease is revoked as soon as its last connection is closed (on a second thread, so
+//!   renewals never wait behind it), or, if one is held longer, by the sweeper at the lease's end (which also ends
+//!   that connection's session).
 //!
 //! Failures (the database down, say) are logged and retried after 1 s, doubling up to 30 s; the pool keeps serving
 //! connections of the current credential meanwhile.
@@ -18,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use crate::broker::Shared;
 use crate::error::ErrorKind;
 use crate::events::{RevokeCause, RotatedEvent};
-use crate::pool::{Credentials, LeaseManager};
+use crate::pool::{Credentials, Generation, LeaseManager};
 use crate::revoke::Why;
 
 /// Longest sleep while all is well (so a lease revoked from outside, or the broker's shutdown, is noticed within
@@ -30,15 +31,50 @@ const SOON: Duration = Duration::from_millis(100);
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 
 /// The rotation thread's body; returns when the pool is dropped or the broker shuts down.
+///
+/// Retired leases are revoked on a second thread: a revocation can take a while (it waits up to 5 s for each
+/// ended session to exit), and a renewal of the current lease must never wait behind it. With a 2-second lease,
+/// a renewal is due 1 s before the lease ends; a rotation thread busy revoking for that long let the current
+/// lease expire, and the sweeper ended every connection of the pool (seen once in a dozen benchmark runs).
 pub(crate) fn run(
     shared: &Arc<Shared>,
     credentials: &Credentials,
     pool: &r2d2::Pool<LeaseManager>,
     rotate_before: Duration,
 ) {
+    let (drained, revocations) = std::sync::mpsc::channel::<String>();
+    std::thread::scope(|scope| {
+        let revoker = std::thread::Builder::new()
+            .name(format!("credbroker-pool-{}-revoke", credentials.role))
+            .spawn_scoped(scope, || {
+                for id in revocations {
+                    revoke_retired(shared, credentials, &id);
+                }
+            });
+        if let Err(e) = revoker {
+            log::error!(
+                "pool of role {}: could not start its revocation thread ({e}); retired leases are left to \
+                 expire",
+                credentials.role
+            );
+        }
+        keep_valid(shared, credentials, pool, rotate_before, &drained);
+        // Dropping the sender ends the revocation thread once it has revoked what it was given.
+        drop(drained);
+    });
+}
+
+/// Renews and rotates until the pool is dropped or the broker shuts down; hands each retired lease whose last
+/// connection has closed to `drained`.
+fn keep_valid(
+    shared: &Shared,
+    credentials: &Credentials,
+    pool: &r2d2::Pool<LeaseManager>,
+    rotate_before: Duration,
+    drained: &std::sync::mpsc::Sender<String>,
+) {
     let mut failures = 0;
     loop {
-        revoke_drained(shared, credentials);
         // At least SOON between two looks: a lease of a second or two must not turn this into a busy loop.
         let next = match keep_current(shared, credentials, pool, rotate_before) {
             Some(at) => {
@@ -53,6 +89,10 @@ pub(crate) fn run(
                     .min(MAX_RETRY_DELAY)
             }
         };
+        for generation in take_drained(credentials) {
+            // Fails only if the revocation thread is gone; the sweeper revokes the lease at its end then.
+            let _ = drained.send(generation.lease_id.clone());
+        }
         let mut signal = credentials.signal.lock();
         if !signal.stop && !signal.drained {
             credentials.wake.wait_for(&mut signal, next);
@@ -166,22 +206,20 @@ fn close_idle(pool: &r2d2::Pool<LeaseManager>) {
     drop(held);
 }
 
-/// Revokes the leases of retired credentials whose last connection has closed, and forgets those whose lease is
-/// gone (the sweeper revoked it at its end).
-fn revoke_drained(shared: &Shared, credentials: &Credentials) {
-    let drained: Vec<_> = {
-        let mut retired = credentials.retired.lock();
-        let (drained, busy): (Vec<_>, Vec<_>) =
-            retired.drain(..).partition(|g| g.connections() == 0);
-        *retired = busy;
-        drained
-    };
-    for generation in drained {
-        match shared.revoke(&generation.lease_id, Why::Revoke(RevokeCause::Rotated)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::UnknownLease => {}
-            // The sweeper retries the lease; nothing more for the pool to do.
-            Err(e) => log::warn!("pool of role {}: {e}", credentials.role),
-        }
+/// Takes the retired credentials whose last connection has closed out of the pool's list.
+fn take_drained(credentials: &Credentials) -> Vec<Arc<Generation>> {
+    let mut retired = credentials.retired.lock();
+    let (drained, busy): (Vec<_>, Vec<_>) = retired.drain(..).partition(|g| g.connections() == 0);
+    *retired = busy;
+    drained
+}
+
+/// Revokes the lease of a retired credential (one the sweeper has not already revoked at its end).
+fn revoke_retired(shared: &Shared, credentials: &Credentials, id: &str) {
+    match shared.revoke(id, Why::Revoke(RevokeCause::Rotated)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::UnknownLease => {}
+        // The sweeper retries the lease; nothing more for the pool to do.
+        Err(e) => log::warn!("pool of role {}: {e}", credentials.role),
     }
 }
