@@ -6,19 +6,22 @@
 //! | `creds()` at 1, 2, 4, 8 threads, SCRAM 4096 and 1 | the identical SQL (creation, marker, comment, one round trip) on a `postgres::Client` per thread |
 //! | `renew()` at 1, 2, 4, 8 threads | bare `ALTER ROLE … VALID UNTIL` per thread |
 //! | `revoke()`, one thread | bare `DROP ROLE`, one per transaction |
+//! | `pool.get()` + `SELECT 1` + return at 1, 2, 4 threads, 1 h lease (no rotation) | a bare `r2d2` pool of `r2d2_postgres` connections, same size, logged in with a credential of the same role; it pings (`simple_query("")`) at every checkout, ours only after 500 ms idle |
+//! | the same loop at 4 threads while the pool rotates (lease 2 s, max 4 s: every 2 s), errors counted | the same pool with a 1 h lease (no rotation) |
 //! | the sweeper draining 10,000 expired leases | one `DROP ROLE` per transaction |
 //! | the lease table alone at 10k, 100k, 1M leases | — (targets: ≥ 1M insert+remove/s, ≤ 256 bytes per lease) |
 //! | the sweeper's lateness with 100k live leases | — (target: p99 ≤ 50 ms) |
 //!
-//! `cargo bench` runs it all (a few minutes); `CREDBROKER_BENCH_QUICK=1` runs smaller sizes, and
-//! `CREDBROKER_BENCH_TABLE_ONLY=1` only the lease table (no database, for profiling).
+//! `cargo bench` runs it all (a few minutes); `CREDBROKER_BENCH_QUICK=1` runs smaller sizes,
+//! `CREDBROKER_BENCH_TABLE_ONLY=1` only the lease table (no database, for profiling), and
+//! `CREDBROKER_BENCH_POOL_ONLY=1` only the pool rows.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use credbroker::testing::{scram_verifier, LeaseTableBench, TestPostgres};
-use credbroker::{Broker, Role, DEFAULT_MARKER_ROLE};
+use credbroker::{Broker, PoolOptions, Role, RolePool, ShutdownMode, DEFAULT_MARKER_ROLE};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -88,6 +91,8 @@ struct Run {
     per_sec: f64,
     p50: Duration,
     p99: Duration,
+    /// The slowest operation: where a stall that throughput and p99 average away shows (a rotation's logins).
+    max: Duration,
     /// CPU time of this process (the client side) per operation.
     cpu: Duration,
 }
@@ -95,12 +100,21 @@ struct Run {
 impl Run {
     fn show(&self) -> String {
         format!(
-            "{:.0}/s p50 {:.1} p99 {:.1} cpu {:.2} ms",
+            "{:.0}/s p50 {} p99 {} cpu {:.2} ms",
             self.per_sec,
-            ms(self.p50),
-            ms(self.p99),
+            latency(self.p50),
+            latency(self.p99),
             ms(self.cpu)
         )
+    }
+}
+
+/// Milliseconds to one decimal, or two below 0.1 ms (a pooled `SELECT 1` takes a few hundredths).
+fn latency(d: Duration) -> String {
+    if d < Duration::from_micros(100) {
+        format!("{:.2}", ms(d))
+    } else {
+        format!("{:.1}", ms(d))
     }
 }
 
@@ -141,6 +155,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// How much work a run does: this many operations in all, or as many as fit in this long.
+#[derive(Clone, Copy)]
+enum Work {
+    Ops(usize),
+    For(Duration),
+}
+
 /// Runs `ops` operations split over `threads` threads; `op(thread, i)` gets its thread's state from `setup`.
 fn run<S: Send>(
     threads: usize,
@@ -148,10 +169,33 @@ fn run<S: Send>(
     setup: impl Fn(usize) -> Result<S> + Sync,
     op: impl Fn(&mut S, usize) -> Result<()> + Sync,
 ) -> Result<Run> {
+    run_work(threads, Work::Ops(ops), setup, op)
+}
+
+/// As [`run`], for `time` rather than a number of operations: for loads that change over time (rotations).
+fn run_for<S: Send>(
+    threads: usize,
+    time: Duration,
+    setup: impl Fn(usize) -> Result<S> + Sync,
+    op: impl Fn(&mut S, usize) -> Result<()> + Sync,
+) -> Result<Run> {
+    run_work(threads, Work::For(time), setup, op)
+}
+
+fn run_work<S: Send>(
+    threads: usize,
+    work: Work,
+    setup: impl Fn(usize) -> Result<S> + Sync,
+    op: impl Fn(&mut S, usize) -> Result<()> + Sync,
+) -> Result<Run> {
     let states: Vec<S> = (0..threads).map(&setup).collect::<Result<_>>()?;
     let cpu_before = process_cpu();
     let start = Instant::now();
-    let per_thread = ops / threads;
+    // A timed run gives each thread a range of indices no other thread reaches.
+    let (per_thread, until) = match work {
+        Work::Ops(ops) => (ops / threads, None),
+        Work::For(time) => (usize::MAX / threads, Some(start + time)),
+    };
     let latencies: Vec<Vec<Duration>> = std::thread::scope(|scope| {
         let handles: Vec<_> = states
             .into_iter()
@@ -159,9 +203,12 @@ fn run<S: Send>(
             .map(|(t, mut state)| {
                 let op = &op;
                 scope.spawn(move || -> std::result::Result<Vec<Duration>, String> {
-                    let mut latencies = Vec::with_capacity(per_thread);
+                    let mut latencies = Vec::with_capacity(per_thread.min(1 << 16));
                     for i in 0..per_thread {
                         let began = Instant::now();
+                        if until.is_some_and(|until| began >= until) {
+                            break;
+                        }
                         op(&mut state, t * per_thread + i).map_err(|e| chain(&*e))?;
                         latencies.push(began.elapsed());
                     }
@@ -185,6 +232,7 @@ fn run<S: Send>(
         per_sec: all.len() as f64 / elapsed.as_secs_f64(),
         p50: percentile(&all, 0.5),
         p99: percentile(&all, 0.99),
+        max: all.last().copied().unwrap_or_default(),
         cpu: cpu / all.len().max(1) as u32,
     })
 }
@@ -222,15 +270,18 @@ fn compare(
 
 fn bench() -> Result<()> {
     let quick = std::env::var_os("CREDBROKER_BENCH_QUICK").is_some();
+    let pool_only = std::env::var_os("CREDBROKER_BENCH_POOL_ONLY").is_some();
     let mut rows = Vec::new();
-    lease_table(
-        &mut rows,
-        if quick {
-            &[10_000, 100_000]
-        } else {
-            &[10_000, 100_000, 1_000_000]
-        },
-    );
+    if !pool_only {
+        lease_table(
+            &mut rows,
+            if quick {
+                &[10_000, 100_000]
+            } else {
+                &[10_000, 100_000, 1_000_000]
+            },
+        );
+    }
 
     if std::env::var_os("CREDBROKER_BENCH_TABLE_ONLY").is_some() {
         return print(rows);
@@ -238,12 +289,24 @@ fn bench() -> Result<()> {
     let pg = TestPostgres::start()?;
     let mut admin = pg.admin_client()?;
     admin.batch_execute(&format!("CREATE ROLE {DEFAULT_MARKER_ROLE} NOLOGIN"))?;
-    let ops = if quick { 200 } else { 800 };
-    creds(&pg, &mut rows, ops)?;
-    renew(&pg, &mut rows, if quick { 400 } else { 4000 })?;
-    revoke(&pg, &mut rows, if quick { 200 } else { 1000 })?;
-    sweep(&pg, &mut rows, if quick { 2_000 } else { 10_000 })?;
-    lateness(&pg, &mut rows, if quick { 10_000 } else { 100_000 })?;
+    if !pool_only {
+        let ops = if quick { 200 } else { 800 };
+        creds(&pg, &mut rows, ops)?;
+        renew(&pg, &mut rows, if quick { 400 } else { 4000 })?;
+        revoke(&pg, &mut rows, if quick { 200 } else { 1000 })?;
+    }
+    // Before the sweeper rows, which leave 100k roles in the catalog: the pool rows then see the same server
+    // whether they run alone or not.
+    pool(
+        &pg,
+        &mut rows,
+        if quick { 5_000 } else { 50_000 },
+        Duration::from_secs(if quick { 3 } else { 10 }),
+    )?;
+    if !pool_only {
+        sweep(&pg, &mut rows, if quick { 2_000 } else { 10_000 })?;
+        lateness(&pg, &mut rows, if quick { 10_000 } else { 100_000 })?;
+    }
 
     print(rows)
 }
@@ -542,6 +605,166 @@ fn revoke(pg: &TestPostgres, rows: &mut Vec<Row>, n: usize) -> Result<()> {
         ours.per_sec / base.per_sec,
     ));
     Ok(())
+}
+
+/// The application-side pool: `get()`, `SELECT 1` and return, against a bare r2d2 pool, then while rotating.
+///
+/// `SELECT 1` goes as a simple query (one round trip), so that the pool's own work per checkout shows rather
+/// than hides behind the query's. The baseline is r2d2 with `r2d2_postgres`'s manager, whose `is_valid` pings
+/// with `simple_query("")` at every checkout (`test_on_check_out`, r2d2's default): one more round trip per
+/// `get()`. Ours pings only a connection idle for more than 500 ms, which a busy loop never has, so the first
+/// rows measure mostly that round trip saved, and say so.
+fn pool(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize, rotating_for: Duration) -> Result<()> {
+    const HOUR: Duration = Duration::from_secs(3600);
+    // The default SCRAM iterations: a rotation issues a credential and logs in with it, at the default's cost.
+    let broker = broker(pg, 2, credbroker::DEFAULT_SCRAM_ITERATIONS)?;
+    // A lease far longer than any measurement: no renewal (due at 30 min) and no rotation (at 2 h) while it runs.
+    broker.write_role("steady", Role::new().lease(HOUR, 3 * HOUR))?;
+    // Rotation `max / 3` (1.33 s) before the 4 s max, and lease times are whole seconds (rounded down): a new
+    // credential every 2 s once the first (1.7–2.7 s after the pool opens) is made, with renewals between.
+    broker.write_role(
+        "rotating",
+        Role::new().lease(Duration::from_secs(2), Duration::from_secs(4)),
+    )?;
+    let select = |client: &mut postgres::Client| -> Result<()> {
+        client.simple_query("SELECT 1")?;
+        Ok(())
+    };
+    // Revoked as the pool closes, between runs: left to expire, the sweeper would drop them during the next run.
+    let options = |size: u32| {
+        PoolOptions::new()
+            .max_size(size)
+            .min_idle(size)
+            .on_drop(ShutdownMode::Revoke {
+                timeout: Duration::from_secs(10),
+            })
+    };
+    // Every connection open before the clock starts, as r2d2's `build()` makes them for the baseline.
+    let open = |role: &str, size: u32| -> Result<RolePool> {
+        let pool = broker.pool_with(role, options(size))?;
+        let held = (0..size)
+            .map(|_| pool.get())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        drop(held);
+        Ok(pool)
+    };
+
+    for threads in [1, 2, 4] {
+        let size = threads as u32;
+        let ours = open("steady", size)?;
+        // The baseline's credential: the same role, so the same lease (1 h) and privileges.
+        let credential = broker.creds("steady")?;
+        let mut config = postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(pg.port())
+            .user(credential.username())
+            .password(credential.password())
+            .dbname("postgres");
+        let theirs = r2d2::Pool::builder()
+            .max_size(size)
+            .min_idle(Some(size))
+            .test_on_check_out(true)
+            .build(r2d2_postgres::PostgresConnectionManager::new(
+                config,
+                postgres::NoTls,
+            ))?;
+        let (base, mine) = compare(
+            || run(threads, ops, |_| Ok(()), |_, _| select(&mut *theirs.get()?)),
+            || run(threads, ops, |_| Ok(()), |_, _| select(&mut *ours.get()?)),
+        )?;
+        rows.push(
+            Row::new(
+                format!("pool.get() + SELECT 1 + return, {threads} threads"),
+                mine.show(),
+            )
+            .against(
+                format!("r2d2_postgres, pings: {}", base.show()),
+                mine.per_sec / base.per_sec,
+            ),
+        );
+    }
+
+    // A fresh pool per run, so that each run holds its own rotations and no pool works in the background of
+    // the other's run; errors are counted rather than ending the run, to see how many a rotation causes.
+    let errors = std::sync::atomic::AtomicUsize::new(0);
+    let first_error = std::sync::Mutex::new(None::<String>);
+    let measure = |role: &str| -> Result<(Run, u64)> {
+        let pool = open(role, 4)?;
+        let rotated = broker.stats().rotated;
+        let run = run_for(
+            4,
+            rotating_for,
+            |_| Ok(()),
+            |_, _| {
+                if let Err(e) = pool
+                    .get()
+                    .map_err(Into::into)
+                    .and_then(|mut c| select(&mut c))
+                {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    let mut first = first_error.lock().map_err(|_| "poisoned")?;
+                    first.get_or_insert_with(|| chain(&*e));
+                }
+                Ok(())
+            },
+        )?;
+        Ok((run, broker.stats().rotated - rotated))
+    };
+    let (mut rotations, mut steady_rotations, mut runs) = (0, 0, 0);
+    let (base, mine) = compare(
+        || {
+            let (run, rotated) = measure("steady")?;
+            steady_rotations += rotated;
+            Ok(run)
+        },
+        || {
+            let (run, rotated) = measure("rotating")?;
+            rotations += rotated;
+            runs += 1;
+            Ok(run)
+        },
+    )?;
+    let errors = errors.into_inner();
+    if errors > 0 {
+        let first = first_error.into_inner().map_err(|_| "poisoned")?;
+        // The counters say whether a lease ran out (`expired`) instead of being renewed or revoked by its pool:
+        // the sweeper then ended that lease's sessions, connections in use included.
+        return Err(format!(
+            "{errors} pool errors in the runs with and without rotation (there must be none); the first: {}; \
+             broker counters: {:?}",
+            first.unwrap_or_default(),
+            broker.stats()
+        )
+        .into());
+    }
+    if rotations == 0 || steady_rotations > 0 {
+        return Err(format!(
+            "{rotations} rotations of the 2 s lease and {steady_rotations} of the 1 h lease in {runs} runs of \
+             {rotating_for:?} each: the row would not compare rotating with not rotating"
+        )
+        .into());
+    }
+    let seconds = rotating_for.as_secs() * runs;
+    rows.push(
+        Row::new(
+            format!("pool, 4 threads, {rotations} rotations in {seconds} s"),
+            format!(
+                "{} max {:.1} ms, {errors} errors",
+                mine.show(),
+                ms(mine.max)
+            ),
+        )
+        .against(
+            format!(
+                "1 h lease, no rotation: {} max {:.1} ms",
+                base.show(),
+                ms(base.max)
+            ),
+            mine.per_sec / base.per_sec,
+        ),
+    );
+    revoke_all(broker)
 }
 
 /// Creates `n` marked roles of instance `instance` with lease comments, valid until `until`, in SQL (issuing them
