@@ -11,6 +11,7 @@
 //! | the sweeper draining 10,000 expired leases | one `DROP ROLE` per transaction |
 //! | the lease table alone at 10k, 100k, 1M leases | — (targets: ≥ 1M insert+remove/s, ≤ 256 bytes per lease) |
 //! | the sweeper's lateness with 100k live leases | — (target: p99 ≤ 50 ms) |
+//! | `stats()` with 100k live leases | — (target: p99 ≤ 1 ms, to poll it every second) |
 //!
 //! `cargo bench` runs it all (a few minutes); `CREDBROKER_BENCH_QUICK=1` runs smaller sizes,
 //! `CREDBROKER_BENCH_TABLE_ONLY=1` only the lease table (no database, for profiling), and
@@ -895,5 +896,27 @@ fn lateness(pg: &TestPostgres, rows: &mut Vec<Row>, live: usize) -> Result<()> {
         )
         .target("p99 ≤ 50 ms", p99 <= Duration::from_millis(50)),
     );
+
+    // stats() is meant to be polled every second: its cost with this many leases live.
+    let mut calls: Vec<Duration> = (0..1000)
+        .map(|_| {
+            let began = Instant::now();
+            std::hint::black_box(broker.stats());
+            began.elapsed()
+        })
+        .collect();
+    calls.sort();
+    let (p50, p99) = (percentile(&calls, 0.5), percentile(&calls, 0.99));
+    rows.push(
+        Row::new(
+            format!("stats(), {held} live leases"),
+            format!("p50 {:.1} µs p99 {:.1} µs", micros(p50), micros(p99)),
+        )
+        .target("p99 ≤ 1 ms", p99 <= Duration::from_millis(1)),
+    );
     Ok(())
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
 }
