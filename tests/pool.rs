@@ -106,15 +106,30 @@ fn four_threads_query_through_rotations_without_an_error() {
             .filter(|u| Some(*u) != current.as_ref() && env.role_exists(u))
             .collect::<Vec<_>>()
     );
-    let held = env
-        .broker
-        .stats()
-        .live
-        .get("readonly")
-        .copied()
-        .unwrap_or(0);
+    // (A revocation leaves the table a moment before it is counted: read the stats once they agree.)
+    let settled = || {
+        let stats = env.broker.stats();
+        let held = stats.live.get("readonly").copied().unwrap_or(0);
+        (stats.revoked + held as u64 == stats.issued).then_some((stats, held))
+    };
+    eventually(Duration::from_secs(2), || settled().is_some());
+    let Some((stats, held)) = settled() else {
+        panic!("revoked + live != issued: {:?}", env.broker.stats());
+    };
     assert!(held <= 2, "the broker holds {held} leases of the role");
     assert!(held >= 1);
+    // The counts tell the same story: one credential per rotation plus the first, each retired one revoked (the
+    // last perhaps still draining), none left to expire.
+    assert_eq!(stats.issued, stats.rotated + 1, "{stats:?}");
+    assert!(
+        stats.rotated >= 2 && stats.renewed >= stats.rotated,
+        "{stats:?}"
+    );
+    assert_eq!(
+        (stats.expired, stats.revocation_failures),
+        (0, 0),
+        "{stats:?}"
+    );
 }
 
 #[test]
