@@ -163,27 +163,8 @@ enum Work {
     For(Duration),
 }
 
-/// Runs `ops` operations split over `threads` threads; `op(thread, i)` gets its thread's state from `setup`.
+/// Runs `work` split over `threads` threads; `op(thread, i)` gets its thread's state from `setup`.
 fn run<S: Send>(
-    threads: usize,
-    ops: usize,
-    setup: impl Fn(usize) -> Result<S> + Sync,
-    op: impl Fn(&mut S, usize) -> Result<()> + Sync,
-) -> Result<Run> {
-    run_work(threads, Work::Ops(ops), setup, op)
-}
-
-/// As [`run`], for `time` rather than a number of operations: for loads that change over time (rotations).
-fn run_for<S: Send>(
-    threads: usize,
-    time: Duration,
-    setup: impl Fn(usize) -> Result<S> + Sync,
-    op: impl Fn(&mut S, usize) -> Result<()> + Sync,
-) -> Result<Run> {
-    run_work(threads, Work::For(time), setup, op)
-}
-
-fn run_work<S: Send>(
     threads: usize,
     work: Work,
     setup: impl Fn(usize) -> Result<S> + Sync,
@@ -471,7 +452,7 @@ fn creds(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
                 || {
                     run(
                         threads,
-                        ops,
+                        Work::Ops(ops),
                         |_| Ok(pg.admin_client()?),
                         |c, _| raw_create(c, iterations),
                     )
@@ -479,7 +460,7 @@ fn creds(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
                 || {
                     run(
                         threads,
-                        ops,
+                        Work::Ops(ops),
                         |_| Ok(()),
                         |_, _| Ok(broker.creds("bench").map(drop)?),
                     )
@@ -546,7 +527,7 @@ fn renew(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
             || {
                 run(
                     threads,
-                    ops,
+                    Work::Ops(ops),
                     |_| Ok(pg.admin_client()?),
                     |c, i| {
                         let until = humantime::format_rfc3339_seconds(
@@ -561,7 +542,7 @@ fn renew(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
             || {
                 run(
                     threads,
-                    ops,
+                    Work::Ops(ops),
                     |_| Ok(()),
                     |_, i| {
                         let id = &leases[i % leases.len()].0;
@@ -593,14 +574,19 @@ fn revoke(pg: &TestPostgres, rows: &mut Vec<Row>, n: usize) -> Result<()> {
     ))?;
     let base = run(
         1,
-        n,
+        Work::Ops(n),
         |_| Ok(pg.admin_client()?),
         |c, i| {
             c.batch_execute(&format!("DROP ROLE \"plain-{}\"", i + 1))?;
             Ok(())
         },
     )?;
-    let ours = run(1, n, |_| Ok(()), |_, i| Ok(broker.revoke(&ids[i])?))?;
+    let ours = run(
+        1,
+        Work::Ops(n),
+        |_| Ok(()),
+        |_, i| Ok(broker.revoke(&ids[i])?),
+    )?;
     rows.push(Row::new("revoke(), one thread", ours.show()).against(
         format!("DROP ROLE: {}", base.show()),
         ours.per_sec / base.per_sec,
@@ -671,8 +657,22 @@ fn pool(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize, rotating_for: Durati
                 postgres::NoTls,
             ))?;
         let (base, mine) = compare(
-            || run(threads, ops, |_| Ok(()), |_, _| select(&mut *theirs.get()?)),
-            || run(threads, ops, |_| Ok(()), |_, _| select(&mut *ours.get()?)),
+            || {
+                run(
+                    threads,
+                    Work::Ops(ops),
+                    |_| Ok(()),
+                    |_, _| select(&mut *theirs.get()?),
+                )
+            },
+            || {
+                run(
+                    threads,
+                    Work::Ops(ops),
+                    |_| Ok(()),
+                    |_, _| select(&mut *ours.get()?),
+                )
+            },
         )?;
         rows.push(
             Row::new(
@@ -693,9 +693,9 @@ fn pool(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize, rotating_for: Durati
     let measure = |role: &str| -> Result<(Run, u64)> {
         let pool = open(role, 4)?;
         let rotated = broker.stats().rotated;
-        let run = run_for(
+        let timed = run(
             4,
-            rotating_for,
+            Work::For(rotating_for),
             |_| Ok(()),
             |_, _| {
                 if let Err(e) = pool
@@ -710,7 +710,7 @@ fn pool(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize, rotating_for: Durati
                 Ok(())
             },
         )?;
-        Ok((run, broker.stats().rotated - rotated))
+        Ok((timed, broker.stats().rotated - rotated))
     };
     let (mut rotations, mut steady_rotations, mut runs) = (0, 0, 0);
     let (base, mine) = compare(

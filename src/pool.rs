@@ -248,6 +248,16 @@ impl Credentials {
         old
     }
 
+    /// Revokes lease `id` of this pool, unless it is already gone (the sweeper revoked it at its end). A failure is
+    /// logged and left to the sweeper, which retries it.
+    pub(crate) fn revoke(&self, shared: &Shared, id: &str, cause: RevokeCause) {
+        match shared.revoke(id, Why::Revoke(cause)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::UnknownLease => {}
+            Err(e) => log::warn!("pool of role {}: {e}", self.role),
+        }
+    }
+
     fn poke(&self) {
         self.signal.lock().drained = true;
         self.wake.notify_all();
@@ -574,11 +584,8 @@ impl Drop for PoolHandle {
             ),
             ShutdownMode::Revoke { .. } => {
                 for id in &leases {
-                    match self.shared.revoke(id, Why::Revoke(RevokeCause::PoolClosed)) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == ErrorKind::UnknownLease => {}
-                        Err(e) => log::warn!("closing pool of role {}: {e}", self.credentials.role),
-                    }
+                    self.credentials
+                        .revoke(&self.shared, id, RevokeCause::PoolClosed);
                 }
             }
         }

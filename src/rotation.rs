@@ -17,10 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::broker::Shared;
-use crate::error::ErrorKind;
 use crate::events::{RevokeCause, RotatedEvent};
 use crate::pool::{Credentials, Generation, LeaseManager};
-use crate::revoke::Why;
 
 /// Longest sleep while all is well (so a lease revoked from outside, or the broker's shutdown, is noticed within
 /// it), and the first delay before retrying a failed renewal or rotation.
@@ -48,7 +46,7 @@ pub(crate) fn run(
             .name(format!("credbroker-pool-{}-revoke", credentials.role))
             .spawn_scoped(scope, || {
                 for id in revocations {
-                    revoke_retired(shared, credentials, &id);
+                    credentials.revoke(shared, &id, RevokeCause::Rotated);
                 }
             });
         if let Err(e) = revoker {
@@ -130,34 +128,31 @@ fn keep_current(
         .get(&current.lease_id)
         .filter(|e| !e.in_flight() && e.attempts() == 0)
         .map(|e| (e.expires_at(), e.max_expires_at()));
-    let rotate_at = times.map(|(_, max)| max.checked_sub(rotate_before).unwrap_or(max));
-    match (times, rotate_at) {
-        (Some((expires, max)), Some(rotate_at)) if now < rotate_at => {
-            if expires >= max {
-                return Some(rotate_at);
-            }
-            let renew_at = expires
-                .checked_sub(current.lease_duration / 2)
-                .unwrap_or(expires);
-            if now < renew_at {
-                return Some(renew_at.min(rotate_at));
-            }
-            match shared.renew(&current.lease_id, Some(current.lease_duration)) {
-                Ok(lease) => Some(
-                    lease
-                        .expires_at
-                        .checked_sub(current.lease_duration / 2)
-                        .unwrap_or(lease.expires_at)
-                        .min(rotate_at),
-                ),
-                Err(e) => {
-                    log::warn!("pool of role {}: {e}; retrying", credentials.role);
-                    None
-                }
-            }
+    let renew_at = |expires: SystemTime| {
+        expires
+            .checked_sub(current.lease_duration / 2)
+            .unwrap_or(expires)
+    };
+    // No lease means it is gone: revoked by hand, or expired while renewals failed.
+    let Some((expires, max)) = times else {
+        return rotate(shared, credentials, pool).then_some(now);
+    };
+    let rotate_at = max.checked_sub(rotate_before).unwrap_or(max);
+    if now >= rotate_at {
+        return rotate(shared, credentials, pool).then_some(now);
+    }
+    if expires >= max {
+        return Some(rotate_at);
+    }
+    if now < renew_at(expires) {
+        return Some(renew_at(expires).min(rotate_at));
+    }
+    match shared.renew(&current.lease_id, Some(current.lease_duration)) {
+        Ok(lease) => Some(renew_at(lease.expires_at).min(rotate_at)),
+        Err(e) => {
+            log::warn!("pool of role {}: {e}; retrying", credentials.role);
+            None
         }
-        // Time to rotate, or the lease is gone (revoked by hand, or expired while renewals failed).
-        _ => rotate(shared, credentials, pool).then_some(now),
     }
 }
 
@@ -212,14 +207,4 @@ fn take_drained(credentials: &Credentials) -> Vec<Arc<Generation>> {
     let (drained, busy): (Vec<_>, Vec<_>) = retired.drain(..).partition(|g| g.connections() == 0);
     *retired = busy;
     drained
-}
-
-/// Revokes the lease of a retired credential (one the sweeper has not already revoked at its end).
-fn revoke_retired(shared: &Shared, credentials: &Credentials, id: &str) {
-    match shared.revoke(id, Why::Revoke(RevokeCause::Rotated)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::UnknownLease => {}
-        // The sweeper retries the lease; nothing more for the pool to do.
-        Err(e) => log::warn!("pool of role {}: {e}", credentials.role),
-    }
 }
