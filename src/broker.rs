@@ -4,9 +4,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::RwLock;
 use postgres::error::SqlState;
 use postgres::Client;
 use r2d2::{Pool, PooledConnection};
@@ -19,19 +19,16 @@ use crate::credential::{
     generate_lease_id, generate_password, generate_username, scram_verifier, Credential,
     DEFAULT_SCRAM_ITERATIONS,
 };
-use crate::error::describe;
+use crate::error::{check_duration, describe};
 use crate::error::{Error, ErrorKind};
-use crate::events::{
-    Events, HandleEvent, IssuedEvent, NopEventHandler, RenewedEvent, RevokeCause, RevokedEvent,
-    Stats,
-};
+use crate::events::{Events, HandleEvent, NopEventHandler, RevokeCause, Stats};
 use crate::lease::{pg_timestamp, Lease, LeasePolicy};
-use crate::lease_table::LeaseTable;
+use crate::leases::{later, Claim, Leases, Why};
 use crate::marker::{check_instance_name, default_instance_name, LeaseMark, DEFAULT_MARKER_ROLE};
 use crate::pool::{PoolOptions, RolePool};
 use crate::preflight::{self, Needs};
 use crate::recovery::{self, RecoveryMode, DEFAULT_ORPHAN_INTERVAL};
-use crate::revoke::{revoke_lease, revoke_leases, RevokeSettings, Why, BATCH};
+use crate::revoke::{revoke_lease, revoke_leases, RevokeSettings, BATCH};
 use crate::role::{check_role_name, CompiledRole, Role};
 use crate::shutdown::{revoke_all, ShutdownMode};
 use crate::template::{Placeholder, Values};
@@ -51,6 +48,8 @@ const USERNAME_ATTEMPTS: usize = 3;
 /// | [`lease`](BrokerBuilder::lease) | 1 hour default, 24 hours max |
 /// | [`pool_size`](BrokerBuilder::pool_size) | 4 connections |
 /// | [`connect_timeout`](BrokerBuilder::connect_timeout) | 10 seconds |
+/// | [`statement_timeout`](BrokerBuilder::statement_timeout) | 30 seconds |
+/// | [`lock_timeout`](BrokerBuilder::lock_timeout) | 5 seconds |
 /// | [`instance_name`](BrokerBuilder::instance_name) | `<host name>/<executable name>` |
 /// | [`marker_role`](BrokerBuilder::marker_role) | [`DEFAULT_MARKER_ROLE`](crate::DEFAULT_MARKER_ROLE) (`credbroker_lease`) |
 /// | [`reassign_owned_to`](BrokerBuilder::reassign_owned_to) | the admin user |
@@ -66,6 +65,8 @@ pub struct BrokerBuilder {
     max_lease: Duration,
     pool_size: u32,
     connect_timeout: Duration,
+    statement_timeout: Duration,
+    lock_timeout: Duration,
     instance_name: Option<String>,
     marker_role: String,
     reassign_owner: Option<String>,
@@ -85,6 +86,8 @@ impl Default for BrokerBuilder {
             max_lease: Duration::from_secs(24 * 3600),
             pool_size: 4,
             connect_timeout: Duration::from_secs(10),
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
             instance_name: None,
             marker_role: DEFAULT_MARKER_ROLE.to_owned(),
             reassign_owner: None,
@@ -106,6 +109,8 @@ impl fmt::Debug for BrokerBuilder {
             .field("max_lease", &self.max_lease)
             .field("pool_size", &self.pool_size)
             .field("connect_timeout", &self.connect_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("lock_timeout", &self.lock_timeout)
             .field("instance_name", &self.instance_name)
             .field("marker_role", &self.marker_role)
             .field("reassign_owner", &self.reassign_owner)
@@ -144,9 +149,28 @@ impl BrokerBuilder {
         self
     }
 
-    /// How long connecting to PostgreSQL, or waiting for a free pooled connection, may take before failing.
+    /// How long connecting to PostgreSQL, or waiting for a free pooled connection, may take before failing
+    /// (more than zero, at most 1 hour).
     pub fn connect_timeout(mut self, timeout: Duration) -> BrokerBuilder {
         self.connect_timeout = timeout;
+        self
+    }
+
+    /// The `statement_timeout` of the broker's own (admin) sessions: the longest any one statement it sends may
+    /// run before PostgreSQL cancels it (1 ms to 24 hours; default 30 seconds). A revocation cancelled this way
+    /// is a failed attempt: the role stays `NOLOGIN` and is retried with backoff. Application connections of a
+    /// [`RolePool`] are not affected.
+    pub fn statement_timeout(mut self, timeout: Duration) -> BrokerBuilder {
+        self.statement_timeout = timeout;
+        self
+    }
+
+    /// The `lock_timeout` of the broker's admin sessions: the longest a statement waits for a lock held by
+    /// another session (a migration or `pg_dump` holding a table that a revoked role owns, say) before it fails
+    /// (1 ms to 24 hours; default 5 seconds). Such a revocation is retried with backoff, and other leases are
+    /// dropped on time meanwhile.
+    pub fn lock_timeout(mut self, timeout: Duration) -> BrokerBuilder {
+        self.lock_timeout = timeout;
         self
     }
 
@@ -246,11 +270,28 @@ impl BrokerBuilder {
                 "pool_size is 0; the broker needs at least one connection",
             ));
         }
-        if self.connect_timeout.is_zero() {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                "connect_timeout is zero; give the time a connection may take, e.g. Duration::from_secs(10)",
-            ));
+        check_duration(
+            "connect_timeout",
+            self.connect_timeout,
+            Duration::from_millis(1),
+            MAX_CONNECT_TIMEOUT,
+            "Duration::from_secs(10)",
+        )?;
+        for (setting, value, example) in [
+            (
+                "statement_timeout",
+                self.statement_timeout,
+                "Duration::from_secs(30)",
+            ),
+            ("lock_timeout", self.lock_timeout, "Duration::from_secs(5)"),
+        ] {
+            check_duration(
+                setting,
+                value,
+                Duration::from_millis(1),
+                MAX_STATEMENT_TIMEOUT,
+                example,
+            )?;
         }
         if self.scram_iterations == 0 {
             return Err(Error::new(
@@ -258,12 +299,13 @@ impl BrokerBuilder {
                 "scram_iterations is 0; give at least 1 (4096 is the default)",
             ));
         }
-        if self.orphan_interval.is_zero() {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                "orphan_sweep_interval is zero; give how often to look for orphaned roles, e.g. Duration::from_secs(60)",
-            ));
-        }
+        check_duration(
+            "orphan_sweep_interval",
+            self.orphan_interval,
+            Duration::from_millis(1),
+            MAX_ORPHAN_INTERVAL,
+            "Duration::from_secs(60)",
+        )?;
         let instance = match self.instance_name {
             Some(name) => {
                 check_instance_name(&name)?;
@@ -275,7 +317,8 @@ impl BrokerBuilder {
         if let Some(owner) = &self.reassign_owner {
             check_identifier("reassign_owned_to", owner)?;
         }
-        let connection = Connection::parse(&source, self.connect_timeout)?;
+        let connection = Connection::parse(&source, self.connect_timeout)?
+            .with_limits(self.statement_timeout, self.lock_timeout);
         drop(source);
 
         let mut client = connection.connect()?;
@@ -290,7 +333,7 @@ impl BrokerBuilder {
         drop(client);
 
         let manager =
-            PostgresConnectionManager::new(connection.config.clone(), connection.tls.clone());
+            PostgresConnectionManager::new(connection.admin_config(), connection.tls.clone());
         let pool = Pool::builder()
             .max_size(self.pool_size)
             // The connection was just verified; a ping before every operation would double the round trips.
@@ -312,8 +355,7 @@ impl BrokerBuilder {
         let ssl_mode = connection.ssl_mode;
         let shared = Arc::new(Shared {
             pool,
-            state: Mutex::new(State::default()),
-            wake: Condvar::new(),
+            leases: Leases::new(Events::new(self.event_handler)),
             roles: RwLock::new(BTreeMap::new()),
             policy,
             ssl_mode,
@@ -324,10 +366,11 @@ impl BrokerBuilder {
             },
             marker: self.marker_role,
             scram_iterations: self.scram_iterations,
-            renewal_turns: (0..RENEWAL_TURNS).map(|_| Mutex::new(())).collect(),
             instance,
             orphan_interval: self.orphan_interval,
-            events: Events::new(self.event_handler),
+            op_bound: self
+                .connect_timeout
+                .saturating_add(self.statement_timeout.saturating_mul(4)),
         });
         let recovered = recovery::recover(&shared, self.recovery)?;
         log::info!(
@@ -367,12 +410,25 @@ fn check_identifier(setting: &str, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Default [`BrokerBuilder::statement_timeout`].
+const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default [`BrokerBuilder::lock_timeout`].
+const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest [`BrokerBuilder::connect_timeout`].
+const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Longest statement and lock timeouts (PostgreSQL takes milliseconds as a 32-bit integer).
+const MAX_STATEMENT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Longest [`BrokerBuilder::orphan_sweep_interval`].
+const MAX_ORPHAN_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// How long stopping the broker with [`ShutdownMode::Keep`] waits for revocations in flight before leaving
+/// them to finish in the background.
+pub(crate) const KEEP_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
+
 /// State the sweeper and the callers share.
 pub(crate) struct Shared {
     pool: Pool<Manager>,
-    pub(crate) state: Mutex<State>,
-    /// Wakes the sweeper: a lease that is due sooner, a failed revocation to schedule, or shutdown.
-    pub(crate) wake: Condvar,
+    /// The lease table and every rule about changing it.
+    pub(crate) leases: Leases,
     roles: RwLock<BTreeMap<String, Arc<CompiledRole>>>,
     pub(crate) policy: LeasePolicy,
     ssl_mode: SslMode,
@@ -381,32 +437,33 @@ pub(crate) struct Shared {
     pub(crate) marker: String,
     /// PBKDF2 rounds of the SCRAM verifiers of issued passwords.
     scram_iterations: u32,
-    /// Renewals of one lease take turns (PostgreSQL fails one of two concurrent `ALTER ROLE` of a role); a
-    /// lease's turn is the lock its random id falls on, so renewals of different leases rarely wait.
-    renewal_turns: Box<[Mutex<()>]>,
     /// This broker's instance name, written on every role it issues.
     pub(crate) instance: String,
     /// How often the sweeper looks for orphans, and how long past expiry a role must be to count as one.
     pub(crate) orphan_interval: Duration,
-    /// Event counters and the user's handler.
-    pub(crate) events: Events,
-}
-
-#[derive(Default)]
-pub(crate) struct State {
-    pub(crate) table: LeaseTable,
-    pub(crate) shutdown: bool,
+    /// The longest one lease operation may take (a connection plus a few statements): how long a renewal waits
+    /// for another renewal of its lease, and a revocation for the one in flight.
+    pub(crate) op_bound: Duration,
 }
 
 impl Shared {
-    /// A pooled admin connection.
+    /// A pooled admin connection. Once the broker is stopping, the wait is cut short at shutdown's deadline.
     pub(crate) fn connection(&self) -> Result<PooledConnection<Manager>, Error> {
-        self.pool.get().map_err(|e| {
+        let mut timeout = self.pool.connection_timeout();
+        if let Some(deadline) = self.leases.shutdown_deadline() {
+            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        if timeout.is_zero() {
+            return Err(Error::new(
+                ErrorKind::ShutDown,
+                "the broker has shut down and its shutdown timeout has passed; no more revocations are tried",
+            ));
+        }
+        self.pool.get_timeout(timeout).map_err(|e| {
             Error::new(
                 ErrorKind::Connection,
                 format!(
-                    "no PostgreSQL connection available within {:?}: {e}; check that the server is up, or raise pool_size",
-                    self.pool.connection_timeout()
+                    "no PostgreSQL connection available within {timeout:?}: {e}; check that the server is up, or raise pool_size"
                 ),
             )
         })
@@ -436,31 +493,8 @@ impl Shared {
         }
     }
 
-    /// Puts a lease this broker issued into the table, waking the sweeper if it is now the earliest due.
-    pub(crate) fn track(&self, lease: Lease, role: &Arc<CompiledRole>) {
-        let id = lease.id.clone();
-        match self.state.lock().table.insert(lease, role.clone()) {
-            Some(true) => {
-                self.wake.notify_one();
-            }
-            Some(false) => {}
-            // Cannot happen: the broker made the id and the username. Should it, the role is still marked and
-            // the orphan sweep drops it once expired.
-            None => log::error!(
-                "lease {id} has an id or username the lease table cannot hold; it is left to the orphan sweep"
-            ),
-        }
-    }
-
-    /// The lock renewals of lease `id` take turns on; `None` for an id the broker did not make.
-    pub(crate) fn renewal_turn(&self, id: &str) -> Option<&Mutex<()>> {
-        let (_, key) = crate::credential::parse_lease_id(id)?;
-        self.renewal_turns
-            .get(usize::try_from(key % self.renewal_turns.len() as u128).ok()?)
-    }
-
-    /// How many connections may work on one revocation sweep at once: all but one of the pool's, so that
-    /// `creds` and `renew` in other threads still find one.
+    /// How many connections may work on revocation at once: all but one of the pool's, so that `creds` and
+    /// `renew` in other threads still find one.
     pub(crate) fn revocation_workers(&self) -> usize {
         usize::try_from(self.pool.max_size().saturating_sub(1).max(1)).unwrap_or(1)
     }
@@ -473,21 +507,19 @@ impl Shared {
 
 /// The credential lifecycle, shared by the [`Broker`] and its [`RolePool`](crate::RolePool)s.
 impl Shared {
-    /// Revokes lease `id` now; see [`Broker::revoke`].
+    /// Revokes lease `id` now, or joins the revocation of it in flight; see [`Broker::revoke`].
     pub(crate) fn revoke(&self, id: &str, why: Why) -> Result<(), Error> {
-        let lease = self
-            .state
-            .lock()
-            .table
-            .claim(id)
-            .ok_or_else(|| unknown_lease(id))?;
-        revoke_lease(self, &lease, why)
+        match self.leases.claim(id, self.op_bound)? {
+            Claim::Claimed(lease) => revoke_lease(self, &lease, why),
+            Claim::Joined => Ok(()),
+            Claim::JoinedFailed(err) => Err(err),
+        }
     }
 
     /// See [`Broker::creds`].
     pub(crate) fn creds(&self, name: &str) -> Result<Credential, Error> {
         check_role_name(name)?;
-        if self.state.lock().shutdown {
+        if self.leases.is_shut_down() {
             return Err(Error::new(
                 ErrorKind::ShutDown,
                 format!("cannot issue a credential for role {name:?}: the broker has shut down"),
@@ -563,11 +595,7 @@ impl Shared {
             revocation_attempts: 0,
             last_error: None,
         };
-        // Before the lease enters the table, where others can find it: its first event comes first.
-        self.events.issued(IssuedEvent {
-            lease: lease.clone(),
-        });
-        self.track(lease, &role);
+        self.leases.issued(lease, &role);
         log::info!(
             "issued lease {} for role {name}: user {username}, valid until {expiration}",
             mark.lease_id
@@ -622,50 +650,39 @@ impl Shared {
             revocation_attempts: 0,
             last_error: None,
         };
-        self.track(lease, role);
+        self.leases.adopt(lease, role);
     }
 
     /// See [`Broker::renew`].
     pub(crate) fn renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
-        let _turn = self.renewal_turn(id).map(Mutex::lock);
+        let turn = self.leases.begin_renewal(id, self.op_bound)?;
         let now = SystemTime::now();
-        let (snapshot, username, max_expires_at, previous_expires_at) = {
-            let state = self.state.lock();
-            let entry = state.table.get(id).ok_or_else(|| unknown_lease(id))?;
-            if entry.in_flight() || entry.attempts() > 0 {
-                return Err(Error::new(
-                    ErrorKind::LeaseExpired,
-                    format!("lease {id} is being revoked and cannot be renewed; request new credentials"),
-                ));
-            }
-            if entry.expires_at() <= now {
-                return Err(expired(id));
-            }
-            (
-                entry.role.clone(),
-                entry.username(),
-                entry.max_expires_at(),
-                entry.expires_at(),
-            )
-        };
-        let role = self.current_role(&snapshot.name).unwrap_or(snapshot);
-        let expires_at = role.policy.renew(now, increment, max_expires_at)?;
+        let username = turn.username.clone();
+        let role = self
+            .current_role(&turn.role.name)
+            .unwrap_or_else(|| turn.role.clone());
+        let expires_at = role.policy.renew(now, increment, turn.max_expires_at)?;
         let expiration = pg_timestamp(expires_at);
         // VALID UNTIL moves first and always: recovery reads the lease's end from it.
         let sql = match &role.renew {
-            Some(template) if template.uses(Placeholder::Expiration) => template.render(&Values {
-                name: &username,
-                password: "",
-                expiration: &expiration,
-            }),
-            Some(template) => format!(
+            Some(template) if template.uses(Placeholder::Expiration) => format!(
                 "{}\n;\n{}",
                 template.render(&Values {
                     name: &username,
                     password: "",
                     expiration: &expiration,
                 }),
-                sql::set_valid_until(&username, &expiration)
+                sql::RESET_SESSION
+            ),
+            Some(template) => format!(
+                "{}\n;\n{}\n;\n{}",
+                template.render(&Values {
+                    name: &username,
+                    password: "",
+                    expiration: &expiration,
+                }),
+                sql::set_valid_until(&username, &expiration),
+                sql::RESET_SESSION
             ),
             None => sql::set_valid_until(&username, &expiration),
         };
@@ -679,31 +696,20 @@ impl Shared {
                 )
             })?;
 
-        let mut state = self.state.lock();
-        if !state.table.set_expiry(id, expires_at) {
-            return Err(Error::new(
-                ErrorKind::LeaseExpired,
-                format!("lease {id} expired or was revoked while it was being renewed; request new credentials"),
-            ));
-        }
-        let lease = state.table.lease(id).ok_or_else(|| unknown_lease(id))?;
-        drop(state);
+        let lease = turn.finish(expires_at)?;
         log::info!("renewed lease {id} (user {username}) until {expiration}");
-        // Still in this lease's turn, so no revocation event of it can come first.
-        self.events.renewed(RenewedEvent {
-            lease: lease.clone(),
-            previous_expires_at,
-        });
         Ok(lease)
     }
 }
 
 /// The credential broker. See the [crate documentation](crate) for a walk-through.
 ///
-/// `Broker` is `Send + Sync`: share it by reference or in an `Arc`. Dropping it stops and joins the sweeper
-/// (waiting for the revocations in flight, at most about `connect_timeout` plus their SQL), then does what the
-/// builder's [`shutdown_mode`](BrokerBuilder::shutdown_mode) says: by default leases still live are kept, their
-/// roles stop accepting logins at `VALID UNTIL`, and the next start of the same instance adopts them.
+/// `Broker` is `Send + Sync`: share it by reference or in an `Arc`. Dropping it stops the sweeper, then does
+/// what the builder's [`shutdown_mode`](BrokerBuilder::shutdown_mode) says: by default leases still live are
+/// kept, their roles stop accepting logins at `VALID UNTIL`, and the next start of the same instance adopts
+/// them. Dropping returns within 2 seconds with [`ShutdownMode::Keep`] (waiting that long at most for
+/// revocations in flight, which then finish in the background), and within the timeout with
+/// [`ShutdownMode::Revoke`], whatever state the server is in.
 pub struct Broker {
     shared: Arc<Shared>,
     sweeper: Option<JoinHandle<()>>,
@@ -714,7 +720,7 @@ impl fmt::Debug for Broker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Broker")
             .field("roles", &self.roles())
-            .field("leases", &self.shared.state.lock().table.len())
+            .field("leases", &self.shared.leases.len())
             .field("policy", &self.shared.policy)
             .field("ssl_mode", &self.shared.ssl_mode)
             .field("instance", &self.shared.instance)
@@ -795,39 +801,33 @@ impl Broker {
 
     /// The lease `id`, if it is in the table (issued, and its role not yet dropped).
     pub fn lease(&self, id: &str) -> Option<Lease> {
-        self.shared.state.lock().table.lease(id)
+        self.shared.leases.lease(id)
     }
 
     /// Every lease in the table, sorted by id.
     pub fn leases(&self) -> Vec<Lease> {
-        self.shared.state.lock().table.leases()
+        self.shared.leases.leases()
     }
 
     /// Leases whose revocation has failed at least once; they stay in the table and are retried with backoff.
     pub fn failed_leases(&self) -> Vec<Lease> {
-        self.shared.state.lock().table.failed_leases()
+        self.shared.leases.failed_leases()
     }
 
     /// Counts of what the broker did since it was built (issued, renewed, rotated, revoked, expired, failed
     /// revocations), the live leases per role, and how late the sweeper is. Cheap enough to poll every second:
     /// it copies counters and a map with one entry per role, under the lease table's lock for microseconds.
     pub fn stats(&self) -> Stats {
-        let mut stats = Stats::default();
-        self.shared.events.count(&mut stats);
-        let mut state = self.shared.state.lock();
-        stats.live = state.table.per_role().clone();
-        stats.failing = state.table.failing();
-        let next_due = state.table.next_due();
-        drop(state);
-        stats.sweeper_lag = next_due
-            .and_then(|due| SystemTime::now().duration_since(due).ok())
-            .unwrap_or(Duration::ZERO);
-        stats
+        self.shared.leases.stats()
     }
 
     /// Revokes lease `id` now: ends the role's sessions, drops what it owns and the role itself. A role already
     /// gone counts as revoked. The lease leaves the table only once the role is gone; if revocation fails the
     /// error is returned and the sweeper retries with backoff.
+    ///
+    /// If the lease is being revoked already (by the sweeper, a pool, or another thread), this call joins that
+    /// revocation and returns its outcome; if a renewal of it is running, it waits for the renewal first. Once
+    /// the lease has left the table, it fails with [`ErrorKind::UnknownLease`].
     pub fn revoke(&self, id: &str) -> Result<(), Error> {
         self.shared.revoke(id, Why::Revoke(RevokeCause::Requested))
     }
@@ -855,26 +855,32 @@ impl Broker {
     /// returns how many were revoked. If any fails, the others are still revoked, the failed ones stay in the
     /// table to be retried, and the error says how many failed.
     pub fn revoke_prefix(&self, prefix: &str) -> Result<usize, Error> {
-        let ids = self.shared.state.lock().table.ids_with_prefix(prefix);
+        let ids = self.shared.leases.ids_with_prefix(prefix);
         let mut revoked = 0;
         let mut failures = Vec::new();
         // As many batches at once as revocation may use connections.
         for chunk in ids.chunks(BATCH * self.shared.revocation_workers()) {
-            // Leases revoked or claimed meanwhile by someone else (the sweeper, another thread) are skipped.
-            let claimed: Vec<_> = {
-                let mut state = self.shared.state.lock();
-                let mut claimed = Vec::new();
-                for id in chunk {
-                    if state.table.get(id).is_some_and(|e| !e.in_flight()) {
-                        claimed.extend(state.table.claim(id));
-                    }
+            // Leases already being revoked (by the sweeper, another thread) are joined one by one below.
+            let mut claimed = Vec::new();
+            let mut joined = Vec::new();
+            for id in chunk {
+                match self.shared.leases.try_claim(id) {
+                    Some(Ok(lease)) => claimed.push(lease),
+                    Some(Err(())) => joined.push(id),
+                    None => {}
                 }
-                claimed
-            };
-            for result in revoke_leases(&self.shared, &claimed, Why::Revoke(RevokeCause::Requested))
-            {
+            }
+            let why = Why::Revoke(RevokeCause::Requested);
+            for result in revoke_leases(&self.shared, &claimed, why) {
                 match result {
                     Ok(()) => revoked += 1,
+                    Err(e) => failures.push(e),
+                }
+            }
+            for id in joined {
+                match self.shared.revoke(id, why) {
+                    Ok(()) => revoked += 1,
+                    Err(e) if e.kind() == ErrorKind::UnknownLease => {}
                     Err(e) => failures.push(e),
                 }
             }
@@ -903,33 +909,19 @@ impl Broker {
     ///
     /// Fails only with [`ErrorKind::UnknownLease`].
     pub fn revoke_force(&self, id: &str) -> Result<(), Error> {
-        let lease = self
-            .shared
-            .state
-            .lock()
-            .table
-            .claim(id)
-            .ok_or_else(|| unknown_lease(id))?;
-        let Err(err) = revoke_lease(&self.shared, &lease, Why::Revoke(RevokeCause::Forced)) else {
-            return Ok(());
-        };
-        let forgotten = {
-            let _turn = self.shared.renewal_turn(id).map(Mutex::lock);
-            let forgotten = self.shared.state.lock().table.take(id);
-            if let Some(lease) = forgotten.clone() {
-                self.shared.events.revoked(RevokedEvent {
-                    lease,
-                    cause: RevokeCause::Forced,
-                    revoked_at: SystemTime::now(),
-                    role_dropped: false,
-                });
+        let why = Why::Revoke(RevokeCause::Forced);
+        let lease = loop {
+            match self.shared.leases.claim(id, self.shared.op_bound)? {
+                Claim::Claimed(lease) => break lease,
+                Claim::Joined => return Ok(()),
+                // Claim it now that the other revocation has let go, and force it.
+                Claim::JoinedFailed(_) => {}
             }
-            forgotten
         };
-        if forgotten.is_none() {
-            // The sweeper's retry dropped the role meanwhile.
+        let Err(err) = revoke_lease(&self.shared, &lease, why) else {
             return Ok(());
-        }
+        };
+        // `settle` has taken the lease out of the table; now the marker, so that recovery leaves the role alone.
         let unmark = sql::unmark(&self.shared.marker, &lease.username);
         let unmarked = match self
             .shared
@@ -960,14 +952,25 @@ impl Broker {
         let Some(sweeper) = self.sweeper.take() else {
             return Ok(());
         };
-        self.shared.state.lock().shutdown = true;
-        self.shared.wake.notify_all();
+        let deadline = match mode {
+            ShutdownMode::Keep => later(KEEP_SHUTDOWN_WAIT),
+            ShutdownMode::Revoke { timeout } => later(timeout),
+        };
+        self.shared.leases.begin_shutdown(deadline);
+        // The sweeper only waits and hands out work, so it returns at once; its workers are waited for below.
         if sweeper.join().is_err() {
             log::error!("the sweeper thread panicked");
         }
         match mode {
             ShutdownMode::Keep => {
-                let left = self.shared.state.lock().table.len();
+                let running = self.shared.leases.wait_for_workers(deadline);
+                if running > 0 {
+                    log::warn!(
+                        "shut down while {running} revocations were still running (blocked or slow); they go on in \
+                         the background, each bounded by the statement and lock timeouts"
+                    );
+                }
+                let left = self.shared.leases.len();
                 log::info!(
                     "shut down; kept {left} leases: their roles work until VALID UNTIL, and the next start of \
                      instance {} adopts them",
@@ -975,7 +978,9 @@ impl Broker {
                 );
                 Ok(())
             }
-            ShutdownMode::Revoke { timeout } => revoke_all(&self.shared, timeout).map(|_| ()),
+            ShutdownMode::Revoke { timeout } => {
+                revoke_all(&self.shared, timeout, deadline).map(|_| ())
+            }
         }
     }
 }
@@ -988,15 +993,12 @@ impl Drop for Broker {
     }
 }
 
-/// How many locks renewals are spread over (see `Shared::renewal_turns`).
-const RENEWAL_TURNS: usize = 1024;
-
 /// How many times an `ALTER ROLE` that lost a race with another change of the same role is tried.
 const ALTER_ATTEMPTS: usize = 5;
 
 /// Runs `sql`, an `ALTER ROLE`, again when PostgreSQL reports that another session changed the same role at the
 /// same moment ("tuple concurrently updated", an internal error `XX000` rather than a serialization failure): a
-/// renewal meeting a revocation's `NOLOGIN`, or another instance. (Renewals in this broker take turns.) Each
+/// renewal meeting another instance's change. (Changes of one lease in this broker take turns.) Each
 /// attempt is one implicit transaction, so repeating it is safe.
 fn alter_role(client: &mut Client, sql: &str) -> Result<(), postgres::Error> {
     let mut attempt = 0;
@@ -1017,11 +1019,15 @@ fn lost_update_race(e: &postgres::Error) -> bool {
     })
 }
 
-/// Runs `sql` as one transaction in one round trip: `BEGIN; …; COMMIT` in a single simple query. A statement
+/// Runs `sql` as one transaction in one round trip: `BEGIN; …; COMMIT; RESET …` in a single simple query. A statement
 /// that fails skips the rest, COMMIT included, and leaves the transaction aborted; it is then rolled back so the
 /// pooled connection is clean. (Templates cannot end the transaction early: `write_role` refuses those.)
 fn run_in_one_round_trip(client: &mut Client, sql: &str) -> Result<(), postgres::Error> {
-    let batch = Zeroizing::new(format!("BEGIN;\n{sql}\n;\nCOMMIT;"));
+    // RESET after COMMIT: a template's plain `SET` would otherwise stay on the pooled connection.
+    let batch = Zeroizing::new(format!(
+        "BEGIN;\n{sql}\n;\nCOMMIT;\n{};",
+        sql::RESET_SESSION
+    ));
     let result = client.batch_execute(&batch);
     if result.is_err() && !client.is_closed() {
         // Nothing to report if this fails too: the connection is then broken, and the pool discards it.
@@ -1034,20 +1040,6 @@ pub(crate) fn unknown_role(name: &str) -> Error {
     Error::new(
         ErrorKind::UnknownRole,
         format!("no role named {name:?} is defined; define it with Broker::write_role"),
-    )
-}
-
-fn unknown_lease(id: &str) -> Error {
-    Error::new(
-        ErrorKind::UnknownLease,
-        format!("no lease {id} in the lease table: it was never issued by this broker, or it was already revoked; request new credentials"),
-    )
-}
-
-fn expired(id: &str) -> Error {
-    Error::new(
-        ErrorKind::LeaseExpired,
-        format!("lease {id} has expired and cannot be renewed; request new credentials"),
     )
 }
 

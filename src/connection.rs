@@ -33,6 +33,9 @@ use zeroize::Zeroizing;
 use crate::error::{chain, Error, ErrorKind};
 
 /// The fix for an unknown key: the keys `postgres::Config` reads, and ours.
+/// tokio-postgres' default TCP keepalive idle time; a connection string that sets another keeps it.
+const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
 const KNOWN_KEYS: &str = "the keys understood are host, hostaddr, port, user, password, dbname, sslmode, \
      sslrootcert, connect_timeout, application_name, options, target_session_attrs, channel_binding, \
      keepalives, keepalives_idle, keepalives_interval, keepalives_retries, tcp_user_timeout, \
@@ -110,6 +113,9 @@ pub(crate) struct Connection {
     pub config: postgres::Config,
     pub tls: MakeRustlsConnect,
     pub ssl_mode: SslMode,
+    /// `-c statement_timeout=… -c lock_timeout=…`, sent in the startup packet of admin sessions only: they are
+    /// the sessions' defaults, so `RESET ALL` after a template keeps them.
+    admin_options: Option<String>,
 }
 
 impl Connection {
@@ -186,12 +192,47 @@ impl Connection {
         if config.get_application_name().is_none() {
             config.application_name("credbroker");
         }
+        // A half-open connection (a peer gone without a FIN: failover, a dropped NAT entry) is noticed after
+        // about a minute of silence instead of the kernel's two hours. Pool connections inherit this.
+        if config.get_keepalives_idle() == DEFAULT_KEEPALIVES_IDLE {
+            config
+                .keepalives(true)
+                .keepalives_idle(Duration::from_secs(30))
+                .keepalives_interval(Duration::from_secs(10))
+                .keepalives_retries(3);
+        }
         let tls = MakeRustlsConnect::new(tls_config(ssl_mode, keys.root_cert.take())?);
         Ok(Connection {
             config,
             tls,
             ssl_mode,
+            admin_options: None,
         })
+    }
+
+    /// Sets the statement and lock timeouts of admin sessions.
+    pub(crate) fn with_limits(mut self, statement: Duration, lock: Duration) -> Connection {
+        let ms = |d: Duration| d.as_millis().max(1);
+        self.admin_options = Some(format!(
+            "-c statement_timeout={} -c lock_timeout={}",
+            ms(statement),
+            ms(lock)
+        ));
+        self
+    }
+
+    /// The config of an admin session: the connection string's, with the statement and lock timeouts added to
+    /// any `options` it gives.
+    pub(crate) fn admin_config(&self) -> postgres::Config {
+        let mut config = self.config.clone();
+        if let Some(ours) = &self.admin_options {
+            let options = match self.config.get_options() {
+                Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {ours}"),
+                _ => ours.clone(),
+            };
+            config.options(&options);
+        }
+        config
     }
 
     /// `host:port` of the first target, for messages.
@@ -212,14 +253,14 @@ impl Connection {
 
     /// Opens one client connection, turning failures into errors that say what to fix.
     pub(crate) fn connect(&self) -> Result<postgres::Client, Error> {
-        self.config
+        self.admin_config()
             .connect(self.tls.clone())
             .map_err(|e| self.explain(e))
     }
 
     /// Opens one client connection to another database of the same server, with the same credentials and TLS.
     pub(crate) fn connect_to(&self, database: &str) -> Result<postgres::Client, Error> {
-        let mut config = self.config.clone();
+        let mut config = self.admin_config();
         config.dbname(database);
         config
             .connect(self.tls.clone())

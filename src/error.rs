@@ -188,6 +188,24 @@ pub(crate) fn redact(text: &str, secrets: &[&str]) -> String {
     out
 }
 
+/// Checks a `Duration` setting against its bounds (`min..=max`), so that no deadline computed from it can
+/// overflow and no wait is unbounded. The error names the setting, its bounds and an example.
+pub(crate) fn check_duration(
+    setting: &str,
+    value: std::time::Duration,
+    min: std::time::Duration,
+    max: std::time::Duration,
+    example: &str,
+) -> Result<(), Error> {
+    if value < min || value > max {
+        return Err(Error::new(
+            ErrorKind::InvalidConfig,
+            format!("{setting} {value:?} is out of range: give {min:?} to {max:?}, e.g. {example}"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

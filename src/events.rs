@@ -2,9 +2,13 @@
 //! revocation) is counted for [`Broker::stats`](crate::Broker::stats) and passed to the [`HandleEvent`] given to
 //! [`BrokerBuilder::event_handler`](crate::BrokerBuilder::event_handler), in the style of r2d2's `HandleEvent`.
 //!
-//! Events carry the [`Lease`] (id, role, username, times) and never a password. They are delivered synchronously
-//! on the thread that made the change (a caller's, the sweeper's, or a [`RolePool`](crate::RolePool)'s), after the
-//! change, and in order for any one lease: issued, then renewals and rotation, then one of revoked or expired.
+//! Events carry the [`Lease`] (id, role, username, times) and never a password. They are delivered after the
+//! change, with no lock of the broker held, and in order for any one lease: issued, then renewals and rotation,
+//! then one of revoked or expired. Delivery is synchronous on the thread that made the change (a caller's, a
+//! revocation worker's, or a [`RolePool`](crate::RolePool)'s), except when another thread is delivering events
+//! at that moment: that thread then delivers this one too, right after its own, so the order holds. A handler
+//! may call any [`Broker`](crate::Broker) method, on any lease, the one it is told about included; the events
+//! those calls make are delivered once the handler returns.
 //! A handler that panics is caught and logged; the broker carries on.
 
 use std::collections::BTreeMap;
@@ -17,8 +21,9 @@ use crate::lease::Lease;
 
 /// Receives the broker's events. Every method has a no-op default: implement the ones you need.
 ///
-/// Methods are called synchronously, on the thread that issued, renewed or revoked the lease (the sweeper's
-/// among them), so they should be quick and must not block: hand slow work (a network audit log) to a channel.
+/// Methods are called with no lock of the broker held, so they may call back into the broker; but they run on
+/// the thread that issued, renewed or revoked the lease (or on one delivering events at that moment), so they
+/// should be quick and must not block: hand slow work (a network audit log) to a channel.
 pub trait HandleEvent: fmt::Debug + Send + Sync + 'static {
     /// A credential was issued: its role now exists in PostgreSQL.
     fn handle_issued(&self, event: IssuedEvent) {
@@ -175,6 +180,17 @@ pub struct Stats {
     pub sweeper_lag: Duration,
 }
 
+/// One event, queued by the lease state and delivered after every lock is released.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Issued(IssuedEvent),
+    Renewed(RenewedEvent),
+    Rotated(RotatedEvent),
+    Revoked(RevokedEvent),
+    Expired(ExpiredEvent),
+    RevocationFailed(RevocationFailedEvent),
+}
+
 /// The counters behind [`Stats`] and the handler; one per broker.
 pub(crate) struct Events {
     handler: Box<dyn HandleEvent>,
@@ -199,34 +215,17 @@ impl Events {
         }
     }
 
-    pub(crate) fn issued(&self, event: IssuedEvent) {
-        self.issued.fetch_add(1, Ordering::Relaxed);
-        self.deliver("issued", |h| h.handle_issued(event));
-    }
-
-    pub(crate) fn renewed(&self, event: RenewedEvent) {
-        self.renewed.fetch_add(1, Ordering::Relaxed);
-        self.deliver("renewed", |h| h.handle_renewed(event));
-    }
-
-    pub(crate) fn rotated(&self, event: RotatedEvent) {
-        self.rotated.fetch_add(1, Ordering::Relaxed);
-        self.deliver("rotated", |h| h.handle_rotated(event));
-    }
-
-    pub(crate) fn revoked(&self, event: RevokedEvent) {
-        self.revoked.fetch_add(1, Ordering::Relaxed);
-        self.deliver("revoked", |h| h.handle_revoked(event));
-    }
-
-    pub(crate) fn expired(&self, event: ExpiredEvent) {
-        self.expired.fetch_add(1, Ordering::Relaxed);
-        self.deliver("expired", |h| h.handle_expired(event));
-    }
-
-    pub(crate) fn revocation_failed(&self, event: RevocationFailedEvent) {
-        self.revocation_failures.fetch_add(1, Ordering::Relaxed);
-        self.deliver("revocation failed", |h| h.handle_revocation_failed(event));
+    /// Counts `event` (when it is queued, so `stats()` agrees with the table at once).
+    pub(crate) fn count_one(&self, event: &Event) {
+        let counter = match event {
+            Event::Issued(_) => &self.issued,
+            Event::Renewed(_) => &self.renewed,
+            Event::Rotated(_) => &self.rotated,
+            Event::Revoked(_) => &self.revoked,
+            Event::Expired(_) => &self.expired,
+            Event::RevocationFailed(_) => &self.revocation_failures,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The counters, into `stats`.
@@ -241,8 +240,25 @@ impl Events {
     }
 
     /// Calls the handler; a panic in it is logged, never passed on (the sweeper must not die of it).
-    fn deliver(&self, what: &str, call: impl FnOnce(&dyn HandleEvent)) {
-        if catch_unwind(AssertUnwindSafe(|| call(&*self.handler))).is_err() {
+    pub(crate) fn deliver(&self, event: Event) {
+        let handler = &*self.handler;
+        let what = match &event {
+            Event::Issued(_) => "issued",
+            Event::Renewed(_) => "renewed",
+            Event::Rotated(_) => "rotated",
+            Event::Revoked(_) => "revoked",
+            Event::Expired(_) => "expired",
+            Event::RevocationFailed(_) => "revocation failed",
+        };
+        let call = || match event {
+            Event::Issued(e) => handler.handle_issued(e),
+            Event::Renewed(e) => handler.handle_renewed(e),
+            Event::Rotated(e) => handler.handle_rotated(e),
+            Event::Revoked(e) => handler.handle_revoked(e),
+            Event::Expired(e) => handler.handle_expired(e),
+            Event::RevocationFailed(e) => handler.handle_revocation_failed(e),
+        };
+        if catch_unwind(AssertUnwindSafe(call)).is_err() {
             log::error!("the event handler panicked on a {what} event; the broker carries on");
         }
     }
@@ -288,12 +304,17 @@ mod tests {
     #[test]
     fn a_panicking_handler_is_contained_and_events_still_count() {
         let events = Events::new(Box::new(Panicky::default()));
-        events.issued(IssuedEvent { lease: lease() });
-        events.issued(IssuedEvent { lease: lease() });
-        events.expired(ExpiredEvent {
-            lease: lease(),
-            revoked_at: SystemTime::now(),
-        });
+        for event in [
+            Event::Issued(IssuedEvent { lease: lease() }),
+            Event::Issued(IssuedEvent { lease: lease() }),
+            Event::Expired(ExpiredEvent {
+                lease: lease(),
+                revoked_at: SystemTime::now(),
+            }),
+        ] {
+            events.count_one(&event);
+            events.deliver(event);
+        }
         let mut stats = Stats::default();
         events.count(&mut stats);
         assert_eq!((stats.issued, stats.expired, stats.revoked), (2, 1, 0));

@@ -125,6 +125,8 @@ pub(crate) struct DueLease {
     pub role: Arc<CompiledRole>,
     /// Failed revocations so far: 0 for a lease that just expired.
     pub attempts: u32,
+    /// When it was due (its end or its retry time), in milliseconds since the epoch; 0 if it was in flight.
+    pub due: u64,
 }
 
 /// The table. Keys are the lease ids' 128 random bits, so a hash map spreads them evenly; it finds a lease with one
@@ -260,22 +262,31 @@ impl LeaseTable {
         Some((key, entry, (was_due != IN_FLIGHT).then_some(was_due)))
     }
 
-    /// Moves the expiry of a lease that is not being revoked. Returns false if the lease is gone or in flight.
-    pub(crate) fn set_expiry(&mut self, id: &str, expires_at: SystemTime) -> bool {
+    /// Moves the expiry of a lease that is not being revoked, earlier or later. Returns whether it is now the
+    /// earliest due (so the sweeper must wake), or `None` if the lease is gone or in flight.
+    pub(crate) fn set_expiry(&mut self, id: &str, expires_at: SystemTime) -> Option<bool> {
         let Some((key, entry, Some(_))) = self.unschedule(id) else {
-            return false;
+            return None;
         };
         entry.expires = secs(expires_at);
         entry.due = millis(expires_at);
         let due = entry.due;
-        self.schedule(due, key);
-        true
+        Some(self.schedule(due, key))
+    }
+
+    /// Hands a claimed lease back, due again at `at` (its attempts and error unchanged).
+    pub(crate) fn reschedule(&mut self, id: &str, at: SystemTime) {
+        if let Some((key, entry, _)) = self.unschedule(id) {
+            entry.due = millis(at);
+            let due = entry.due;
+            self.schedule(due, key);
+        }
     }
 
     /// Marks a lease in flight (so the sweeper leaves it alone) and returns what revoking it needs.
     pub(crate) fn claim(&mut self, id: &str) -> Option<DueLease> {
-        let (key, entry, _) = self.unschedule(id)?;
-        Some(due_lease(key, entry))
+        let (key, entry, was_due) = self.unschedule(id)?;
+        Some(due_lease(key, entry, was_due.unwrap_or(IN_FLIGHT)))
     }
 
     /// Takes index items from the front while `take(due)` says so, dropping stale ones, and claims the leases of
@@ -293,7 +304,7 @@ impl LeaseTable {
             if self.current((due, key)) {
                 if let Some(entry) = self.by_key.get_mut(&key) {
                     entry.due = IN_FLIGHT;
-                    claimed.push(due_lease(key, entry));
+                    claimed.push(due_lease(key, entry, due));
                 }
             }
         }
@@ -368,8 +379,9 @@ impl LeaseTable {
     }
 }
 
-fn due_lease(key: u128, entry: &Entry) -> DueLease {
+fn due_lease(key: u128, entry: &Entry, due: u64) -> DueLease {
     DueLease {
+        due,
         id: entry.id(key),
         username: entry.username(),
         role: entry.role.clone(),
@@ -545,12 +557,12 @@ mod tests {
         let mut t = LeaseTable::default();
         add(&mut t, 1, 10);
         add(&mut t, 2, 20);
-        assert!(t.set_expiry(&id(1), at(40)));
+        assert!(t.set_expiry(&id(1), at(40)).is_some());
         assert_eq!(t.next_due(), Some(at(20)));
         assert_eq!(t.get(&id(1)).unwrap().expires_at(), at(40));
         t.claim(&id(2));
-        assert!(!t.set_expiry(&id(2), at(50)));
-        assert!(!t.set_expiry(&id(9), at(50)));
+        assert!(t.set_expiry(&id(2), at(50)).is_none());
+        assert!(t.set_expiry(&id(9), at(50)).is_none());
     }
 
     #[test]

@@ -59,7 +59,8 @@
 //!
 //! - [`broker`](Broker): configuration, roles, and the credential lifecycle.
 //! - `credential`: usernames, passwords, SCRAM verifiers, lease ids.
-//! - `lease`, `lease_table`: lease time arithmetic and the in-memory table.
+//! - `lease`, `lease_table`: lease time arithmetic and the in-memory table. `leases`: the table behind its lock,
+//!   with the rules of who may renew or revoke a lease when, and the queue of events.
 //! - `sweeper`: the background thread where leases expire.
 //! - `revoke`: where roles are dropped (one at a time, in every database, or in batches).
 //! - `marker`: the marker role and lease comment every issued role carries, so the catalog holds the truth.
@@ -79,6 +80,7 @@ mod error;
 mod events;
 mod lease;
 mod lease_table;
+mod leases;
 mod marker;
 mod pool;
 mod preflight;

@@ -24,7 +24,7 @@ use crate::credential::Credential;
 use crate::error::{describe, Error, ErrorKind};
 use crate::events::RevokeCause;
 use crate::lease::Lease;
-use crate::revoke::Why;
+use crate::leases::Why;
 use crate::rotation;
 use crate::shutdown::ShutdownMode;
 
@@ -96,7 +96,7 @@ impl PoolOptions {
         self
     }
 
-    /// How long [`RolePool::get`] waits for a connection before failing.
+    /// How long [`RolePool::get`] waits for a connection before failing (more than zero, at most 1 hour).
     pub fn connection_timeout(mut self, timeout: Duration) -> PoolOptions {
         self.connection_timeout = timeout;
         self
@@ -129,12 +129,13 @@ impl PoolOptions {
                 self.min_idle, self.max_size
             ));
         }
-        if self.connection_timeout.is_zero() {
-            return bad(
-                "pool connection_timeout is zero; give how long get() may wait, e.g. Duration::from_secs(30)"
-                    .into(),
-            );
-        }
+        crate::error::check_duration(
+            "pool connection_timeout",
+            self.connection_timeout,
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+            "Duration::from_secs(30)",
+        )?;
         if let Some(db) = &self.database {
             if db.is_empty() || db.len() > 63 || db.contains('\0') {
                 return bad(format!(
@@ -494,7 +495,7 @@ impl RolePool {
         pool.get()
             .map(|conn| PooledClient { conn })
             .map_err(|e| {
-                if self.handle.shared.state.lock().shutdown {
+                if self.handle.shared.leases.is_shut_down() {
                     return Error::new(
                         ErrorKind::ShutDown,
                         format!(
@@ -529,12 +530,7 @@ impl RolePool {
     /// The lease new connections log in with, as the broker's lease table holds it (`None` if it has just been
     /// revoked or has expired, and the pool is about to rotate).
     pub fn lease(&self) -> Option<Lease> {
-        self.handle
-            .shared
-            .state
-            .lock()
-            .table
-            .lease(&self.lease_id())
+        self.handle.shared.leases.lease(&self.lease_id())
     }
 
     /// Open connections and idle connections, as r2d2 counts them.

@@ -61,13 +61,7 @@ pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, 
         match (mode, adoptable(shared, role, now)) {
             (RecoveryMode::Adopt, Some((lease, definition))) => {
                 let (id, expires_at) = (lease.id.clone(), lease.expires_at);
-                if shared
-                    .state
-                    .lock()
-                    .table
-                    .insert(lease, definition)
-                    .is_some()
-                {
+                if shared.leases.adopt(lease, &definition) {
                     log::info!(
                         "adopted lease {id} (role {}), valid until {}",
                         role.username,
@@ -108,19 +102,16 @@ pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, 
                 // Into the table as a failed revocation, so it is retried with backoff and shows in
                 // failed_leases().
                 if let Some((lease, definition)) = adoptable(shared, role, SystemTime::UNIX_EPOCH) {
-                    let id = lease.id.clone();
-                    let mut state = shared.state.lock();
-                    if state.table.insert(lease, definition).is_some() {
-                        state.table.claim(&id);
-                        state
-                            .table
-                            .failed(&id, err.to_string(), now + retry_delay(1));
-                    }
+                    shared.leases.adopt_failed(
+                        lease,
+                        &definition,
+                        err.to_string(),
+                        now + retry_delay(1),
+                    );
                 }
             }
         }
     }
-    shared.wake.notify_one();
     sweep_orphans(shared);
     Ok(recovered)
 }
@@ -194,7 +185,6 @@ fn try_sweep_orphans(shared: &Shared) -> Result<usize, Error> {
         .checked_sub(shared.orphan_interval)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let orphans: Vec<&MarkedRole> = {
-        let state = shared.state.lock();
         marked
             .iter()
             .filter(|r| r.expires_at().is_some_and(|e| e <= cutoff))
@@ -202,7 +192,7 @@ fn try_sweep_orphans(shared: &Shared) -> Result<usize, Error> {
             .filter(|r| {
                 r.mark
                     .as_ref()
-                    .is_some_and(|m| state.table.get(&m.lease_id).is_none())
+                    .is_some_and(|m| !shared.leases.contains(&m.lease_id))
             })
             .collect()
     };

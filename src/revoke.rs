@@ -15,18 +15,15 @@
 //! thousands of roles in one transaction runs out of lock table ("out of shared memory"); several batches run
 //! at once on as many pooled connections as the pool has, but one.
 
-use std::fmt;
 use std::time::{Duration, SystemTime};
-
-use parking_lot::Mutex;
 
 use postgres::Client;
 
 use crate::broker::Shared;
 use crate::connection::Connection;
 use crate::error::{Error, ErrorKind};
-use crate::events::{ExpiredEvent, RevocationFailedEvent, RevokeCause, RevokedEvent};
 use crate::lease_table::DueLease;
+use crate::leases::Why;
 use crate::sql;
 use crate::template::{Template, Values};
 
@@ -60,6 +57,22 @@ pub(crate) struct Target<'a> {
 /// `Ok` once the role is gone.
 pub(crate) fn drop_roles(shared: &Shared, targets: &[Target<'_>]) -> Vec<Result<(), Error>> {
     let mut results: Vec<Option<Result<(), Error>>> = targets.iter().map(|_| None).collect();
+    drop_roles_each(shared, targets, |i, result| results[i] = Some(result));
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::new(ErrorKind::Revocation, "not attempted"))))
+        .collect()
+}
+
+/// Drops the roles of `targets` as [`drop_roles`] does, calling `done(index, result)` as soon as each one's
+/// outcome is known: the batched ones first, then the ones dropped one at a time, so that a role stuck on a
+/// lock delays no other role's report.
+pub(crate) fn drop_roles_each(
+    shared: &Shared,
+    targets: &[Target<'_>],
+    mut done: impl FnMut(usize, Result<(), Error>),
+) {
+    let mut results: Vec<Option<Result<(), Error>>> = targets.iter().map(|_| None).collect();
     let batchable: Vec<usize> = (0..targets.len())
         .filter(|&i| targets[i].revocation.is_none())
         .collect();
@@ -88,24 +101,27 @@ pub(crate) fn drop_roles(shared: &Shared, targets: &[Target<'_>]) -> Vec<Result<
             }
         }
     }
-    targets
-        .iter()
-        .zip(results)
-        .map(|(target, done)| {
-            done.unwrap_or_else(|| {
-                shared
-                    .with_client(|client| {
-                        revoke_role(
-                            client,
-                            &shared.revoke_settings,
-                            target.username,
-                            target.revocation,
-                        )
-                    })
-                    .and_then(|revoked| revoked)
+    let mut one_at_a_time = Vec::new();
+    for (i, result) in results.into_iter().enumerate() {
+        match result {
+            Some(result) => done(i, result),
+            None => one_at_a_time.push(i),
+        }
+    }
+    for i in one_at_a_time {
+        let target = &targets[i];
+        let result = shared
+            .with_client(|client| {
+                revoke_role(
+                    client,
+                    &shared.revoke_settings,
+                    target.username,
+                    target.revocation,
+                )
             })
-        })
-        .collect()
+            .and_then(|revoked| revoked);
+        done(i, result);
+    }
 }
 
 /// What one batch came to: the roles it left for one-at-a-time revocation, a failure of the batch, or no
@@ -281,6 +297,9 @@ fn drop_one(
     let mut tx = client.transaction().map_err(pg)?;
     tx.batch_execute(&drop_sql).map_err(pg)?;
     tx.commit().map_err(pg)?;
+    if revocation.is_some() {
+        client.batch_execute(sql::RESET_SESSION).map_err(pg)?;
+    }
     if settings.terminate_sessions {
         client
             .query_one(sql::TERMINATE_ORPHAN_SESSIONS, &[])
@@ -323,27 +342,6 @@ fn failed(username: &str, err: postgres::Error) -> Error {
     Error::postgres(ErrorKind::Revocation, context, err, &[])
 }
 
-/// Why a lease is being revoked: for the log and the event.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Why {
-    /// The sweeper found it at its end.
-    Expired,
-    /// The sweeper retries a failed revocation (of an expired lease, or one revoked on request).
-    Retried,
-    /// Revoked before its end.
-    Revoke(RevokeCause),
-}
-
-impl fmt::Display for Why {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Why::Expired => f.write_str("expired"),
-            Why::Retried => f.write_str("retried"),
-            Why::Revoke(cause) => cause.fmt(f),
-        }
-    }
-}
-
 /// Revokes claimed leases and settles the lease table: a revoked lease leaves it; a failed one stays, with the
 /// error and a retry time for the sweeper. `why` says who asked, for the log and the event. One result per
 /// lease, in order.
@@ -368,11 +366,15 @@ pub(crate) fn revoke_leases(
             revocation: role.revocation.as_ref(),
         })
         .collect();
-    let results = drop_roles(shared, &targets);
-    leases
-        .iter()
-        .zip(results)
-        .map(|(lease, result)| settle(shared, lease, result, why))
+    let mut results: Vec<Option<Result<(), Error>>> = leases.iter().map(|_| None).collect();
+    drop_roles_each(shared, &targets, |i, result| {
+        let lease = &leases[i];
+        let retry_at = SystemTime::now() + retry_delay(lease.attempts.saturating_add(1));
+        results[i] = Some(shared.leases.settle(lease, result, why, retry_at));
+    });
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::new(ErrorKind::Revocation, "not attempted"))))
         .collect()
 }
 
@@ -381,81 +383,6 @@ pub(crate) fn revoke_lease(shared: &Shared, lease: &DueLease, why: Why) -> Resul
     revoke_leases(shared, std::slice::from_ref(lease), why)
         .pop()
         .unwrap_or(Ok(()))
-}
-
-/// Records the outcome of one revocation in the lease table, logs it and sends its event. Takes the lease's
-/// renewal turn, so that a renewal's event never comes after this one.
-fn settle(
-    shared: &Shared,
-    lease: &DueLease,
-    result: Result<(), Error>,
-    why: Why,
-) -> Result<(), Error> {
-    let _turn = shared.renewal_turn(&lease.id).map(Mutex::lock);
-    match result {
-        Ok(()) => {
-            let gone = shared.state.lock().table.take(&lease.id);
-            log::info!(
-                "revoked lease {} ({why}): dropped role {}",
-                lease.id,
-                lease.username
-            );
-            if let Some(lease) = gone {
-                let now = SystemTime::now();
-                let cause = match why {
-                    Why::Expired => None,
-                    Why::Retried if lease.expires_at <= now => None,
-                    Why::Retried => Some(RevokeCause::Requested),
-                    Why::Revoke(cause) => Some(cause),
-                };
-                match cause {
-                    None => shared.events.expired(ExpiredEvent {
-                        lease,
-                        revoked_at: now,
-                    }),
-                    Some(cause) => shared.events.revoked(RevokedEvent {
-                        lease,
-                        cause,
-                        revoked_at: now,
-                        role_dropped: true,
-                    }),
-                }
-            }
-            Ok(())
-        }
-        Err(err) => {
-            let (attempts, failed) = {
-                let mut state = shared.state.lock();
-                let previous = state.table.get(&lease.id).map_or(0, |e| e.attempts());
-                let retry_at = SystemTime::now() + retry_delay(previous + 1);
-                let attempts = state.table.failed(&lease.id, err.to_string(), retry_at);
-                let failed = state
-                    .table
-                    .lease(&lease.id)
-                    .map(|lease| RevocationFailedEvent { lease, retry_at });
-                (attempts, failed)
-            };
-            shared.wake.notify_one();
-            if let Some(event) = failed {
-                shared.events.revocation_failed(event);
-            }
-            match attempts {
-                Some(n) if n >= FAILURES_BEFORE_ERROR => log::error!(
-                    "revocation of lease {} (role {}) has failed {n} times and will be retried; \
-                     it can be given up with Broker::revoke_force: {err}",
-                    lease.id,
-                    lease.username
-                ),
-                Some(n) => log::warn!(
-                    "revocation of lease {} (role {}) failed (attempt {n}), will retry: {err}",
-                    lease.id,
-                    lease.username
-                ),
-                None => {}
-            }
-            Err(err)
-        }
-    }
 }
 
 /// Delay before retry number `attempt` (1-based): doubling from one second, capped, with ±25% jitter so that

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::broker::Shared;
-use crate::events::{RevokeCause, RotatedEvent};
+use crate::events::RevokeCause;
 use crate::pool::{Credentials, Generation, LeaseManager};
 
 /// Longest sleep while all is well (so a lease revoked from outside, or the broker's shutdown, is noticed within
@@ -100,7 +100,7 @@ fn keep_valid(
             return;
         }
         drop(signal);
-        if shared.state.lock().shutdown {
+        if shared.leases.is_shut_down() {
             log::info!(
                 "the broker has shut down: pool of role {} stops renewing and rotating; its connections work until \
                  the lease ends",
@@ -121,13 +121,7 @@ fn keep_current(
 ) -> Option<SystemTime> {
     let current = credentials.current();
     let now = SystemTime::now();
-    let times = shared
-        .state
-        .lock()
-        .table
-        .get(&current.lease_id)
-        .filter(|e| !e.in_flight() && e.attempts() == 0)
-        .map(|e| (e.expires_at(), e.max_expires_at()));
+    let times = shared.leases.live_times(&current.lease_id);
     let renew_at = |expires: SystemTime| {
         expires
             .checked_sub(current.lease_duration / 2)
@@ -172,23 +166,16 @@ fn rotate(shared: &Shared, credentials: &Credentials, pool: &r2d2::Pool<LeaseMan
     let new_id = credential.lease_id().to_owned();
     let old = credentials.rotate(credential);
     // Connections checked out before the rotation keep their role until the old lease's max.
-    let old_lease = match shared.renew(&old.lease_id, Some(crate::lease::MAX_LEASE)) {
-        Ok(lease) => Some(lease),
-        Err(e) => {
-            log::debug!("rotation could not extend the old lease: {e}");
-            shared.state.lock().table.lease(&old.lease_id)
-        }
-    };
-    let new_lease = shared.state.lock().table.lease(&new_id);
+    if let Err(e) = shared.renew(&old.lease_id, Some(crate::lease::MAX_LEASE)) {
+        log::debug!("rotation could not extend the old lease: {e}");
+    }
     log::info!(
         "pool of role {} rotated from lease {} (user {}) to lease {new_id}",
         credentials.role,
         old.lease_id,
         old.username
     );
-    if let (Some(old), Some(new)) = (old_lease, new_lease) {
-        shared.events.rotated(RotatedEvent { old, new });
-    }
+    shared.leases.rotated(&old.lease_id, &new_id);
     close_idle(pool);
     true
 }

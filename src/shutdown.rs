@@ -1,11 +1,13 @@
 //! Shutdown: what happens to this instance's leases when the broker stops.
 
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::broker::Shared;
 use crate::error::{Error, ErrorKind};
 use crate::events::RevokeCause;
-use crate::revoke::{revoke_leases, Why, BATCH};
+use crate::leases::Why;
+use crate::revoke::{revoke_leases, BATCH};
 
 /// What [`Broker::shutdown`](crate::Broker::shutdown), and dropping a [`Broker`](crate::Broker), do with the
 /// leases still in the table. Set the default for `Drop` with
@@ -13,50 +15,80 @@ use crate::revoke::{revoke_leases, Why, BATCH};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ShutdownMode {
     /// Leave the roles in place: they keep working until their `VALID UNTIL`, and the next start of the same
-    /// instance adopts them (or any instance drops them once expired).
+    /// instance adopts them (or any instance drops them once expired). Stopping waits at most 2 seconds for
+    /// revocations already in flight.
     #[default]
     Keep,
     /// Revoke every lease this instance holds, giving up after `timeout`: roles not dropped by then stay marked,
-    /// fenced by `VALID UNTIL`, for the next start or another instance's orphan sweep.
+    /// fenced by `VALID UNTIL`, for the next start or another instance's orphan sweep. Stopping returns within
+    /// `timeout` even if the server is down or a revocation is stuck on a lock; any `Duration` is accepted
+    /// (`Duration::MAX` waits as long as revocations keep failing).
     Revoke {
         /// How long revoking may take in all.
         timeout: Duration,
     },
 }
 
-/// Revokes every lease in the table, in batches, retrying failures until `timeout` has passed. The sweeper must
-/// already be stopped.
-pub(crate) fn revoke_all(shared: &Shared, timeout: Duration) -> Result<usize, Error> {
-    let deadline = Instant::now() + timeout;
+/// Revokes every lease in the table, in batches, retrying failures, until the table is empty or `deadline`.
+/// The work runs on a thread of its own, so that the caller returns at `deadline` even while a statement is
+/// blocked; what is left running then stops at its next connection checkout. The sweeper must be stopped.
+pub(crate) fn revoke_all(
+    shared: &Arc<Shared>,
+    timeout: Duration,
+    deadline: Instant,
+) -> Result<usize, Error> {
+    let (done, outcome) = mpsc::channel();
+    let worker = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("credbroker-shutdown".into())
+            .spawn(move || {
+                let _ = done.send(revoke_until(&shared, deadline));
+            })
+    };
+    let revoked = match worker {
+        Ok(_) => outcome
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .ok(),
+        // No thread to spare: revoke on this one (each wait is still bounded by the deadline or the timeouts).
+        Err(_) => Some(revoke_until(shared, deadline)),
+    };
+    let left = shared.leases.len();
+    match revoked {
+        Some(revoked) if left == 0 => {
+            log::info!("shutdown: revoked {revoked} leases");
+            Ok(revoked)
+        }
+        _ => Err(Error::new(
+            ErrorKind::Revocation,
+            format!(
+                "shutdown: {left} leases could not be revoked within {timeout:?}; their roles are NOLOGIN where \
+                 revocation started, fenced by VALID UNTIL, and dropped by the next start or another instance's \
+                 orphan sweep"
+            ),
+        )),
+    }
+}
+
+/// The loop of [`revoke_all`]; returns how many leases it revoked.
+fn revoke_until(shared: &Shared, deadline: Instant) -> usize {
+    let limit = BATCH * shared.revocation_workers();
     let mut revoked = 0;
     loop {
-        let claimed = shared
-            .state
-            .lock()
-            .table
-            .claim_all(BATCH * shared.revocation_workers());
+        // Waits for revocations in flight (the sweeper's workers) when nothing else is left.
+        let claimed = shared.leases.claim_all(limit, deadline);
         if claimed.is_empty() {
-            log::info!("shutdown: revoked {revoked} leases");
-            return Ok(revoked);
+            return revoked;
         }
         revoked += revoke_leases(shared, &claimed, Why::Revoke(RevokeCause::Shutdown))
             .iter()
             .filter(|r| r.is_ok())
             .count();
-        let left = shared.state.lock().table.len();
-        if left > 0 && Instant::now() >= deadline {
-            return Err(Error::new(
-                ErrorKind::Revocation,
-                format!(
-                    "shutdown: revoked {revoked} leases, {left} could not be revoked within {timeout:?}; their roles \
-                     are NOLOGIN where revocation started, fenced by VALID UNTIL, and dropped by the next start or \
-                     another instance's orphan sweep"
-                ),
-            ));
-        }
-        if claimed.len() < BATCH * shared.revocation_workers() && left > 0 {
+        if claimed.len() < limit && shared.leases.len() > 0 {
             // Everything left just failed: give the cause a moment before the next round.
-            std::thread::sleep(Duration::from_millis(200).min(deadline - Instant::now()));
+            std::thread::sleep(
+                Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now())),
+            );
         }
     }
 }

@@ -33,6 +33,10 @@ pub(crate) const TERMINATE_ORPHAN_SESSIONS: &str =
 pub(crate) const CURRENT_XID: &str = "SELECT txid_current()";
 
 /// `ALTER ROLE … VALID UNTIL …`: the default renewal.
+/// Undoes what a user's template may have `SET` on a pooled admin session (a plain `SET` outlives `COMMIT`):
+/// settings go back to the session's defaults, which keep the statement and lock timeouts given at login.
+pub(crate) const RESET_SESSION: &str = "RESET ALL; RESET ROLE";
+
 pub(crate) fn set_valid_until(username: &str, expiration: &str) -> String {
     format!(
         "ALTER ROLE {} VALID UNTIL {}",

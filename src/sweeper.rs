@@ -1,63 +1,79 @@
-//! The sweeper: one background thread where leases expire. It revokes leases when they expire, retries failed
+//! The sweeper: the background thread where leases expire. It revokes leases when they expire, retries failed
 //! revocations, and every orphan-sweep interval drops the expired marked roles no lease table holds.
 //!
-//! It sleeps on a condition variable until the earliest lease is due (woken early when a lease that expires
-//! sooner is added, and at shutdown), claims up to one batch of due leases per connection it may use under the lock, and revokes them with
-//! the lock released, so `creds` and `renew` in other threads never wait for a sweep.
+//! It sleeps until the earliest lease is due (woken early when a lease that expires sooner is added or
+//! renewed to an earlier end, when a worker finishes, and at shutdown), claims up to one batch of due leases,
+//! and hands it to a worker thread. Up to one worker per connection revocation may use runs at once, so a
+//! revocation stuck on a lock (for at most the lock timeout) never keeps other leases from being dropped on
+//! time; `creds` and `renew` in other threads never wait for a sweep.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
 
 use crate::broker::Shared;
+use crate::leases::{later, SweeperWork, Why};
 use crate::recovery::sweep_orphans;
-use crate::revoke::{revoke_leases, Why, BATCH};
-
-/// Longest sleep: bounds how long a jump of the wall clock can delay a sweep.
-const MAX_SLEEP: Duration = Duration::from_secs(60);
+use crate::revoke::{revoke_leases, BATCH};
 
 /// The sweeper thread's body; returns when the broker shuts down.
 pub(crate) fn run(shared: Arc<Shared>) {
     log::debug!("sweeper started");
     // Recovery at build has just swept orphans.
-    let mut next_orphan_sweep = Instant::now() + shared.orphan_interval;
+    let mut next_orphan_sweep = later(shared.orphan_interval);
     loop {
-        let due = {
-            let mut state = shared.state.lock();
-            loop {
-                if state.shutdown {
-                    log::debug!("sweeper stopped");
-                    return;
-                }
-                if Instant::now() >= next_orphan_sweep {
-                    break Vec::new();
-                }
-                let now = SystemTime::now();
-                // Enough for every connection revocation may use to drop one batch.
-                let due = state
-                    .table
-                    .claim_due(now, BATCH * shared.revocation_workers());
-                if !due.is_empty() {
-                    break due;
-                }
-                let sleep = state
-                    .table
-                    .next_due()
-                    .map_or(MAX_SLEEP, |t| {
-                        t.duration_since(now).unwrap_or(Duration::ZERO)
-                    })
-                    .min(next_orphan_sweep.saturating_duration_since(Instant::now()))
-                    .min(MAX_SLEEP);
-                shared.wake.wait_for(&mut state, sleep);
-            }
-        };
-        if due.is_empty() {
-            sweep_orphans(&shared);
-            next_orphan_sweep = Instant::now() + shared.orphan_interval;
-            continue;
+        let work =
+            shared
+                .leases
+                .next_sweeper_work(BATCH, shared.revocation_workers(), next_orphan_sweep);
+        if let SweeperWork::Orphans = work {
+            next_orphan_sweep = later(shared.orphan_interval);
         }
-        let (expired, retried): (Vec<_>, Vec<_>) = due.into_iter().partition(|l| l.attempts == 0);
-        // Failures are recorded in the lease table and logged by revoke_leases.
-        let _ = revoke_leases(&shared, &expired, Why::Expired);
-        let _ = revoke_leases(&shared, &retried, Why::Retried);
+        if let SweeperWork::Stop = work {
+            log::debug!("sweeper stopped");
+            return;
+        }
+        // If no thread can be started, the work is done on this one: it must never be lost, its leases are
+        // claimed.
+        let slot = Arc::new(parking_lot::Mutex::new(Some(work)));
+        let spawned = {
+            let (shared, slot) = (shared.clone(), slot.clone());
+            std::thread::Builder::new()
+                .name("credbroker-revoke".into())
+                .spawn(move || {
+                    if let Some(work) = slot.lock().take() {
+                        work_on(&shared, work);
+                    }
+                })
+        };
+        if let Err(e) = spawned {
+            log::warn!("could not start a revocation thread ({e}); revoking on the sweeper's own");
+            if let Some(work) = slot.lock().take() {
+                work_on(&shared, work);
+            }
+        }
+    }
+}
+
+/// Does one piece of the sweeper's work on a worker thread, then releases the worker.
+fn work_on(shared: &Shared, work: SweeperWork) {
+    /// Releases the worker even if the work panics.
+    struct Release<'a>(&'a Shared);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            self.0.leases.worker_done();
+        }
+    }
+    let _release = Release(shared);
+    match work {
+        SweeperWork::Revoke(due) => {
+            let (expired, retried): (Vec<_>, Vec<_>) =
+                due.into_iter().partition(|l| l.attempts == 0);
+            // Failures are recorded in the lease table and logged by revoke_leases.
+            let _ = revoke_leases(shared, &expired, Why::Expired);
+            let _ = revoke_leases(shared, &retried, Why::Retried);
+        }
+        SweeperWork::Orphans => {
+            sweep_orphans(shared);
+        }
+        SweeperWork::Stop => {}
     }
 }

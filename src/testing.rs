@@ -587,7 +587,7 @@ impl LeaseTableBench {
 
     /// Moves lease `id`'s expiry, as `renew` does.
     pub fn renew(&mut self, id: &str, expires_at: std::time::SystemTime) -> bool {
-        self.table.set_expiry(id, expires_at)
+        self.table.set_expiry(id, expires_at).is_some()
     }
 
     /// Claims up to `limit` leases due at `now` and removes them, as the sweeper does once their roles are
