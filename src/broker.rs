@@ -907,7 +907,9 @@ impl Broker {
     /// alone too). The role stays `NOLOGIN` if revocation got that far, for an operator to drop by hand. For a
     /// role that an operator has taken out of the broker's hands, or a revocation that can never succeed.
     ///
-    /// Fails only with [`ErrorKind::UnknownLease`].
+    /// Fails with [`ErrorKind::UnknownLease`], or with [`ErrorKind::Revocation`] if another revocation of the
+    /// lease is still running after the bound on one operation (`connect_timeout` plus four statement
+    /// timeouts).
     pub fn revoke_force(&self, id: &str) -> Result<(), Error> {
         let why = Why::Revoke(RevokeCause::Forced);
         let lease = loop {

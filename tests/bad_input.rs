@@ -480,8 +480,13 @@ fn pool_options_out_of_range() {
         ),
         (
             PoolOptions::new().connection_timeout(Duration::ZERO),
-            "connection_timeout is zero",
+            "connection_timeout 0ns is out of range",
             "Duration::from_secs(30)",
+        ),
+        (
+            PoolOptions::new().connection_timeout(Duration::MAX),
+            "connection_timeout",
+            "1ms to 3600s",
         ),
         (
             PoolOptions::new().database(""),
