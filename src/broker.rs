@@ -122,8 +122,10 @@ impl fmt::Debug for BrokerBuilder {
 impl BrokerBuilder {
     /// The admin connection: a libpq `key=value` string (`host=localhost user=username password=password`) or a
     /// `postgres://` URL. Without `sslmode`, TLS is required; `sslmode` may be `disable`, `prefer`, `require`,
-    /// `verify-ca` or `verify-full` (the last two with `sslrootcert=/path/to/ca.crt`). The user must be a
-    /// superuser or have `CREATEROLE`.
+    /// `verify-ca` or `verify-full` (the last two with `sslrootcert=/path/to/ca.crt`). Where the certificate is
+    /// not checked (`prefer`, `require` without `sslrootcert`), `channel_binding=require` is the default: the
+    /// password is never answered to a cleartext or MD5 request (`channel_binding=prefer` opts out). The user
+    /// must be a superuser or have `CREATEROLE`.
     pub fn connection(mut self, connection: impl Into<String>) -> BrokerBuilder {
         self.connection = Some(Zeroizing::new(connection.into()));
         self
