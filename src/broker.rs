@@ -28,6 +28,7 @@ use crate::events::{
 use crate::lease::{pg_timestamp, Lease, LeasePolicy};
 use crate::lease_table::LeaseTable;
 use crate::marker::{check_instance_name, default_instance_name, LeaseMark, DEFAULT_MARKER_ROLE};
+use crate::owner::DEFAULT_OWNER_ROLE;
 use crate::pool::{PoolOptions, RolePool};
 use crate::preflight::{self, Needs};
 use crate::recovery::{self, RecoveryMode, DEFAULT_ORPHAN_INTERVAL};
@@ -53,7 +54,7 @@ const USERNAME_ATTEMPTS: usize = 3;
 /// | [`connect_timeout`](BrokerBuilder::connect_timeout) | 10 seconds |
 /// | [`instance_name`](BrokerBuilder::instance_name) | `<host name>/<executable name>` |
 /// | [`marker_role`](BrokerBuilder::marker_role) | [`DEFAULT_MARKER_ROLE`](crate::DEFAULT_MARKER_ROLE) (`credbroker_lease`) |
-/// | [`reassign_owned_to`](BrokerBuilder::reassign_owned_to) | the admin user |
+/// | [`reassign_owned_to`](BrokerBuilder::reassign_owned_to) | [`DEFAULT_OWNER_ROLE`](crate::DEFAULT_OWNER_ROLE) (`credbroker_owner`) |
 /// | [`recovery`](BrokerBuilder::recovery) | [`RecoveryMode::Adopt`] |
 /// | [`shutdown_mode`](BrokerBuilder::shutdown_mode) | [`ShutdownMode::Keep`] |
 /// | [`terminate_sessions`](BrokerBuilder::terminate_sessions) | true |
@@ -68,7 +69,7 @@ pub struct BrokerBuilder {
     connect_timeout: Duration,
     instance_name: Option<String>,
     marker_role: String,
-    reassign_owner: Option<String>,
+    reassign_owner: String,
     recovery: RecoveryMode,
     shutdown_mode: ShutdownMode,
     terminate_sessions: bool,
@@ -87,7 +88,7 @@ impl Default for BrokerBuilder {
             connect_timeout: Duration::from_secs(10),
             instance_name: None,
             marker_role: DEFAULT_MARKER_ROLE.to_owned(),
-            reassign_owner: None,
+            reassign_owner: DEFAULT_OWNER_ROLE.to_owned(),
             recovery: RecoveryMode::Adopt,
             shutdown_mode: ShutdownMode::Keep,
             terminate_sessions: true,
@@ -169,10 +170,15 @@ impl BrokerBuilder {
         self
     }
 
-    /// Who receives the objects a revoked role owned (`REASSIGN OWNED BY … TO owner`); default: the admin user.
-    /// The admin must be a member of this role; [`build`](BrokerBuilder::build) checks.
+    /// Who receives the objects a revoked role owned (`REASSIGN OWNED BY … TO owner`); default:
+    /// [`DEFAULT_OWNER_ROLE`](crate::DEFAULT_OWNER_ROLE), a `NOLOGIN` role without other rights that
+    /// [`build`](BrokerBuilder::build) creates if missing and makes the admin a member of. A role named here must
+    /// exist and the admin must have its privileges; [`build`](BrokerBuilder::build) checks, and refuses a
+    /// superuser (or the admin when it is one): objects a credential wrote, such as a `SECURITY DEFINER`
+    /// function, would then run with the owner's rights. Not the marker role either: its members are the
+    /// credentials.
     pub fn reassign_owned_to(mut self, owner: impl Into<String>) -> BrokerBuilder {
-        self.reassign_owner = Some(owner.into());
+        self.reassign_owner = owner.into();
         self
     }
 
@@ -274,8 +280,16 @@ impl BrokerBuilder {
             None => default_instance_name(),
         };
         check_identifier("marker_role", &self.marker_role)?;
-        if let Some(owner) = &self.reassign_owner {
-            check_identifier("reassign_owned_to", owner)?;
+        check_identifier("reassign_owned_to", &self.reassign_owner)?;
+        if self.reassign_owner == self.marker_role {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "reassign_owned_to {:?} is the marker role, whose members are the credentials: they would all \
+                     get what revoked credentials owned; leave reassign_owned_to unset or name another role",
+                    self.reassign_owner
+                ),
+            ));
         }
         let connection = Connection::parse(&source, self.connect_timeout)?;
         drop(source);
@@ -284,7 +298,7 @@ impl BrokerBuilder {
         let admin = preflight::check(
             &mut client,
             &Needs {
-                owner: self.reassign_owner.as_deref(),
+                owner: &self.reassign_owner,
                 marker: &self.marker_role,
                 terminate_sessions: self.terminate_sessions,
             },
@@ -321,7 +335,7 @@ impl BrokerBuilder {
             ssl_mode,
             revoke_settings: RevokeSettings {
                 connection,
-                owner: self.reassign_owner.unwrap_or(admin.user),
+                owner: self.reassign_owner,
                 terminate_sessions: self.terminate_sessions,
             },
             marker: self.marker_role,
