@@ -200,6 +200,11 @@ impl MarkedRole {
     }
 }
 
+/// The server's current time (see [`sql::SERVER_NOW`]).
+pub(crate) fn server_now(client: &mut Client) -> Result<SystemTime, postgres::Error> {
+    Ok(client.query_one(sql::SERVER_NOW, &[])?.get(0))
+}
+
 /// Every member of the marker role, with its `VALID UNTIL` and comment.
 pub(crate) fn marked_roles(
     client: &mut Client,

@@ -176,6 +176,10 @@ pub(crate) fn grant_owner_to_admin(
     format!("GRANT {} TO {admin}{inherit};", escape_identifier(owner))
 }
 
+/// The server's clock: every comparison with a catalog timestamp (`VALID UNTIL`, the lease comment's max) is
+/// made against it, not this process's clock, which may be skewed from the server's and other instances'.
+pub(crate) const SERVER_NOW: &str = "SELECT now()";
+
 /// Whether the admin holds ADMIN OPTION on role `$1` (PostgreSQL 16+ needs it to grant the role).
 pub(crate) const HAS_ADMIN_OPTION: &str =
     "SELECT pg_has_role(current_user, r.oid, 'MEMBER WITH ADMIN OPTION') FROM pg_roles r WHERE r.rolname = $1";
