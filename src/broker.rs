@@ -25,6 +25,7 @@ use crate::events::{Events, HandleEvent, NopEventHandler, RevokeCause, Stats};
 use crate::lease::{pg_timestamp, Lease, LeasePolicy};
 use crate::leases::{later, Claim, Leases, Why};
 use crate::marker::{check_instance_name, default_instance_name, LeaseMark, DEFAULT_MARKER_ROLE};
+use crate::owner::DEFAULT_OWNER_ROLE;
 use crate::pool::{PoolOptions, RolePool};
 use crate::preflight::{self, Needs};
 use crate::recovery::{self, RecoveryMode, DEFAULT_ORPHAN_INTERVAL};
@@ -52,7 +53,7 @@ const USERNAME_ATTEMPTS: usize = 3;
 /// | [`lock_timeout`](BrokerBuilder::lock_timeout) | 5 seconds |
 /// | [`instance_name`](BrokerBuilder::instance_name) | `<host name>/<executable name>` |
 /// | [`marker_role`](BrokerBuilder::marker_role) | [`DEFAULT_MARKER_ROLE`](crate::DEFAULT_MARKER_ROLE) (`credbroker_lease`) |
-/// | [`reassign_owned_to`](BrokerBuilder::reassign_owned_to) | the admin user |
+/// | [`reassign_owned_to`](BrokerBuilder::reassign_owned_to) | [`DEFAULT_OWNER_ROLE`](crate::DEFAULT_OWNER_ROLE) (`credbroker_owner`) |
 /// | [`recovery`](BrokerBuilder::recovery) | [`RecoveryMode::Adopt`] |
 /// | [`shutdown_mode`](BrokerBuilder::shutdown_mode) | [`ShutdownMode::Keep`] |
 /// | [`terminate_sessions`](BrokerBuilder::terminate_sessions) | true |
@@ -69,7 +70,7 @@ pub struct BrokerBuilder {
     lock_timeout: Duration,
     instance_name: Option<String>,
     marker_role: String,
-    reassign_owner: Option<String>,
+    reassign_owner: String,
     recovery: RecoveryMode,
     shutdown_mode: ShutdownMode,
     terminate_sessions: bool,
@@ -90,7 +91,7 @@ impl Default for BrokerBuilder {
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
             instance_name: None,
             marker_role: DEFAULT_MARKER_ROLE.to_owned(),
-            reassign_owner: None,
+            reassign_owner: DEFAULT_OWNER_ROLE.to_owned(),
             recovery: RecoveryMode::Adopt,
             shutdown_mode: ShutdownMode::Keep,
             terminate_sessions: true,
@@ -127,8 +128,10 @@ impl fmt::Debug for BrokerBuilder {
 impl BrokerBuilder {
     /// The admin connection: a libpq `key=value` string (`host=localhost user=username password=password`) or a
     /// `postgres://` URL. Without `sslmode`, TLS is required; `sslmode` may be `disable`, `prefer`, `require`,
-    /// `verify-ca` or `verify-full` (the last two with `sslrootcert=/path/to/ca.crt`). The user must be a
-    /// superuser or have `CREATEROLE`.
+    /// `verify-ca` or `verify-full` (the last two with `sslrootcert=/path/to/ca.crt`). Where the certificate is
+    /// not checked (`prefer`, `require` without `sslrootcert`), `channel_binding=require` is the default: the
+    /// password is never answered to a cleartext or MD5 request (`channel_binding=prefer` opts out). The user
+    /// must be a superuser or have `CREATEROLE`.
     pub fn connection(mut self, connection: impl Into<String>) -> BrokerBuilder {
         self.connection = Some(Zeroizing::new(connection.into()));
         self
@@ -191,10 +194,15 @@ impl BrokerBuilder {
         self
     }
 
-    /// Who receives the objects a revoked role owned (`REASSIGN OWNED BY … TO owner`); default: the admin user.
-    /// The admin must be a member of this role; [`build`](BrokerBuilder::build) checks.
+    /// Who receives the objects a revoked role owned (`REASSIGN OWNED BY … TO owner`); default:
+    /// [`DEFAULT_OWNER_ROLE`](crate::DEFAULT_OWNER_ROLE), a `NOLOGIN` role without other rights that
+    /// [`build`](BrokerBuilder::build) creates if missing and makes the admin a member of. A role named here must
+    /// exist and the admin must have its privileges; [`build`](BrokerBuilder::build) checks, and refuses a
+    /// superuser (or the admin when it is one): objects a credential wrote, such as a `SECURITY DEFINER`
+    /// function, would then run with the owner's rights. Not the marker role either: its members are the
+    /// credentials.
     pub fn reassign_owned_to(mut self, owner: impl Into<String>) -> BrokerBuilder {
-        self.reassign_owner = Some(owner.into());
+        self.reassign_owner = owner.into();
         self
     }
 
@@ -314,8 +322,16 @@ impl BrokerBuilder {
             None => default_instance_name(),
         };
         check_identifier("marker_role", &self.marker_role)?;
-        if let Some(owner) = &self.reassign_owner {
-            check_identifier("reassign_owned_to", owner)?;
+        check_identifier("reassign_owned_to", &self.reassign_owner)?;
+        if self.reassign_owner == self.marker_role {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "reassign_owned_to {:?} is the marker role, whose members are the credentials: they would all \
+                     get what revoked credentials owned; leave reassign_owned_to unset or name another role",
+                    self.reassign_owner
+                ),
+            ));
         }
         let connection = Connection::parse(&source, self.connect_timeout)?
             .with_limits(self.statement_timeout, self.lock_timeout);
@@ -325,7 +341,7 @@ impl BrokerBuilder {
         let admin = preflight::check(
             &mut client,
             &Needs {
-                owner: self.reassign_owner.as_deref(),
+                owner: &self.reassign_owner,
                 marker: &self.marker_role,
                 terminate_sessions: self.terminate_sessions,
             },
@@ -361,7 +377,7 @@ impl BrokerBuilder {
             ssl_mode,
             revoke_settings: RevokeSettings {
                 connection,
-                owner: self.reassign_owner.unwrap_or(admin.user),
+                owner: self.reassign_owner,
                 terminate_sessions: self.terminate_sessions,
             },
             marker: self.marker_role,

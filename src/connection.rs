@@ -11,6 +11,13 @@
 //! | `require` (default) | yes | no; with `sslrootcert`, the chain (as libpq does) |
 //! | `verify-ca` | yes | the chain, against `sslrootcert` |
 //! | `verify-full` | yes | the chain and the host name |
+//!
+//! Where the certificate is not checked (`prefer`, and `require` without `sslrootcert`), a man in the middle can
+//! present any certificate and then ask for the password in the clear (`password`) or as MD5, which the client
+//! would answer. So in those modes the broker sets `channel_binding=require` unless the string sets
+//! `channel_binding` itself: tokio-postgres then refuses cleartext, MD5 and trust before sending anything, and
+//! logs in only with SCRAM-SHA-256-PLUS, which binds the exchange to the TLS channel (an interposed server
+//! cannot relay it, and SCRAM never sends the password). An explicit `channel_binding=prefer` is the opt-out.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -18,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
-use postgres::config::{Host, SslMode as PgSslMode};
+use postgres::config::{ChannelBinding, Host, SslMode as PgSslMode};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -186,6 +193,15 @@ impl Connection {
             SslMode::Prefer => PgSslMode::Prefer,
             _ => PgSslMode::Require,
         });
+        let verified = match ssl_mode {
+            SslMode::Disable | SslMode::Prefer => false,
+            SslMode::Require => keys.root_cert.is_some(),
+            SslMode::VerifyCa | SslMode::VerifyFull => true,
+        };
+        // `disable` is an explicit choice of plaintext; with it, channel binding could never be had anyway.
+        if !verified && ssl_mode != SslMode::Disable && !keys.channel_binding {
+            config.channel_binding(ChannelBinding::Require);
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(connect_timeout);
         }
@@ -292,6 +308,13 @@ impl Connection {
             .with_source(err);
         }
         let text = chain(&err);
+        if let Some(why) = channel_binding_refusal(&err) {
+            return Error::new(
+                ErrorKind::Tls,
+                format!("refused to log in to {target}: {why}"),
+            )
+            .with_source(err);
+        }
         let lower = text.to_ascii_lowercase();
         if lower.contains("server does not support tls") {
             return Error::new(
@@ -337,12 +360,33 @@ impl Connection {
     }
 }
 
+/// If `err` is tokio-postgres refusing a login without channel binding (`channel_binding=require`), what
+/// happened and what to do; `None` for any other error.
+pub(crate) fn channel_binding_refusal(err: &postgres::Error) -> Option<String> {
+    if !chain(err).contains("server did not use channel binding") {
+        return None;
+    }
+    Some(
+        "the server did not authenticate with SCRAM-SHA-256-PLUS (channel binding): it asked for the password \
+         in the clear or as MD5, or let the user in without one, or the connection is not encrypted. Channel \
+         binding is required because the server's certificate is not checked (sslmode=prefer, or require \
+         without sslrootcert): a man in the middle could otherwise read the password. The password was not \
+         sent. Check the certificate with sslmode=verify-full sslrootcert=/path/to/ca.crt (then any password \
+         method is safe), or use scram-sha-256 in pg_hba.conf with TLS, or accept the risk explicitly with \
+         channel_binding=prefer in the connection string"
+            .to_owned(),
+    )
+}
+
 /// What the broker reads from the connection string itself: `sslmode` and `sslrootcert` (which
-/// `postgres::Config` does not understand), and every password value, to redact from error messages.
+/// `postgres::Config` does not understand), whether `channel_binding` is set, and every password value, to
+/// redact from error messages.
 #[derive(Default)]
 struct Keys {
     mode: Option<String>,
     root_cert: Option<PathBuf>,
+    /// Whether `channel_binding` was given (it is passed on to `postgres::Config`, which reads it).
+    channel_binding: bool,
     passwords: Vec<Zeroizing<String>>,
 }
 
@@ -354,6 +398,10 @@ impl Keys {
             "sslrootcert" => self.root_cert = Some(PathBuf::from(value)),
             "password" => {
                 self.passwords.push(Zeroizing::new(value.to_owned()));
+                return false;
+            }
+            "channel_binding" => {
+                self.channel_binding = true;
                 return false;
             }
             _ => return false,
@@ -708,6 +756,39 @@ mod tests {
         assert_eq!(c.config.get_ssl_mode(), PgSslMode::Require);
         assert_eq!(c.user(), "username");
         assert_eq!(c.target(), "localhost:5432");
+    }
+
+    #[test]
+    fn unverified_tls_requires_channel_binding_unless_the_string_says_otherwise() {
+        // A checked certificate (verify-ca, verify-full, require with sslrootcert) keeps the default: tested
+        // against a real server, since those modes load the CA file here.
+        let binding = |s: &str| parse(s).unwrap().config.get_channel_binding();
+        for s in [
+            "host=db",
+            "host=db sslmode=require",
+            "host=db sslmode=prefer",
+            "postgres://u:p@db/app?sslmode=require",
+        ] {
+            assert_eq!(binding(s), ChannelBinding::Require, "{s}");
+        }
+        for (s, expected) in [
+            ("host=db sslmode=disable", ChannelBinding::Prefer),
+            ("host=db channel_binding=prefer", ChannelBinding::Prefer),
+            (
+                "host=db sslmode=require channel_binding=disable",
+                ChannelBinding::Disable,
+            ),
+            (
+                "postgres://u:p@db/app?channel_binding=prefer",
+                ChannelBinding::Prefer,
+            ),
+            (
+                "host=db sslmode=disable channel_binding=require",
+                ChannelBinding::Require,
+            ),
+        ] {
+            assert_eq!(binding(s), expected, "{s}");
+        }
     }
 
     #[test]

@@ -64,6 +64,7 @@
 //! - `sweeper`: the background thread where leases expire.
 //! - `revoke`: where roles are dropped (one at a time, in every database, or in batches).
 //! - `marker`: the marker role and lease comment every issued role carries, so the catalog holds the truth.
+//!   `owner`: the role that receives a revoked credential's objects.
 //! - `recovery`: what `build()` does with roles an earlier run left, and the orphan sweep.
 //! - `preflight`: the admin rights `build()` checks. `shutdown`: keep or revoke leases when the broker stops.
 //! - `pool`: [`RolePool`], the application's connection pool on one role; `rotation`: its thread, where a
@@ -82,6 +83,7 @@ mod lease;
 mod lease_table;
 mod leases;
 mod marker;
+mod owner;
 mod pool;
 mod preflight;
 mod recovery;
@@ -105,6 +107,7 @@ pub use events::{
 };
 pub use lease::{Lease, MAX_LEASE};
 pub use marker::{DEFAULT_MARKER_ROLE, MAX_INSTANCE_NAME_LEN};
+pub use owner::DEFAULT_OWNER_ROLE;
 pub use pool::{PoolOptions, PooledClient, RolePool};
 pub use recovery::RecoveryMode;
 pub use role::{Role, DEFAULT_CREATION_SQL, MAX_ROLE_NAME_LEN};

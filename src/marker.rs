@@ -112,12 +112,17 @@ fn instance_char(c: char) -> bool {
 /// program on one host must be given distinct names with
 /// [`BrokerBuilder::instance_name`](crate::BrokerBuilder::instance_name).
 pub(crate) fn default_instance_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
+    // From the operating system on every platform: a fixed fallback shared by many hosts would make them adopt
+    // each other's leases. Only a host without any name at all gets one.
+    let host = gethostname::gethostname()
+        .to_string_lossy()
+        .trim()
+        .to_owned();
+    let host = if host.is_empty() {
+        "unnamed-host".to_owned()
+    } else {
+        host
+    };
     let program = std::env::current_exe()
         .ok()
         .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
@@ -200,6 +205,11 @@ impl MarkedRole {
     }
 }
 
+/// The server's current time (see [`sql::SERVER_NOW`]).
+pub(crate) fn server_now(client: &mut Client) -> Result<SystemTime, postgres::Error> {
+    Ok(client.query_one(sql::SERVER_NOW, &[])?.get(0))
+}
+
 /// Every member of the marker role, with its `VALID UNTIL` and comment.
 pub(crate) fn marked_roles(
     client: &mut Client,
@@ -275,6 +285,15 @@ mod tests {
         let default = default_instance_name();
         assert!(check_instance_name(&default).is_ok(), "{default:?}");
         assert!(default.contains('/'), "{default:?}");
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let expected: String = host
+            .chars()
+            .map(|c| if instance_char(c) { c } else { '_' })
+            .collect();
+        assert!(
+            default.starts_with(&format!("{expected}/")),
+            "{default:?} for host {host:?}"
+        );
     }
 
     #[test]

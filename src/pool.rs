@@ -20,6 +20,7 @@ use postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::broker::Shared;
+use crate::connection::channel_binding_refusal;
 use crate::credential::Credential;
 use crate::error::{describe, Error, ErrorKind};
 use crate::events::RevokeCause;
@@ -349,6 +350,15 @@ impl r2d2::ManageConnection for LeaseManager {
 }
 
 fn login_failed(role: &str, generation: &Generation, e: postgres::Error) -> Error {
+    if let Some(why) = channel_binding_refusal(&e) {
+        return Error::new(
+            ErrorKind::Tls,
+            format!(
+                "pool of role {role:?} refused to log in as {} (lease {}): {why}",
+                generation.username, generation.lease_id
+            ),
+        );
+    }
     Error::new(
         ErrorKind::Connection,
         format!(

@@ -5,9 +5,13 @@
 //! |---|---|---|
 //! | superuser or `CREATEROLE` | creating, altering and dropping roles | `ALTER ROLE admin CREATEROLE;` |
 //! | `pg_signal_backend` (or superuser) | ending the sessions of a revoked role | `GRANT pg_signal_backend TO admin;` |
-//! | membership in the reassign owner | `REASSIGN OWNED BY … TO owner` | `GRANT owner TO admin;` |
+//! | the privileges of the reassign owner (membership on 14–15) | `REASSIGN OWNED BY … TO owner` | `GRANT owner TO admin;` (16+: `… WITH INHERIT TRUE`) |
 //! | `CONNECT` on every database | cleaning up objects a role owns there | `GRANT CONNECT ON DATABASE d TO admin;` |
 //! | ADMIN OPTION on the marker role (PostgreSQL 16+) | marking each role it creates | `GRANT marker TO admin WITH ADMIN OPTION;` |
+//!
+//! The default owner, `credbroker_owner`, is created if missing and granted to the admin here (see
+//! [`owner`](crate::owner)); an owner that is a superuser, or the admin when it is a superuser, is refused with
+//! [`ErrorKind::InvalidConfig`].
 //!
 //! A degraded mode without session termination can be chosen explicitly with
 //! [`BrokerBuilder::terminate_sessions(false)`](crate::BrokerBuilder::terminate_sessions); then
@@ -18,12 +22,13 @@ use postgres_protocol::escape::escape_identifier;
 
 use crate::error::{Error, ErrorKind};
 use crate::marker::ensure_marker_role;
+use crate::owner::{self, DEFAULT_OWNER_ROLE};
 use crate::sql;
 
 /// What the broker will ask of the admin user.
 pub(crate) struct Needs<'a> {
-    /// The role that receives reassigned objects; `None` for the admin itself.
-    pub owner: Option<&'a str>,
+    /// The role that receives reassigned objects.
+    pub owner: &'a str,
     pub marker: &'a str,
     pub terminate_sessions: bool,
 }
@@ -67,22 +72,26 @@ pub(crate) fn check(client: &mut Client, needs: &Needs<'_>) -> Result<Admin, Err
              (or opt out with BrokerBuilder::terminate_sessions(false): sessions then outlive revocation)"
         ));
     }
-    if let Some(owner) = needs.owner {
-        let member: Option<bool> = client
-            .query_opt(sql::IS_MEMBER_OF, &[&owner])
-            .map_err(db)?
-            .map(|row| row.get(0));
-        match member {
-            None => missing.push(format!(
-                "the owner for reassigned objects, {owner:?}, does not exist: create it, or choose another with \
-                 BrokerBuilder::reassign_owned_to"
-            )),
-            Some(false) if !superuser => missing.push(format!(
-                "may not hand objects to {owner:?} (REASSIGN OWNED needs membership): `GRANT {} TO {admin};`",
-                escape_identifier(owner)
-            )),
-            Some(_) => {}
-        }
+    let owner_state = owner::state(client, needs.owner, version).map_err(db)?;
+    if let Some(state) = &owner_state {
+        owner::refuse_privileged(needs.owner, state)?;
+    }
+    let is_default_owner = needs.owner == DEFAULT_OWNER_ROLE;
+    match &owner_state {
+        // The default owner is created, and granted to the admin, below.
+        _ if is_default_owner => {}
+        None => missing.push(format!(
+            "the owner for reassigned objects, {:?}, does not exist: create it (`CREATE ROLE {} NOLOGIN;`), \
+             or leave BrokerBuilder::reassign_owned_to unset for the default, {DEFAULT_OWNER_ROLE:?}",
+            needs.owner,
+            escape_identifier(needs.owner)
+        )),
+        Some(state) if !state.reachable && !superuser => missing.push(format!(
+            "may not hand objects to {:?} (REASSIGN OWNED needs the privileges of that role): `{}`",
+            needs.owner,
+            sql::grant_owner_to_admin(needs.owner, Some(&user), version)
+        )),
+        Some(_) => {}
     }
     let unreachable: Vec<String> = client
         .query(sql::DATABASES_WITHOUT_CONNECT, &[])
@@ -114,6 +123,10 @@ pub(crate) fn check(client: &mut Client, needs: &Needs<'_>) -> Result<Admin, Err
     if missing.is_empty() {
         // Only a build that will go ahead creates anything.
         ensure_marker_role(client, needs.marker)?;
+        if is_default_owner {
+            let (exists, reachable) = owner_state.map_or((false, false), |s| (true, s.reachable));
+            owner::ensure_default_owner(client, exists, reachable, superuser, version)?;
+        }
         Ok(Admin { user, superuser })
     } else {
         Err(Error::new(

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use crate::broker::Shared;
 use crate::error::{Error, ErrorKind};
 use crate::lease::Lease;
-use crate::marker::{marked_roles, MarkedRole};
+use crate::marker::{marked_roles, server_now, MarkedRole};
 use crate::revoke::{drop_roles, retry_delay, Target};
 use crate::role::{CompiledRole, Role};
 use crate::sql;
@@ -45,8 +45,9 @@ pub(crate) struct Recovered {
 
 /// Reconciles this instance's marked roles with the (empty) lease table, then sweeps orphans.
 pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, Error> {
-    let marked = shared
-        .with_client(|client| marked_roles(client, &shared.marker))?
+    // Live or ended by the server's clock, the one `VALID UNTIL` is compared with at login.
+    let (marked, server_now) = shared
+        .with_client(|client| Ok((marked_roles(client, &shared.marker)?, server_now(client)?)))?
         .map_err(|e| {
             let context = format!(
                 "could not list the members of marker role {:?}",
@@ -58,7 +59,7 @@ pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, 
     let mut recovered = Recovered::default();
     let mut to_drop: Vec<&MarkedRole> = Vec::new();
     for role in marked.iter().filter(|r| r.belongs_to(&shared.instance)) {
-        match (mode, adoptable(shared, role, now)) {
+        match (mode, adoptable(shared, role, server_now)) {
             (RecoveryMode::Adopt, Some((lease, definition))) => {
                 let (id, expires_at) = (lease.id.clone(), lease.expires_at);
                 if shared.leases.adopt(lease, &definition) {
@@ -181,7 +182,10 @@ fn try_sweep_orphans(shared: &Shared) -> Result<usize, Error> {
         return Ok(0);
     }
     let marked = marked_roles(&mut lock, &shared.marker).map_err(db)?;
-    let cutoff = SystemTime::now()
+    // The server's clock, not ours: with ours skewed ahead by more than a lease plus the interval, another
+    // instance's live roles would look expired.
+    let cutoff = server_now(&mut lock)
+        .map_err(db)?
         .checked_sub(shared.orphan_interval)
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let orphans: Vec<&MarkedRole> = {

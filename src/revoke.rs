@@ -4,8 +4,9 @@
 //! The order matters. `NOLOGIN` is committed first, so no new session can start; then the role's sessions are
 //! ended (a session outlives `DROP ROLE`, keeping the privileges of any group it did `SET ROLE` to); then, in
 //! every database where the role owns objects or holds privileges, what it owns is handed to the owner and its
-//! privileges are dropped; then the role is dropped; then every session whose role no longer exists is ended, in
-//! case one was still authenticating when the role was fenced. A role that is already gone counts as revoked,
+//! privileges are dropped; then the role is dropped; then any session of the dropped role is ended, in case one
+//! was still authenticating when the role was fenced (only the oids just dropped: sessions of roles someone else
+//! dropped are left alone). A role that is already gone counts as revoked,
 //! and so does any failure after which the role turns out to be gone (a concurrent drop by another instance).
 //!
 //! Roles with the default revocation are dropped in batches of up to [`BATCH`]: one `NOLOGIN` transaction, one
@@ -190,7 +191,8 @@ fn revoke_batch(
         present.iter().partition(|(_, oid)| dependent.contains(oid));
     if !plain.is_empty() {
         let names = plain.iter().map(|(u, _)| u.as_str());
-        client.simple_query(&sql::drop_batch(names, settings.terminate_sessions))?;
+        let oids: Vec<u32> = plain.iter().map(|(_, oid)| *oid).collect();
+        client.simple_query(&sql::drop_batch(names, &oids, settings.terminate_sessions))?;
     }
     Ok(left.into_iter().map(|(u, _)| u.clone()).collect())
 }
@@ -302,7 +304,7 @@ fn drop_one(
     }
     if settings.terminate_sessions {
         client
-            .query_one(sql::TERMINATE_ORPHAN_SESSIONS, &[])
+            .query_one(sql::TERMINATE_DROPPED_SESSIONS, &[&vec![oid]])
             .map_err(pg)?;
     }
     Ok(())

@@ -22,11 +22,12 @@ pub(crate) const TERMINATE_SESSIONS: &str =
     "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
      WHERE usesysid = ANY($1) AND pid <> pg_backend_pid()";
 
-/// Ends every client session whose role no longer exists: one that was still authenticating when its role was
-/// fenced and ended, and registered only after. Run after each drop, it also ends stragglers of earlier ones.
-pub(crate) const TERMINATE_ORPHAN_SESSIONS: &str =
-    "SELECT count(pg_terminate_backend(a.pid, 5000)) \
-     FROM pg_stat_activity a WHERE a.backend_type = 'client backend' AND a.usesysid IS NOT NULL \
+/// Ends the client sessions of the roles with oids `$1` (an `oid[]`) that were just dropped: one that was still
+/// authenticating when its role was fenced and ended, and registered only after. Only those oids: sessions of
+/// roles someone else dropped are not ours to end.
+pub(crate) const TERMINATE_DROPPED_SESSIONS: &str =
+    "SELECT count(pg_terminate_backend(a.pid, 5000)) FROM pg_stat_activity a \
+     WHERE a.backend_type = 'client backend' AND a.usesysid = ANY($1) \
      AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = a.usesysid)";
 
 /// The id of the current transaction, assigning one: a template that commits or rolls back changes it.
@@ -146,9 +147,42 @@ pub(crate) const MARKED_ROLES: &str = "SELECT r.rolname::text, \
      FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member \
      WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)";
 
-/// Whether the admin is a member of role `$1` (no row if the role does not exist).
-pub(crate) const IS_MEMBER_OF: &str =
-    "SELECT pg_has_role(current_user, r.oid, 'MEMBER') FROM pg_roles r WHERE r.rolname = $1";
+/// The reassign owner `$1`: whether it is a superuser, whether it is the admin, and whether the admin holds
+/// privilege `$2` (`MEMBER` or `USAGE`) on it. No row if the role does not exist.
+pub(crate) const OWNER_STATE: &str = "SELECT r.rolsuper, r.rolname = current_user, \
+     pg_has_role(current_user, r.oid, $2) FROM pg_roles r WHERE r.rolname = $1";
+
+/// Creates the default owner role, with a comment for whoever finds it in the catalog.
+pub(crate) fn create_owner(owner: &str) -> String {
+    let name = escape_identifier(owner);
+    format!(
+        "CREATE ROLE {name} NOLOGIN; COMMENT ON ROLE {name} IS {};",
+        escape_literal(
+            "credbroker: owns what revoked credentials owned (REASSIGN OWNED); has no other rights; \
+             review and drop its objects"
+        )
+    )
+}
+
+/// `GRANT owner TO admin` (`CURRENT_USER` if `admin` is `None`), with `INHERIT TRUE` on PostgreSQL 16+ (where
+/// `REASSIGN OWNED` needs the privileges of the role, and the creator's automatic membership may lack them).
+pub(crate) fn grant_owner_to_admin(
+    owner: &str,
+    admin: Option<&str>,
+    server_version: i32,
+) -> String {
+    let inherit = if server_version >= 160000 {
+        " WITH INHERIT TRUE"
+    } else {
+        ""
+    };
+    let admin = admin.map_or_else(|| "CURRENT_USER".to_owned(), escape_identifier);
+    format!("GRANT {} TO {admin}{inherit};", escape_identifier(owner))
+}
+
+/// The server's clock: every comparison with a catalog timestamp (`VALID UNTIL`, the lease comment's max) is
+/// made against it, not this process's clock, which may be skewed from the server's and other instances'.
+pub(crate) const SERVER_NOW: &str = "SELECT now()";
 
 /// Whether the admin holds ADMIN OPTION on role `$1` (PostgreSQL 16+ needs it to grant the role).
 pub(crate) const HAS_ADMIN_OPTION: &str =
@@ -205,12 +239,21 @@ pub(crate) fn fence_batch<'a>(
     )
 }
 
-/// One round trip: drop the roles (one statement), then, if `terminate`, end every session whose role no longer
-/// exists.
-pub(crate) fn drop_batch<'a>(names: impl IntoIterator<Item = &'a str>, terminate: bool) -> String {
+/// One round trip: drop the roles (one statement), then, if `terminate`, end the client sessions of those
+/// roles (`oids`) that registered after they were fenced, as [`TERMINATE_DROPPED_SESSIONS`] does.
+pub(crate) fn drop_batch<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    oids: &[u32],
+    terminate: bool,
+) -> String {
     let drop = drop_roles(names);
     if terminate {
-        format!("{drop} {TERMINATE_ORPHAN_SESSIONS};")
+        format!(
+            "{drop} SELECT count(pg_terminate_backend(a.pid, 5000)) FROM pg_stat_activity a \
+             WHERE a.backend_type = 'client backend' AND a.usesysid IN ({}) \
+             AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = a.usesysid);",
+            oid_list(oids)
+        )
     } else {
         drop
     }

@@ -33,6 +33,7 @@ pub struct TestPostgresBuilder {
     tls: bool,
     expired_certificate: bool,
     settings: Vec<(String, String)>,
+    auth_method: Option<String>,
 }
 
 impl TestPostgresBuilder {
@@ -54,6 +55,13 @@ impl TestPostgresBuilder {
     /// Adds a `postgresql.conf` setting, e.g. `("log_statement", "all")`. The value is written quoted.
     pub fn setting(mut self, name: &str, value: &str) -> TestPostgresBuilder {
         self.settings.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// The `pg_hba.conf` method for every connection (`initdb --auth`); default `scram-sha-256`. For testing
+    /// what a client does when asked for a password in the clear (`password`) or as MD5 (`md5`).
+    pub fn auth_method(mut self, method: &str) -> TestPostgresBuilder {
+        self.auth_method = Some(method.to_owned());
         self
     }
 
@@ -221,7 +229,10 @@ impl TestPostgres {
                 "-U",
                 ADMIN_USER,
                 &format!("--pwfile={}", path_str(&pwfile)?),
-                "--auth=scram-sha-256",
+                &format!(
+                    "--auth={}",
+                    options.auth_method.as_deref().unwrap_or("scram-sha-256")
+                ),
                 "-E",
                 "UTF8",
                 "--locale=C",

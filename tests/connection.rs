@@ -30,14 +30,124 @@ fn without_sslmode_tls_is_required_and_a_server_without_ssl_is_explained() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::SslNotEnabled);
 
-    // prefer falls back to plaintext, disable never tries TLS.
-    for mode in ["prefer", "disable"] {
+    // prefer falls back to plaintext, but then there is no channel binding: refused unless the string accepts
+    // the risk. disable never tries TLS, and is taken as that choice.
+    let err = Broker::builder()
+        .connection(format!("{plain} sslmode=prefer"))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Tls, "{err}");
+    assert!(err.to_string().contains("channel_binding=prefer"), "{err}");
+    for mode in ["prefer channel_binding=prefer", "disable"] {
         let broker = Broker::builder()
             .connection(format!("{plain} sslmode={mode}"))
             .build()
             .unwrap();
         broker.write_role("app", Role::new()).unwrap();
         broker.creds("app").unwrap();
+    }
+}
+
+/// Builds a broker on `connection` and issues one credential, or says why not.
+fn issue_one(connection: String) -> Result<(), credbroker::Error> {
+    let broker = Broker::builder().connection(connection).build()?;
+    broker.write_role("app", Role::new())?;
+    broker.creds("app").map(drop)
+}
+
+/// The refusal of a login without channel binding, with what to do.
+fn assert_refused_without_channel_binding(err: &credbroker::Error, password: &str) {
+    assert_eq!(err.kind(), ErrorKind::Tls, "{err}");
+    let text = err.to_string();
+    for needed in [
+        "SCRAM-SHA-256-PLUS",
+        "password was not sent",
+        "sslmode=verify-full sslrootcert=",
+        "channel_binding=prefer",
+    ] {
+        assert!(text.contains(needed), "{needed:?} missing: {text}");
+    }
+    assert!(!text.contains(password), "{text}");
+    assert!(!format!("{err:?}").contains(password));
+}
+
+#[test]
+fn unverified_tls_never_answers_a_cleartext_password_request() {
+    let pg = TestPostgres::builder()
+        .tls(true)
+        .auth_method("password")
+        .start()
+        .unwrap();
+    let ca = pg.ca_cert().unwrap().display().to_string();
+    let string = |extra: &str| {
+        format!(
+            "host=localhost port={} user=admin password={} dbname=postgres {extra}",
+            pg.port(),
+            pg.admin_password()
+        )
+    };
+    // No sslmode (require), require and prefer: TLS without a certificate check, so a man in the middle could
+    // be the one asking for the password in the clear. Refused before it is sent.
+    for extra in ["", "sslmode=require", "sslmode=prefer"] {
+        let err = issue_one(string(extra)).unwrap_err();
+        assert_refused_without_channel_binding(&err, pg.admin_password());
+    }
+    // The same strings with the documented opt-out log in: the server would have accepted the password.
+    for extra in [
+        "channel_binding=prefer",
+        "sslmode=require channel_binding=prefer",
+    ] {
+        issue_one(string(extra)).unwrap_or_else(|e| panic!("{extra}: {e}"));
+    }
+    // A checked certificate keeps the default: the password goes only to the server the CA vouches for.
+    for mode in ["verify-full", "verify-ca", "require"] {
+        issue_one(string(&format!("sslmode={mode} sslrootcert={ca}")))
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+    }
+}
+
+#[test]
+fn unverified_tls_never_answers_an_md5_request() {
+    let pg = TestPostgres::builder()
+        .tls(true)
+        .auth_method("md5")
+        .start()
+        .unwrap();
+    // md5 in pg_hba.conf still uses SCRAM for a password stored as SCRAM: store this admin's as MD5.
+    pg.admin_client()
+        .unwrap()
+        .batch_execute(
+            "SET password_encryption = 'md5';              CREATE ROLE md5admin LOGIN SUPERUSER PASSWORD 'md5-admin-password-1'",
+        )
+        .unwrap();
+    let string = |extra: &str| {
+        format!(
+            "host=localhost port={} user=md5admin password=md5-admin-password-1 dbname=postgres {extra}",
+            pg.port()
+        )
+    };
+    let err = issue_one(string("sslmode=require")).unwrap_err();
+    assert_refused_without_channel_binding(&err, "md5-admin-password-1");
+    issue_one(string("sslmode=require channel_binding=prefer")).expect("md5 with the opt-out");
+    let ca = pg.ca_cert().unwrap().display().to_string();
+    issue_one(string(&format!("sslmode=verify-full sslrootcert={ca}"))).expect("md5, verified");
+}
+
+#[test]
+fn scram_over_tls_logs_in_with_channel_binding_under_require() {
+    let pg = TestPostgres::builder().tls(true).start().unwrap();
+    // An explicit channel_binding=require succeeds only through SCRAM-SHA-256-PLUS; the default does the same.
+    for extra in ["", "channel_binding=require"] {
+        let broker = Broker::builder()
+            .connection(pg.connection_string_with(&format!("sslmode=require {extra}")))
+            .build()
+            .unwrap_or_else(|e| panic!("{extra}: {e}"));
+        broker.write_role("app", Role::new()).unwrap();
+        broker.creds("app").unwrap();
+        assert!(broker_sessions_use_tls(&pg));
+        // A pool's logins inherit the setting: its credentials' SCRAM logins are bound to the channel too.
+        let pool = broker.pool("app").unwrap();
+        pool.get().unwrap().simple_query("SELECT 1").unwrap();
     }
 }
 
@@ -300,5 +410,6 @@ fn an_admin_that_cannot_create_roles_is_refused_with_the_fix() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(owner, "manager");
+    // Not to the admin: to the owner role build() created and made the admin a member of.
+    assert_eq!(owner, credbroker::DEFAULT_OWNER_ROLE);
 }

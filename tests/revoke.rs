@@ -59,7 +59,11 @@ fn revoke_ends_sessions_and_drops_a_role_that_owns_objects_and_holds_grants() {
         )
         .unwrap()
         .get(0);
-    assert_eq!(owner, "admin", "objects are handed to the admin user");
+    assert_eq!(
+        owner,
+        credbroker::DEFAULT_OWNER_ROLE,
+        "objects are handed to the owner role"
+    );
     let active: i64 = env
         .admin()
         .query_one("SELECT count(*) FROM pg_stat_activity WHERE usename IS NULL AND backend_type = 'client backend'", &[])
@@ -231,7 +235,8 @@ fn revoke_cleans_up_every_database_where_the_role_owns_or_holds_something() {
         .unwrap()
         .get(0);
     assert_eq!(
-        owner, "admin",
+        owner,
+        credbroker::DEFAULT_OWNER_ROLE,
         "the object in the second database went to the owner"
     );
     let acl: String = admin_in("third")
