@@ -6,7 +6,8 @@
 //! change, with no lock of the broker held, and in order for any one lease: issued, then renewals and rotation,
 //! then one of revoked or expired. Delivery is synchronous on the thread that made the change (a caller's, a
 //! revocation worker's, or a [`RolePool`](crate::RolePool)'s), except when another thread is delivering events
-//! at that moment: that thread then delivers this one too, right after its own, so the order holds. A handler
+//! at that moment: that thread then delivers this one too before it returns, so the order holds (the call that
+//! made the change may then return before its event is delivered). A handler
 //! may call any [`Broker`](crate::Broker) method, on any lease, the one it is told about included; the events
 //! those calls make are delivered once the handler returns.
 //! A handler that panics is caught and logged; the broker carries on.

@@ -10,7 +10,8 @@
 //!   gets its outcome instead of racing it.
 //! - **Events after the state, outside every lock.** A change of state queues its event under the lock, so
 //!   events are queued in the order the changes happened. The queue is delivered with no lock held, one event
-//!   at a time, by whichever thread finds nobody delivering (the one that made the change, in the usual case).
+//!   at a time, by whichever thread finds nobody delivering (the one that made the change, in the usual case);
+//!   that thread delivers everything queued meanwhile, from any thread, before it returns.
 //!   A handler may therefore call back into the broker: the events its calls make are queued and delivered by
 //!   the same thread once the handler returns.
 //! - **Every wait is bounded**: a turn, a join and the wait for running revocations at shutdown all give up
@@ -240,7 +241,7 @@ impl Leases {
                 true
             }
             // Cannot happen for leases the broker made. Should it, the role is still marked and the orphan sweep
-            // drops it once expired.
+            // drops it once expired. (Logged under the lock: it never happens in practice.)
             None => {
                 log::error!(
                     "lease {id} has an id or username the lease table cannot hold; it is left to the orphan sweep"
@@ -478,15 +479,16 @@ impl Leases {
             }
             let mut sleep = MAX_SLEEP;
             if state.workers < workers {
-                if Instant::now() >= orphans_at {
-                    state.workers += 1;
-                    return SweeperWork::Orphans;
-                }
+                // Due leases first: an orphan sweep never takes a worker that an expiry is waiting for.
                 let now = SystemTime::now();
                 let due = self.claim_unless_renewing(&mut state, |t| t.claim_due(now, batch));
                 if !due.is_empty() {
                     state.workers += 1;
                     return SweeperWork::Revoke(due);
+                }
+                if Instant::now() >= orphans_at {
+                    state.workers += 1;
+                    return SweeperWork::Orphans;
                 }
                 if let Some(next) = state.table.next_due() {
                     sleep = sleep.min(next.duration_since(now).unwrap_or(Duration::ZERO));
@@ -546,15 +548,9 @@ impl Leases {
         let forced = matches!(why, Why::Revoke(RevokeCause::Forced));
         let mut state = self.state.lock();
         state.note_settled(lease);
-        match &result {
+        let attempts = match &result {
             Ok(()) => {
-                let gone = state.table.take(&lease.id);
-                log::info!(
-                    "revoked lease {} ({why}): dropped role {}",
-                    lease.id,
-                    lease.username
-                );
-                if let Some(gone) = gone {
+                if let Some(gone) = state.table.take(&lease.id) {
                     let now = SystemTime::now();
                     let cause = match why {
                         Why::Expired => None,
@@ -576,19 +572,12 @@ impl Leases {
                     };
                     self.queue(&mut state, event);
                 }
+                None
             }
             Err(err) => {
                 let attempts = state.table.failed(&lease.id, err.to_string(), retry_at);
-                if let Some(failed) = state.table.lease(&lease.id) {
-                    self.queue(
-                        &mut state,
-                        Event::RevocationFailed(RevocationFailedEvent {
-                            lease: failed,
-                            retry_at,
-                        }),
-                    );
-                }
                 if forced {
+                    // Forgotten at once, carrying this attempt's error: no retry will come, so no failure event.
                     if let Some(forgotten) = state.table.take(&lease.id) {
                         self.queue(
                             &mut state,
@@ -600,28 +589,44 @@ impl Leases {
                             }),
                         );
                     }
-                } else {
-                    match attempts {
-                        Some(n) if n >= crate::revoke::FAILURES_BEFORE_ERROR => log::error!(
-                            "revocation of lease {} (role {}) has failed {n} times and will be retried; \
-                             it can be given up with Broker::revoke_force: {err}",
-                            lease.id,
-                            lease.username
-                        ),
-                        Some(n) => log::warn!(
-                            "revocation of lease {} (role {}) failed (attempt {n}), will retry: {err}",
-                            lease.id,
-                            lease.username
-                        ),
-                        None => {}
-                    }
+                } else if let Some(failed) = state.table.lease(&lease.id) {
+                    self.queue(
+                        &mut state,
+                        Event::RevocationFailed(RevocationFailedEvent {
+                            lease: failed,
+                            retry_at,
+                        }),
+                    );
                 }
+                attempts
             }
-        }
+        };
         drop(state);
         // Joiners, shutdown, and the sweeper (a retry to schedule).
         self.changed.notify_all();
-        self.flush();
+        // Logged with no lock held: a slow logger must not stall the table.
+        match (&result, attempts) {
+            (Ok(()), _) => log::info!(
+                "revoked lease {} ({why}): dropped role {}",
+                lease.id,
+                lease.username
+            ),
+            (Err(_), _) if forced => {}
+            (Err(err), Some(n)) if n >= crate::revoke::FAILURES_BEFORE_ERROR => log::error!(
+                "revocation of lease {} (role {}) has failed {n} times and will be retried; \
+                 it can be given up with Broker::revoke_force: {err}",
+                lease.id,
+                lease.username
+            ),
+            (Err(err), Some(n)) => log::warn!(
+                "revocation of lease {} (role {}) failed (attempt {n}), will retry: {err}",
+                lease.id,
+                lease.username
+            ),
+            (Err(_), None) => {}
+        }
+        // No flush here: the caller flushes once every lease it claimed is settled, so that a handler revoking
+        // another lease of the same batch never waits for this thread.
         result
     }
 

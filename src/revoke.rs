@@ -352,6 +352,19 @@ pub(crate) fn revoke_leases(
     leases: &[DueLease],
     why: Why,
 ) -> Vec<Result<(), Error>> {
+    let results = revoke_leases_unflushed(shared, leases, why);
+    // Events go out once every lease claimed is settled: a handler may revoke one of them.
+    shared.leases.flush();
+    results
+}
+
+/// [`revoke_leases`] without delivering the events: for a caller that settles more claimed leases before it
+/// calls `flush`.
+pub(crate) fn revoke_leases_unflushed(
+    shared: &Shared,
+    leases: &[DueLease],
+    why: Why,
+) -> Vec<Result<(), Error>> {
     let roles: Vec<_> = leases
         .iter()
         .map(|lease| {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::broker::Shared;
 use crate::leases::{later, SweeperWork, Why};
 use crate::recovery::sweep_orphans;
-use crate::revoke::{revoke_leases, BATCH};
+use crate::revoke::{revoke_leases_unflushed, BATCH};
 
 /// The sweeper thread's body; returns when the broker shuts down.
 pub(crate) fn run(shared: Arc<Shared>) {
@@ -67,9 +67,11 @@ fn work_on(shared: &Shared, work: SweeperWork) {
         SweeperWork::Revoke(due) => {
             let (expired, retried): (Vec<_>, Vec<_>) =
                 due.into_iter().partition(|l| l.attempts == 0);
-            // Failures are recorded in the lease table and logged by revoke_leases.
-            let _ = revoke_leases(shared, &expired, Why::Expired);
-            let _ = revoke_leases(shared, &retried, Why::Retried);
+            // Failures are recorded in the lease table and logged by revoke_leases. Events go out once both
+            // groups are settled, so a handler revoking a lease of either never waits for this thread.
+            let _ = revoke_leases_unflushed(shared, &expired, Why::Expired);
+            let _ = revoke_leases_unflushed(shared, &retried, Why::Retried);
+            shared.leases.flush();
         }
         SweeperWork::Orphans => {
             sweep_orphans(shared);

@@ -320,10 +320,9 @@ fn event_handlers_may_call_any_broker_method_on_any_lease() {
     assert_eq!(record.of(b.lease_id()), ["renewed"]);
     assert_eq!(record.of(c.lease_id()), ["revoked"]);
     assert_eq!(
-        record.of(d.lease_id())[..2],
-        ["revocation failed", "revocation failed"]
+        record.of(d.lease_id()),
+        ["revocation failed", "revoked (forced)"]
     );
-    assert!(record.of(d.lease_id()).contains(&"revoked (forced)"));
     let left: Vec<_> = broker.leases().iter().map(|l| l.id().to_owned()).collect();
     assert_eq!(left, [b.lease_id().to_owned()]);
 }
