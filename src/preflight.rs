@@ -8,6 +8,10 @@
 //! | membership in the reassign owner | `REASSIGN OWNED BY … TO owner` | `GRANT owner TO admin;` |
 //! | `CONNECT` on every database | cleaning up objects a role owns there | `GRANT CONNECT ON DATABASE d TO admin;` |
 //! | ADMIN OPTION on the marker role (PostgreSQL 16+) | marking each role it creates | `GRANT marker TO admin WITH ADMIN OPTION;` |
+//! | membership in the admin group `<marker>_admin` (PostgreSQL 16+) | dropping roles other instances created | `GRANT marker_admin TO admin;` |
+//!
+//! The marker role and the admin group are created here when missing (the creator is then a member of both with
+//! ADMIN OPTION on PostgreSQL 16+). See [`admin_group`](crate::admin_group) for why the group exists.
 //!
 //! A degraded mode without session termination can be chosen explicitly with
 //! [`BrokerBuilder::terminate_sessions(false)`](crate::BrokerBuilder::terminate_sessions); then
@@ -17,7 +21,7 @@ use postgres::Client;
 use postgres_protocol::escape::escape_identifier;
 
 use crate::error::{Error, ErrorKind};
-use crate::marker::ensure_marker_role;
+use crate::marker::{admin_group, ensure_group, Group};
 use crate::sql;
 
 /// What the broker will ask of the admin user.
@@ -111,9 +115,25 @@ pub(crate) fn check(client: &mut Client, needs: &Needs<'_>) -> Result<Admin, Err
             ));
         }
     }
+    let group = admin_group(needs.marker);
+    if !superuser && version >= 160000 {
+        // A group this admin creates below comes with membership; one that exists must have been granted.
+        let member: Option<bool> = client
+            .query_opt(sql::IS_MEMBER_OF, &[&group])
+            .map_err(db)?
+            .map(|row| row.get(0));
+        if member == Some(false) {
+            missing.push(format!(
+                "may not drop the expired roles other instances created (PostgreSQL 16+ needs ADMIN OPTION on \
+                 each; the admin group {group:?} holds it on every credential): `GRANT {} TO {admin};`",
+                escape_identifier(&group)
+            ));
+        }
+    }
     if missing.is_empty() {
         // Only a build that will go ahead creates anything.
-        ensure_marker_role(client, needs.marker)?;
+        ensure_group(client, Group::Marker, needs.marker)?;
+        ensure_group(client, Group::Admin, &group)?;
         Ok(Admin { user, superuser })
     } else {
         Err(Error::new(
