@@ -316,7 +316,8 @@ fn a_dead_instances_roles_are_dropped_by_an_instance_with_another_non_superuser_
     let dead = as_admin("alice").build().unwrap();
     // Credentials may create tables through PUBLIC (as by default before PostgreSQL 15), not through a grant of
     // Alice's: Bob could not revoke that one (see the README's admin rights).
-    let short = Role::new().lease(Duration::from_secs(1), Duration::from_secs(60));
+    // Long enough to log in once under load; leases start at a whole second.
+    let short = Role::new().lease(Duration::from_secs(3), Duration::from_secs(60));
     dead.write_role("app", short).unwrap();
     let creds: Vec<_> = (0..4).map(|_| dead.creds("app").unwrap()).collect();
     common::create_table_as(&pg, &creds[0], "left_by_alice");
