@@ -399,7 +399,7 @@ fn lease_table(rows: &mut Vec<Row>, sizes: &[usize]) {
 }
 
 /// The identical creation SQL `creds()` sends, run on a bare client: fresh password, its verifier, creation,
-/// marker and comment, in one round trip.
+/// marker, admin group and comment, in one round trip.
 fn raw_create(client: &mut postgres::Client, iterations: u32) -> Result<()> {
     static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNT.fetch_add(1, Ordering::Relaxed);
@@ -417,7 +417,8 @@ fn raw_create(client: &mut postgres::Client, iterations: u32) -> Result<()> {
     );
     client.batch_execute(&format!(
         "BEGIN;\nCREATE ROLE \"{name}\" WITH LOGIN PASSWORD '{verifier}' VALID UNTIL '{}';\n;\n\
-         GRANT {DEFAULT_MARKER_ROLE} TO \"{name}\"; COMMENT ON ROLE \"{name}\" IS '{comment}';\n;\nCOMMIT;",
+         GRANT {DEFAULT_MARKER_ROLE} TO \"{name}\"; GRANT \"{name}\" TO {DEFAULT_MARKER_ROLE}_admin WITH ADMIN OPTION; \
+         COMMENT ON ROLE \"{name}\" IS '{comment}';\n;\nCOMMIT;",
         at(3600)
     ))?;
     Ok(())

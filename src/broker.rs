@@ -645,7 +645,12 @@ impl Shared {
             sql.push_str(&sql::set_valid_until(username, expiration));
         }
         sql.push_str("\n;\n");
-        sql.push_str(&sql::mark(&self.marker, username, &mark.comment()));
+        sql.push_str(&sql::mark(
+            &self.marker,
+            &crate::marker::admin_group(&self.marker),
+            username,
+            &mark.comment(),
+        ));
         sql
     }
 

@@ -106,7 +106,7 @@ pub use events::{
     RevokeCause, RevokedEvent, RotatedEvent, Stats,
 };
 pub use lease::{Lease, MAX_LEASE};
-pub use marker::{DEFAULT_MARKER_ROLE, MAX_INSTANCE_NAME_LEN};
+pub use marker::{admin_group, DEFAULT_MARKER_ROLE, MAX_INSTANCE_NAME_LEN};
 pub use owner::DEFAULT_OWNER_ROLE;
 pub use pool::{PoolOptions, PooledClient, RolePool};
 pub use recovery::RecoveryMode;

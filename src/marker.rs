@@ -135,41 +135,75 @@ pub(crate) fn default_instance_name() -> String {
     name
 }
 
-/// Creates the marker role if it does not exist yet, and refuses one that could log in or is a superuser (a
-/// name that collides with a real user).
-pub(crate) fn ensure_marker_role(client: &mut Client, marker: &str) -> Result<(), Error> {
+/// The name of the admin group of the instances sharing the marker role `marker`: `<marker>_admin`
+/// (`credbroker_lease_admin` by default), the marker cut to 57 bytes (at a character boundary) if needed to keep
+/// the name within PostgreSQL's 63.
+///
+/// Every issued role is granted to this `NOLOGIN NOINHERIT` group `WITH ADMIN OPTION` in the transaction that
+/// creates it. Since PostgreSQL 16 a non-superuser with `CREATEROLE` may drop only roles it holds ADMIN OPTION
+/// on, and only a role's creator gets that automatically; through the group, every instance's admin that is a
+/// member holds it on every credential of every instance, so the living can drop a dead instance's expired roles
+/// (the orphan sweep) whoever created them. `NOINHERIT` keeps the members from taking on the credentials'
+/// privileges through the group.
+pub fn admin_group(marker: &str) -> String {
+    const SUFFIX: &str = "_admin";
+    let mut end = marker.len().min(63 - SUFFIX.len());
+    while !marker.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{SUFFIX}", &marker[..end])
+}
+
+/// A group role the broker creates and relies on: the marker or the admin group.
+#[derive(Clone, Copy)]
+pub(crate) enum Group {
+    Marker,
+    Admin,
+}
+
+/// Creates the marker role (or the admin group) `name` if it does not exist yet, and refuses one that could
+/// log in or is a superuser (a name that collides with a real user).
+pub(crate) fn ensure_group(client: &mut Client, group: Group, name: &str) -> Result<(), Error> {
+    let what = match group {
+        Group::Marker => "marker role",
+        Group::Admin => "admin group",
+    };
     let db = |e| {
         Error::postgres(
             ErrorKind::Database,
-            format!("could not check the marker role {marker:?}"),
+            format!("could not check the {what} {name:?}"),
             e,
             &[],
         )
     };
-    let row = client
-        .query_opt(sql::MARKER_STATE, &[&marker])
-        .map_err(db)?;
+    let row = client.query_opt(sql::MARKER_STATE, &[&name]).map_err(db)?;
     match row {
         Some(row) if row.get::<_, bool>(0) => Err(Error::new(
             ErrorKind::InvalidConfig,
             format!(
-                "marker role {marker:?} exists and can log in or is a superuser, so it is not a marker; \
-                 choose another name with BrokerBuilder::marker_role"
+                "{what} {name:?} exists and can log in or is a superuser, so it is not a group; \
+                 choose another marker name with BrokerBuilder::marker_role"
             ),
         )),
         Some(_) => Ok(()),
         None => {
-            let create = sql::create_marker(marker);
+            let (create, by_hand) = match group {
+                Group::Marker => (sql::create_marker(name), "NOLOGIN"),
+                Group::Admin => (sql::create_admin_group(name), "NOLOGIN NOINHERIT"),
+            };
             match client.batch_execute(&create) {
                 Ok(()) => {
-                    log::info!("created marker role {marker}");
+                    log::info!("created {what} {name}");
                     Ok(())
                 }
                 // Another instance created it at the same moment.
                 Err(e) if e.code() == Some(&postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
                 Err(e) => Err(Error::postgres(
                     ErrorKind::Permission,
-                    format!("could not create the marker role {marker:?}; create it as a superuser with `CREATE ROLE {} NOLOGIN;`", escape_identifier(marker)),
+                    format!(
+                        "could not create the {what} {name:?}; create it as a superuser with `CREATE ROLE {} {by_hand};`",
+                        escape_identifier(name)
+                    ),
                     e,
                     &[],
                 )),
@@ -255,6 +289,15 @@ mod tests {
              issued=2025-11-28T15:04:05Z max=2025-11-29T15:04:05Z"
         );
         assert_eq!(LeaseMark::parse(&m.comment()), Some(m));
+    }
+
+    #[test]
+    fn admin_group_names_fit_postgres() {
+        assert_eq!(admin_group(DEFAULT_MARKER_ROLE), "credbroker_lease_admin");
+        let long = "é".repeat(31) + "x"; // 63 bytes
+        let group = admin_group(&long);
+        assert_eq!(group, "é".repeat(28) + "_admin");
+        assert!(group.len() <= 63);
     }
 
     #[test]

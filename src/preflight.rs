@@ -8,6 +8,10 @@
 //! | the privileges of the reassign owner (membership on 14–15) | `REASSIGN OWNED BY … TO owner` | `GRANT owner TO admin;` (16+: `… WITH INHERIT TRUE`) |
 //! | `CONNECT` on every database | cleaning up objects a role owns there | `GRANT CONNECT ON DATABASE d TO admin;` |
 //! | ADMIN OPTION on the marker role (PostgreSQL 16+) | marking each role it creates | `GRANT marker TO admin WITH ADMIN OPTION;` |
+//! | membership in the admin group `<marker>_admin` (PostgreSQL 16+) | dropping roles other instances created | `GRANT marker_admin TO admin;` |
+//!
+//! The marker role and the admin group are created here when missing (the creator is then a member of both with
+//! ADMIN OPTION on PostgreSQL 16+). See [`admin_group`](crate::admin_group) for why the group exists.
 //!
 //! The default owner, `credbroker_owner`, is created if missing and granted to the admin here (see
 //! [`owner`](crate::owner)); an owner that is a superuser, or the admin when it is a superuser, is refused with
@@ -21,7 +25,7 @@ use postgres::Client;
 use postgres_protocol::escape::escape_identifier;
 
 use crate::error::{Error, ErrorKind};
-use crate::marker::ensure_marker_role;
+use crate::marker::{admin_group, ensure_group, Group};
 use crate::owner::{self, DEFAULT_OWNER_ROLE};
 use crate::sql;
 
@@ -120,9 +124,25 @@ pub(crate) fn check(client: &mut Client, needs: &Needs<'_>) -> Result<Admin, Err
             ));
         }
     }
+    let group = admin_group(needs.marker);
+    if !superuser && version >= 160000 {
+        // A group this admin creates below comes with membership; one that exists must have been granted.
+        let member: Option<bool> = client
+            .query_opt(sql::IS_MEMBER_OF, &[&group])
+            .map_err(db)?
+            .map(|row| row.get(0));
+        if member == Some(false) {
+            missing.push(format!(
+                "may not drop the expired roles other instances created (PostgreSQL 16+ needs ADMIN OPTION on \
+                 each; the admin group {group:?} holds it on every credential): `GRANT {} TO {admin};`",
+                escape_identifier(&group)
+            ));
+        }
+    }
     if missing.is_empty() {
         // Only a build that will go ahead creates anything.
-        ensure_marker_role(client, needs.marker)?;
+        ensure_group(client, Group::Marker, needs.marker)?;
+        ensure_group(client, Group::Admin, &group)?;
         if is_default_owner {
             let (exists, reachable) = owner_state.map_or((false, false), |s| (true, s.reachable));
             owner::ensure_default_owner(client, exists, reachable, superuser, version)?;

@@ -103,7 +103,8 @@ pub(crate) const TRY_SWEEP_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextext
 /// Releases [`TRY_SWEEP_LOCK`].
 pub(crate) const RELEASE_SWEEP_LOCK: &str = "SELECT pg_advisory_unlock(hashtextextended($1, 0))";
 
-/// Whether role `$1` exists, and whether it may log in or is a superuser (then it cannot be a marker).
+/// Whether role `$1` exists, and whether it may log in or is a superuser (then it cannot be a marker or the admin
+/// group).
 pub(crate) const MARKER_STATE: &str =
     "SELECT rolcanlogin OR rolsuper FROM pg_roles WHERE rolname = $1";
 
@@ -119,13 +120,28 @@ pub(crate) fn create_marker(marker: &str) -> String {
     )
 }
 
-/// Marks `username` as a credential of this broker, in the creating transaction: membership in the marker role
-/// and the lease comment.
-pub(crate) fn mark(marker: &str, username: &str, comment: &str) -> String {
+/// Creates the admin group (see [`admin_group`](crate::admin_group)). `NOINHERIT`: its members
+/// administer credentials' roles without taking on their privileges.
+pub(crate) fn create_admin_group(group: &str) -> String {
+    let name = escape_identifier(group);
+    format!(
+        "CREATE ROLE {name} NOLOGIN NOINHERIT; COMMENT ON ROLE {name} IS {};",
+        escape_literal(
+            "credbroker: holds ADMIN OPTION on every credential's role, so that every broker admin who is a \
+             member may drop any instance's expired credentials (PostgreSQL 16+)"
+        )
+    )
+}
+
+/// Marks `username` as a credential of this broker, in the creating transaction: membership in the marker role,
+/// ADMIN OPTION on it for the admin group (so another instance's admin can drop it on PostgreSQL 16+), and the
+/// lease comment.
+pub(crate) fn mark(marker: &str, admin_group: &str, username: &str, comment: &str) -> String {
     let user = escape_identifier(username);
     format!(
-        "GRANT {} TO {user}; COMMENT ON ROLE {user} IS {};",
+        "GRANT {} TO {user}; GRANT {user} TO {} WITH ADMIN OPTION; COMMENT ON ROLE {user} IS {};",
         escape_identifier(marker),
+        escape_identifier(admin_group),
         escape_literal(comment)
     )
 }
@@ -183,6 +199,10 @@ pub(crate) fn grant_owner_to_admin(
 /// The server's clock: every comparison with a catalog timestamp (`VALID UNTIL`, the lease comment's max) is
 /// made against it, not this process's clock, which may be skewed from the server's and other instances'.
 pub(crate) const SERVER_NOW: &str = "SELECT now()";
+
+/// Whether the admin is a member of role `$1` (`NULL`: no such role).
+pub(crate) const IS_MEMBER_OF: &str =
+    "SELECT pg_has_role(current_user, r.oid, 'MEMBER') FROM pg_roles r WHERE r.rolname = $1";
 
 /// Whether the admin holds ADMIN OPTION on role `$1` (PostgreSQL 16+ needs it to grant the role).
 pub(crate) const HAS_ADMIN_OPTION: &str =

@@ -2,9 +2,28 @@
 //!
 //! [`TestPostgres::start`] runs `initdb` into a fresh temporary directory with `scram-sha-256` authentication,
 //! starts the server on a free loopback port with its log in a file, and stops it and removes the directory
-//! when dropped. The binaries are found on `PATH`, through `pg_config --bindir`, or under
-//! `/usr/lib/postgresql/*/bin`. PostgreSQL refuses to run as root, so when the process is root the server runs
-//! as the `postgres` OS user (through `setpriv`).
+//! when dropped. PostgreSQL refuses to run as root, so when the process is root the server runs as the
+//! `postgres` OS user (through `setpriv`), which must be able to read and run the binaries.
+//!
+//! # Which PostgreSQL
+//!
+//! The server binaries (`initdb`, `pg_ctl`, `postgres`) are taken from the first of:
+//!
+//! 1. the directory named by the environment variable [`PG_BIN_ENV`] (`CREDBROKER_PG_BIN`), if set: it must
+//!    hold them, or every start fails saying so;
+//! 2. the first directory on `PATH` that holds them;
+//! 3. `pg_config --bindir`;
+//! 4. the newest `/usr/lib/postgresql/*/bin` (Debian's layout).
+//!
+//! So the same build runs its tests against another version without recompiling (the variable is read at run
+//! time):
+//!
+//! ```text
+//! .ci/install-postgres 17                                # unpacks into /opt/credbroker-pg/17
+//! CREDBROKER_PG_BIN=/opt/credbroker-pg/17/bin cargo test
+//! ```
+//!
+//! [`TestPostgres::server_version_num`] tells a test which version it got.
 //!
 //! ```no_run
 //! use credbroker::testing::TestPostgres;
@@ -146,6 +165,20 @@ impl TestPostgres {
     /// The TCP port the server listens on (on 127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's version as `server_version_num` (e.g. `160014` for 16.14), for tests whose expectations
+    /// differ between PostgreSQL versions; [`TestPostgres::major_version`] for the major alone.
+    pub fn server_version_num(&self) -> Result<i32, postgres::Error> {
+        let row = self
+            .admin_client()?
+            .query_one("SELECT current_setting('server_version_num')::int", &[])?;
+        Ok(row.get(0))
+    }
+
+    /// The server's major version (14, 15, …).
+    pub fn major_version(&self) -> Result<i32, postgres::Error> {
+        Ok(self.server_version_num()? / 10_000)
     }
 
     /// The superuser's name.
@@ -494,9 +527,27 @@ fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The environment variable naming the directory of the server binaries to test against; see
+/// [Which PostgreSQL](self#which-postgresql).
+pub const PG_BIN_ENV: &str = "CREDBROKER_PG_BIN";
+
 /// The directory holding `initdb`, `pg_ctl` and `postgres`.
 fn find_bin_dir() -> io::Result<PathBuf> {
     let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    if let Some(dir) = std::env::var_os(PG_BIN_ENV).filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        if has_tools(&dir) {
+            return Ok(dir);
+        }
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{PG_BIN_ENV}={} does not hold initdb and pg_ctl; point it at a PostgreSQL bin directory \
+                 (.ci/install-postgres unpacks versions 14, 16, 17, 18 under /opt/credbroker-pg/<major>/bin)",
+                dir.display()
+            ),
+        ));
+    }
     if let Some(path) = std::env::var_os("PATH") {
         if let Some(dir) = std::env::split_paths(&path).find(|d| has_tools(d)) {
             return Ok(dir);

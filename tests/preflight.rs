@@ -83,7 +83,14 @@ fn build_lists_every_missing_capability_with_its_fix() {
     // What the degraded mode gives up: the open session outlives its role.
     assert!(session.simple_query("SELECT 1").is_ok());
     drop(session);
+    // On PostgreSQL 16+ a non-superuser that creates a role becomes a member of it with ADMIN OPTION: the admin
+    // is listed among the marker role's members, without being a credential.
+    let admin_as_member: Vec<String> = if pg.major_version().unwrap() >= 16 {
+        vec!["weak".into()]
+    } else {
+        vec![]
+    };
     assert!(common::eventually(Duration::from_secs(5), || {
-        common::marked_roles(&pg).is_empty()
+        common::marked_roles(&pg) == admin_as_member
     }));
 }
