@@ -32,10 +32,16 @@ fn build_lists_every_missing_capability_with_its_fix() {
     assert_eq!(err.kind(), ErrorKind::Permission);
     let message = err.to_string();
     let missing: Vec<&str> = message.lines().skip(1).collect();
+    // REASSIGN OWNED needs the owner's privileges: on 16+ a membership must say INHERIT.
+    let owner_grant = if pg.major_version().unwrap() >= 16 {
+        r#"`GRANT "app_owner" TO "weak" WITH INHERIT TRUE;`"#
+    } else {
+        r#"`GRANT "app_owner" TO "weak";`"#
+    };
     let fixes = [
         r#"`ALTER ROLE "weak" CREATEROLE;`"#,
         r#"`GRANT pg_signal_backend TO "weak";`"#,
-        r#"`GRANT "app_owner" TO "weak";`"#,
+        owner_grant,
         r#"`GRANT CONNECT ON DATABASE "locked" TO "weak";`"#,
     ];
     assert_eq!(missing.len(), fixes.len(), "{message}");

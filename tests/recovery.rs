@@ -196,9 +196,13 @@ fn two_instances_sweep_their_own_and_a_dead_instances_roles_exactly_once() {
             .filter(|l| l.contains(&line))
             .count()
     };
-    assert!(common::eventually(Duration::from_secs(5), || dead_users
-        .iter()
-        .all(|u| dropped(u) > 0)));
+    assert!(
+        common::eventually(Duration::from_secs(15), || dead_users
+            .iter()
+            .all(|u| dropped(u) > 0)),
+        "not every dead role's drop was logged:\n{}",
+        common::logs::lines().join("\n")
+    );
     std::thread::sleep(Duration::from_secs(3));
     let lines = common::logs::lines();
     for user in &dead_users {
