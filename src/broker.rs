@@ -27,7 +27,7 @@ use crate::leases::{later, Claim, Leases, Why};
 use crate::marker::{check_instance_name, default_instance_name, LeaseMark, DEFAULT_MARKER_ROLE};
 use crate::owner::DEFAULT_OWNER_ROLE;
 use crate::pool::{PoolOptions, RolePool};
-use crate::preflight::{self, Needs};
+use crate::preflight::{self, Needs, Reserved};
 use crate::recovery::{self, RecoveryMode, DEFAULT_ORPHAN_INTERVAL};
 use crate::revoke::{revoke_lease, revoke_leases, RevokeSettings, BATCH};
 use crate::role::{check_role_name, CompiledRole, Role};
@@ -644,6 +644,10 @@ impl Shared {
             sql.push_str("\n;\n");
             sql.push_str(&sql::set_valid_until(username, expiration));
         }
+        if let Some(group) = role.role.get_group() {
+            sql.push_str("\n;\n");
+            sql.push_str(&sql::join_group(group, username));
+        }
         sql.push_str("\n;\n");
         sql.push_str(&sql::mark(
             &self.marker,
@@ -761,12 +765,27 @@ impl Broker {
     /// The name must be 1–32 characters of `[A-Za-z0-9_-]`. The templates are parsed, then run against the
     /// server in a transaction with sample values and rolled back, so SQL errors (a typo, an unknown group role)
     /// show here and not at the first `creds`. The creation SQL must create a role named `{{name}}` and must not
-    /// commit or roll back on its own; a revocation SQL must drop that role. Leases already issued under an
-    /// earlier definition of the role are renewed and revoked with the new one.
+    /// commit or roll back on its own; a revocation SQL must drop that role. A [group](Role::group) is checked
+    /// (and created if missing) here too. Leases already issued under an earlier definition of the role are
+    /// renewed and revoked with the new one.
     pub fn write_role(&self, name: &str, role: Role) -> Result<(), Error> {
         let compiled = CompiledRole::compile(name, role, self.shared.policy)?;
-        self.shared
-            .with_client(|client| compiled.try_on_server(client, &self.shared.revoke_settings))??;
+        let reserved = Reserved {
+            marker: &self.shared.marker,
+            owner: &self.shared.revoke_settings.owner,
+        };
+        self.shared.with_client(|client| {
+            let group = compiled.role.get_group();
+            let group_exists = match group {
+                Some(group) => preflight::check_credentials_group(client, name, group, &reserved)?,
+                None => true,
+            };
+            compiled.try_on_server(client, &self.shared.revoke_settings, group_exists)?;
+            match group {
+                Some(group) => preflight::ensure_credentials_group(client, group, group_exists),
+                None => Ok(()),
+            }
+        })??;
         self.shared
             .roles
             .write()

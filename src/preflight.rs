@@ -9,6 +9,7 @@
 //! | `CONNECT` on every database | cleaning up objects a role owns there | `GRANT CONNECT ON DATABASE d TO admin;` |
 //! | ADMIN OPTION on the marker role (PostgreSQL 16+) | marking each role it creates | `GRANT marker TO admin WITH ADMIN OPTION;` |
 //! | membership in the admin group `<marker>_admin` (PostgreSQL 16+) | dropping roles other instances created | `GRANT marker_admin TO admin;` |
+//! | ADMIN OPTION on a role's [group](crate::Role::group) (PostgreSQL 16+; checked at `write_role`) | making each credential a member | `GRANT group TO admin WITH ADMIN OPTION, INHERIT FALSE, SET FALSE;` |
 //!
 //! The marker role and the admin group are created here when missing (the creator is then a member of both with
 //! ADMIN OPTION on PostgreSQL 16+). See [`admin_group`](crate::admin_group) for why the group exists.
@@ -156,5 +157,115 @@ pub(crate) fn check(client: &mut Client, needs: &Needs<'_>) -> Result<Admin, Err
                 missing.join("\n  - ")
             ),
         ))
+    }
+}
+
+/// The broker's own roles, which no broker role may use as its credentials' group.
+pub(crate) struct Reserved<'a> {
+    pub marker: &'a str,
+    pub owner: &'a str,
+}
+
+/// Checks, at `write_role`, the group that the credentials of role `role` will act as (see
+/// [`Role::group`](crate::Role::group)); returns whether it exists (a missing one is created once the role's
+/// templates pass, by [`ensure_credentials_group`]).
+///
+/// Refused: a group that can log in (whoever holds its password would be every credential at once, and a
+/// `pg_hba.conf` `+group` line would match that login too), a superuser (every credential would be one), and
+/// the broker's own roles. On PostgreSQL 16+ a non-superuser admin needs ADMIN OPTION on an existing group to
+/// grant it; on 14–15 `CREATEROLE` is enough.
+pub(crate) fn check_credentials_group(
+    client: &mut Client,
+    role: &str,
+    group: &str,
+    reserved: &Reserved<'_>,
+) -> Result<bool, Error> {
+    let refuse = |why: String| {
+        Error::new(
+            ErrorKind::InvalidConfig,
+            format!("role {role:?} cannot use {group:?} as its credentials' group: {why}"),
+        )
+    };
+    if group == reserved.marker || group == admin_group(reserved.marker) {
+        return Err(refuse(
+            "it is one of the broker's own roles (the marker or the admin group); name a group of your own".into(),
+        ));
+    }
+    if group == reserved.owner {
+        return Err(refuse(
+            "it is the role that receives what revoked credentials owned (reassign_owned_to): the credentials \
+             would get all of it; name a group of your own"
+                .into(),
+        ));
+    }
+    let db = |e| {
+        Error::postgres(
+            ErrorKind::Database,
+            format!("could not check the group {group:?} of role {role:?}"),
+            e,
+            &[],
+        )
+    };
+    let rights = client.query_one(sql::ADMIN_RIGHTS, &[]).map_err(db)?;
+    let (admin, admin_superuser, version): (String, bool, i32) =
+        (rights.get(0), rights.get(1), rights.get(4));
+    let Some(row) = client.query_opt(sql::GROUP_STATE, &[&group]).map_err(db)? else {
+        return Ok(false);
+    };
+    let (login, superuser, admin_option): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    let name = escape_identifier(group);
+    if superuser {
+        return Err(refuse(format!(
+            "it is a superuser, and every credential would act as one; use a NOLOGIN role with only the \
+             privileges the application needs (`CREATE ROLE {name}_app NOLOGIN;`)"
+        )));
+    }
+    if login {
+        return Err(refuse(format!(
+            "it can log in, so whoever holds its password acts as every credential, and a pg_hba.conf \
+             `+{group}` line matches that login too; make it a group with `ALTER ROLE {name} NOLOGIN;` \
+             (see the README on moving a static user to a group)"
+        )));
+    }
+    if !admin_superuser && version >= 160000 && !admin_option {
+        return Err(Error::new(
+            ErrorKind::Permission,
+            format!(
+                "admin user {admin:?} may not grant the group {group:?} of role {role:?} to credentials \
+                 (PostgreSQL 16+ needs ADMIN OPTION on it); as a superuser, run `GRANT {name} TO {} WITH ADMIN \
+                 OPTION, INHERIT FALSE, SET FALSE;`",
+                escape_identifier(&admin)
+            ),
+        ));
+    }
+    Ok(true)
+}
+
+/// Creates the credentials' group `group` (`NOLOGIN`) unless `exists`; the creator holds ADMIN OPTION on it
+/// on PostgreSQL 16+, so it may grant it.
+pub(crate) fn ensure_credentials_group(
+    client: &mut Client,
+    group: &str,
+    exists: bool,
+) -> Result<(), Error> {
+    if exists {
+        return Ok(());
+    }
+    match client.batch_execute(&sql::create_group(group)) {
+        Ok(()) => {
+            log::info!("created group role {group} for the credentials of a broker role");
+            Ok(())
+        }
+        // Another instance created it at the same moment.
+        Err(e) if e.code() == Some(&postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
+        Err(e) => Err(Error::postgres(
+            ErrorKind::Permission,
+            format!(
+                "could not create the group role {group:?}; as a superuser, run `CREATE ROLE {} NOLOGIN;`",
+                escape_identifier(group)
+            ),
+            e,
+            &[],
+        )),
     }
 }

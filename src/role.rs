@@ -7,6 +7,7 @@ use zeroize::Zeroizing;
 
 use crate::credential::{
     generate_password, generate_username, scram_verifier, DEFAULT_SCRAM_ITERATIONS,
+    MAX_USERNAME_LEN,
 };
 use crate::error::{Error, ErrorKind};
 use crate::lease::{pg_timestamp, LeasePolicy};
@@ -42,6 +43,7 @@ pub struct Role {
     revocation_sql: Option<String>,
     renew_sql: Option<String>,
     lease: Option<(Duration, Duration)>,
+    group: Option<String>,
 }
 
 impl Default for Role {
@@ -59,6 +61,7 @@ impl Role {
             revocation_sql: None,
             renew_sql: None,
             lease: None,
+            group: None,
         }
     }
 
@@ -90,6 +93,33 @@ impl Role {
     pub fn lease(mut self, default: Duration, max: Duration) -> Role {
         self.lease = Some((default, max));
         self
+    }
+
+    /// Makes every credential of this role act as the stable group role `group`: each is created a member of
+    /// the group (`GRANT group TO credential`) with `ALTER ROLE credential SET role = 'group'`, so its sessions
+    /// start as the group: `current_user` is the group, objects it creates are owned by the group and survive
+    /// its revocation, and row-level-security policies, grants and `pg_hba.conf` `+group` lines name the group.
+    /// Each credential is still a login role of its own, with its own password and expiry.
+    ///
+    /// At [`Broker::write_role`](crate::Broker::write_role) the group is created `NOLOGIN` if it does not exist;
+    /// one that can log in or is a superuser is refused, as are the broker's own roles (the marker, the admin
+    /// group, the reassign owner). The admin needs the right to grant the group (superuser, `CREATEROLE` on
+    /// PostgreSQL 14–15, ADMIN OPTION on the group on 16+, which the admin has if it created the group).
+    ///
+    /// ```
+    /// use credbroker::Role;
+    ///
+    /// let orders = Role::new().group("orders");
+    /// assert_eq!(orders.get_group(), Some("orders"));
+    /// ```
+    pub fn group(mut self, group: impl Into<String>) -> Role {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// The group role the credentials act as, if one was set with [`Role::group`].
+    pub fn get_group(&self) -> Option<&str> {
+        self.group.as_deref()
     }
 
     /// The creation SQL template.
@@ -132,6 +162,17 @@ impl CompiledRole {
         broker_policy: LeasePolicy,
     ) -> Result<CompiledRole, Error> {
         check_role_name(name)?;
+        if let Some(group) = &role.group {
+            if group.is_empty() || group.len() > MAX_USERNAME_LEN || group.contains('\0') {
+                return Err(Error::new(
+                    ErrorKind::InvalidConfig,
+                    format!(
+                        "role {name:?}: group {group:?} must be 1–63 bytes long (PostgreSQL's limit for role \
+                         names), without NUL"
+                    ),
+                ));
+            }
+        }
         use Placeholder::*;
         let creation = Template::parse(
             "creation SQL",
@@ -185,10 +226,13 @@ impl CompiledRole {
     /// Runs the role's templates with sample values in a transaction that is rolled back, so SQL errors show
     /// when the role is written, not at the first `creds`. Also refuses a creation SQL that ends the transaction
     /// itself or creates a role of another name, and a revocation SQL that leaves the role in place.
+    /// `group_exists` says whether the role's group (if it has one) exists already; if not, it is created in the
+    /// rolled-back transaction for the trial.
     pub(crate) fn try_on_server(
         &self,
         client: &mut Client,
         settings: &RevokeSettings,
+        group_exists: bool,
     ) -> Result<(), Error> {
         let database = |e: postgres::Error| {
             let context = format!("could not check role {:?}", self.name);
@@ -255,6 +299,20 @@ impl CompiledRole {
                 "creation SQL did not create a role named {{{{name}}}}; create exactly that role, e.g. {}",
                 DEFAULT_CREATION_SQL
             )));
+        }
+        if let Some(group) = &self.role.group {
+            if !group_exists {
+                tx.batch_execute(&sql::create_group(group))
+                    .map_err(database)?;
+            }
+            tx.batch_execute(&sql::join_group(group, &username))
+                .map_err(|e| {
+                    let context = format!(
+                        "could not make a credential of role {:?} a member of its group {group:?}",
+                        self.name
+                    );
+                    Error::postgres(ErrorKind::Permission, context, e, &[])
+                })?;
         }
         if let Some(renew) = &self.renew {
             run(&mut tx, "renew SQL", &renew.render(&values), &[])?;

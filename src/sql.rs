@@ -196,6 +196,38 @@ pub(crate) fn grant_owner_to_admin(
     format!("GRANT {} TO {admin}{inherit};", escape_identifier(owner))
 }
 
+/// A credentials' group `$1` (see [`Role::group`](crate::Role::group)): whether it can log in, whether it is a
+/// superuser, and whether the admin holds ADMIN OPTION on it. No row if the group does not exist.
+pub(crate) const GROUP_STATE: &str = "SELECT g.rolcanlogin, g.rolsuper, \
+     pg_has_role(current_user, g.oid, 'MEMBER WITH ADMIN OPTION') \
+     FROM pg_roles g WHERE g.rolname = $1";
+
+/// Creates a credentials' group, with a comment for whoever finds it in the catalog.
+pub(crate) fn create_group(group: &str) -> String {
+    let name = escape_identifier(group);
+    format!(
+        "CREATE ROLE {name} NOLOGIN; COMMENT ON ROLE {name} IS {};",
+        escape_literal(
+            "credbroker: the stable identity of a broker role; each credential is a login member that acts as \
+             this role (SET role at login)"
+        )
+    )
+}
+
+/// Makes credential `username` a member of `group` that starts every session as the group: `SET ROLE` at login
+/// (the per-role `role` setting), so `current_user` is the group and what the session creates belongs to it.
+/// The membership takes the defaults on every version: inheritance as the role's `INHERIT` attribute says (on
+/// by default, so a session that runs `RESET ROLE` keeps the group's privileges), and on PostgreSQL 16+ the SET
+/// option, which `SET ROLE` needs.
+pub(crate) fn join_group(group: &str, username: &str) -> String {
+    let user = escape_identifier(username);
+    format!(
+        "GRANT {} TO {user}; ALTER ROLE {user} SET role = {};",
+        escape_identifier(group),
+        escape_literal(group)
+    )
+}
+
 /// The server's clock: every comparison with a catalog timestamp (`VALID UNTIL`, the lease comment's max) is
 /// made against it, not this process's clock, which may be skewed from the server's and other instances'.
 pub(crate) const SERVER_NOW: &str = "SELECT now()";

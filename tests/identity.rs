@@ -1,0 +1,248 @@
+//! Identity: credentials that act as a stable group role, username templates, password policies.
+
+mod common;
+
+use credbroker::testing::TestPostgres;
+use credbroker::{Broker, ErrorKind, Role, DEFAULT_MARKER_ROLE, DEFAULT_OWNER_ROLE};
+
+/// `(current_user, session_user)` of a session.
+fn who(client: &mut postgres::Client) -> (String, String) {
+    let row = client
+        .query_one("SELECT current_user::text, session_user::text", &[])
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[test]
+fn a_groups_tables_outlive_the_credential_that_made_them() {
+    let env = common::start();
+    env.broker
+        .write_role("orders", Role::new().group("orders"))
+        .unwrap();
+    let group: (bool, bool) = {
+        let row = env
+            .admin()
+            .query_one(
+                "SELECT rolcanlogin, rolsuper FROM pg_roles WHERE rolname = 'orders'",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(group, (false, false), "the group is created NOLOGIN");
+    env.admin()
+        .batch_execute("GRANT USAGE, CREATE ON SCHEMA public TO orders")
+        .unwrap();
+
+    // The first credential runs the migration: its session is the group from the first statement.
+    let first = env.broker.creds("orders").unwrap();
+    let mut session = env.pg.login(first.username(), first.password()).unwrap();
+    assert_eq!(
+        who(&mut session),
+        ("orders".to_owned(), first.username().to_owned())
+    );
+    session
+        .batch_execute(
+            "CREATE TABLE orders_table (id int PRIMARY KEY, item text);
+             INSERT INTO orders_table VALUES (1, 'first');",
+        )
+        .unwrap();
+    // A session may still step out of the group (`SET ROLE NONE`; `RESET ROLE` goes back to the group) and
+    // create something of its own: revocation then hands it to the owner role, as for any credential.
+    session
+        .batch_execute("SET ROLE NONE; CREATE TABLE stray (x int); RESET ROLE;")
+        .unwrap();
+    assert_eq!(who(&mut session).0, "orders", "RESET ROLE is the group");
+    drop(session);
+    assert_eq!(
+        common::table_owner(&env.pg, "postgres", "orders_table"),
+        "orders"
+    );
+    env.broker.revoke(first.lease_id()).unwrap();
+    assert!(!env.role_exists(first.username()));
+    assert_eq!(
+        common::table_owner(&env.pg, "postgres", "orders_table"),
+        "orders",
+        "the group's table is untouched by revocation"
+    );
+    assert_eq!(
+        common::table_owner(&env.pg, "postgres", "stray"),
+        DEFAULT_OWNER_ROLE
+    );
+
+    // The next credential reads and writes the table, and creates more of the group's objects.
+    let second = env.broker.creds("orders").unwrap();
+    let mut session = env.pg.login(second.username(), second.password()).unwrap();
+    session
+        .batch_execute(
+            "INSERT INTO orders_table VALUES (2, 'second'); UPDATE orders_table SET item = 'FIRST' WHERE id = 1;",
+        )
+        .unwrap();
+    let items: Vec<String> = session
+        .query("SELECT item FROM orders_table ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(items, ["FIRST", "second"]);
+    // Even after DISCARD ALL (what poolers send between clients) the session is the group again.
+    session.batch_execute("DISCARD ALL").unwrap();
+    assert_eq!(who(&mut session).0, "orders");
+    drop(session);
+    env.broker.revoke(second.lease_id()).unwrap();
+    let rows: i64 = env
+        .admin()
+        .query_one("SELECT count(*) FROM orders_table", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2, "the table and its rows survive every revocation");
+    assert_eq!(common::members_of(&env.pg, "orders"), Vec::<String>::new());
+}
+
+#[test]
+fn row_level_security_on_the_group_applies_to_every_credential() {
+    let env = common::start();
+    env.admin()
+        .batch_execute(
+            "CREATE ROLE orders NOLOGIN;
+             CREATE TABLE documents (team text, body text);
+             INSERT INTO documents VALUES ('orders', 'ours'), ('billing', 'theirs');
+             ALTER TABLE documents ENABLE ROW LEVEL SECURITY;
+             GRANT SELECT ON documents TO orders;
+             CREATE POLICY team_rows ON documents FOR SELECT TO orders USING (team = current_user);",
+        )
+        .unwrap();
+    env.broker
+        .write_role("orders", Role::new().group("orders"))
+        .unwrap();
+    for _ in 0..2 {
+        let creds = env.broker.creds("orders").unwrap();
+        let mut session = env.pg.login(creds.username(), creds.password()).unwrap();
+        let bodies: Vec<String> = session
+            .query("SELECT body FROM documents", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(bodies, ["ours"], "only the group's rows");
+        drop(session);
+        env.broker.revoke(creds.lease_id()).unwrap();
+    }
+    // Without the group, a credential sees nothing: the rows came through the group's policy and grant.
+    env.broker.write_role("plain", Role::new()).unwrap();
+    let creds = env.broker.creds("plain").unwrap();
+    let err = env
+        .pg
+        .login(creds.username(), creds.password())
+        .unwrap()
+        .query("SELECT body FROM documents", &[])
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+}
+
+#[test]
+fn groups_that_log_in_or_are_superusers_or_the_brokers_own_are_refused() {
+    let env = common::start();
+    env.admin()
+        .batch_execute(
+            "CREATE ROLE static_app LOGIN PASSWORD 'static-pw-1'; CREATE ROLE mighty SUPERUSER NOLOGIN;",
+        )
+        .unwrap();
+    let cases = [
+        ("static_app", "it can log in"),
+        ("mighty", "it is a superuser"),
+        (DEFAULT_MARKER_ROLE, "the broker's own roles"),
+        ("credbroker_lease_admin", "the broker's own roles"),
+        (DEFAULT_OWNER_ROLE, "reassign_owned_to"),
+        (env.pg.admin_user(), "it is a superuser"),
+    ];
+    for (group, why) in cases {
+        let err = env
+            .broker
+            .write_role("app", Role::new().group(group))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{group}: {err}");
+        assert!(err.to_string().contains(why), "{group}: {err}");
+    }
+    let err = env
+        .broker
+        .write_role("app", Role::new().group("x".repeat(64)))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(env.broker.role("app").is_none());
+    assert!(common::members_of(&env.pg, "static_app").is_empty());
+
+    // A template that fails leaves no group behind: the group is created only for a role that is written.
+    let err = env
+        .broker
+        .write_role(
+            "app",
+            Role::new()
+                .group("never_made")
+                .creation_sql(r#"CREATE ROLE "{{name}}" LOGIN; GRANT nope TO "{{name}}";"#),
+        )
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TemplateRejected, "{err}");
+    assert!(!env.role_exists("never_made"));
+}
+
+#[test]
+fn a_non_superuser_admin_needs_the_right_to_grant_an_existing_group() {
+    let pg = TestPostgres::start().unwrap();
+    pg.admin_client()
+        .unwrap()
+        .batch_execute(
+            "CREATE ROLE broker_admin LOGIN CREATEROLE PASSWORD 'pw-broker_admin-1';
+             GRANT pg_signal_backend TO broker_admin;
+             CREATE ROLE existing_group NOLOGIN;",
+        )
+        .unwrap();
+    let broker = Broker::builder()
+        .connection(common::connection_as(
+            &pg,
+            "broker_admin",
+            "pw-broker_admin-1",
+        ))
+        .build()
+        .unwrap();
+    // A group the admin creates itself it may always grant.
+    broker
+        .write_role("fresh", Role::new().group("fresh_group"))
+        .unwrap();
+    let creds = broker.creds("fresh").unwrap();
+    let mut session = pg.login(creds.username(), creds.password()).unwrap();
+    assert_eq!(who(&mut session).0, "fresh_group");
+    drop(session);
+    broker.revoke(creds.lease_id()).unwrap();
+
+    let existing = Role::new().group("existing_group");
+    if pg.major_version().unwrap() >= 16 {
+        let err = broker.write_role("old", existing.clone()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Permission, "{err}");
+        assert!(
+            err.to_string().contains(
+                r#"`GRANT "existing_group" TO "broker_admin" WITH ADMIN OPTION, INHERIT FALSE, SET FALSE;`"#
+            ),
+            "{err}"
+        );
+        pg.admin_client()
+            .unwrap()
+            .batch_execute(
+                "GRANT existing_group TO broker_admin WITH ADMIN OPTION, INHERIT FALSE, SET FALSE",
+            )
+            .unwrap();
+    }
+    broker.write_role("old", existing).unwrap();
+    let creds = broker.creds("old").unwrap();
+    let mut session = pg.login(creds.username(), creds.password()).unwrap();
+    assert_eq!(
+        who(&mut session),
+        ("existing_group".to_owned(), creds.username().to_owned())
+    );
+    drop(session);
+    broker.revoke(creds.lease_id()).unwrap();
+    assert!(common::roles_with_prefix(&pg, "old-").is_empty());
+}
