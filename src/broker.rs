@@ -15,10 +15,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use zeroize::Zeroizing;
 
 use crate::connection::{Connection, SslMode};
-use crate::credential::{
-    generate_lease_id, generate_password, generate_username, scram_verifier, Credential,
-    DEFAULT_SCRAM_ITERATIONS,
-};
+use crate::credential::{generate_lease_id, scram_verifier, Credential, DEFAULT_SCRAM_ITERATIONS};
 use crate::error::{check_duration, describe};
 use crate::error::{Error, ErrorKind};
 use crate::events::{Events, HandleEvent, NopEventHandler, RevokeCause, Stats};
@@ -544,7 +541,7 @@ impl Shared {
         let role = self.current_role(name).ok_or_else(|| unknown_role(name))?;
         let now = SystemTime::now();
         let (issued_at, expires_at, max_expires_at) = role.policy.issue(now);
-        let password = generate_password()?;
+        let password = role.new_password()?;
         let verifier = scram_verifier(&password, self.scram_iterations)?;
         let expiration = pg_timestamp(expires_at);
 
@@ -552,7 +549,7 @@ impl Shared {
         let mut attempt = 0;
         let outcome = loop {
             attempt += 1;
-            let username = generate_username(name, now)?;
+            let username = role.new_username(&self.instance, now)?;
             let mark = LeaseMark {
                 lease_id: generate_lease_id(name)?,
                 role: name.to_owned(),
@@ -770,6 +767,7 @@ impl Broker {
     /// renewed and revoked with the new one.
     pub fn write_role(&self, name: &str, role: Role) -> Result<(), Error> {
         let compiled = CompiledRole::compile(name, role, self.shared.policy)?;
+        compiled.check_for_instance(&self.shared.instance)?;
         let reserved = Reserved {
             marker: &self.shared.marker,
             owner: &self.shared.revoke_settings.owner,
@@ -780,7 +778,12 @@ impl Broker {
                 Some(group) => preflight::check_credentials_group(client, name, group, &reserved)?,
                 None => true,
             };
-            compiled.try_on_server(client, &self.shared.revoke_settings, group_exists)?;
+            compiled.try_on_server(
+                client,
+                &self.shared.revoke_settings,
+                &self.shared.instance,
+                group_exists,
+            )?;
             match group {
                 Some(group) => preflight::ensure_credentials_group(client, group, group_exists),
                 None => Ok(()),

@@ -14,7 +14,7 @@ const PASSWORD_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrs
 /// 32 characters of a 63-symbol alphabet: 191 bits, well over the 128 the design asks for.
 const PASSWORD_LEN: usize = 32;
 /// Characters of the random part of usernames: PostgreSQL folds nothing here, and they need no quoting.
-const USERNAME_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+pub(crate) const USERNAME_ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 /// 16 characters of a 36-symbol alphabet: 82 bits, so collisions under any load are practically impossible.
 const USERNAME_RANDOM_LEN: usize = 16;
 /// PostgreSQL truncates identifiers beyond 63 bytes (NAMEDATALEN - 1).
@@ -41,7 +41,8 @@ impl Credential {
         self.lease_duration
     }
 
-    /// The PostgreSQL user name: the role name lowercased, the issue time and a random part.
+    /// The PostgreSQL user name: the role name lowercased, the issue time and a random part, or what the role's
+    /// [username template](crate::Role::username_template) makes.
     pub fn username(&self) -> &str {
         &self.username
     }
@@ -64,7 +65,7 @@ impl fmt::Debug for Credential {
 }
 
 /// Fills `buf` from the operating system's CSPRNG.
-fn os_random(buf: &mut [u8]) -> Result<(), Error> {
+pub(crate) fn os_random(buf: &mut [u8]) -> Result<(), Error> {
     SysRng.try_fill_bytes(buf).map_err(|e| {
         Error::new(
             ErrorKind::Random,
@@ -75,7 +76,7 @@ fn os_random(buf: &mut [u8]) -> Result<(), Error> {
 }
 
 /// `len` characters drawn uniformly from `alphabet` (at most 256 symbols) with the OS CSPRNG.
-fn random_string(alphabet: &[u8], len: usize) -> Result<Zeroizing<String>, Error> {
+pub(crate) fn random_string(alphabet: &[u8], len: usize) -> Result<Zeroizing<String>, Error> {
     // Rejection sampling: bytes at or above the largest multiple of the alphabet size would bias the result.
     let limit = 256 - 256 % alphabet.len();
     let mut out = Zeroizing::new(String::with_capacity(len));
@@ -171,6 +172,13 @@ pub(crate) struct UsernameSuffix {
 }
 
 impl UsernameSuffix {
+    /// Stands for a username of another shape, kept whole elsewhere: zero bytes are never a generated random
+    /// part.
+    pub(crate) const ELSEWHERE: UsernameSuffix = UsernameSuffix {
+        secs: 0,
+        random: [0; USERNAME_RANDOM_LEN],
+    };
+
     /// The suffix of `username` if it is a name this crate generated for `role`.
     pub(crate) fn parse(role: &str, username: &str) -> Option<UsernameSuffix> {
         let rest = username

@@ -13,7 +13,9 @@
 //! Leases are stored compactly, because a busy fleet may hold a million: a lease id is
 //! `postgresql/creds/<role>/<128 random bits>` and a username `<role>-<secs>-<16 random characters>`, so an entry
 //! keeps the random parts and a shared pointer to its role, times as whole seconds, and no heap allocation of
-//! its own (64 bytes). The public [`Lease`] is built from an entry when asked for.
+//! its own (64 bytes). The public [`Lease`] is built from an entry when asked for. A username of another shape
+//! (from a role's [username template](crate::Role::username_template)) is kept whole in a side map, so only
+//! the roles that use templates pay for it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -42,15 +44,23 @@ pub(crate) struct Entry {
 const IN_FLIGHT: u64 = 0;
 
 impl Entry {
-    /// The key and entry for `lease`, if its id and username are ones this crate generated for `role` (they
-    /// always are for leases it issued; recovery skips anything else).
-    fn new(lease: &Lease, role: Arc<CompiledRole>) -> Option<(u128, Entry)> {
+    /// The key and entry for `lease`, if its id is one this crate generated for `role` (it always is for leases
+    /// it issued; recovery skips anything else), and its username if that is not of the default shape (it is
+    /// then kept whole, beside the entry).
+    fn new(lease: &Lease, role: Arc<CompiledRole>) -> Option<(u128, Entry, Option<Box<str>>)> {
         let (id_role, key) = parse_lease_id(&lease.id)?;
         if id_role != role.name || lease.role != role.name {
             return None;
         }
+        let (user, whole) = match UsernameSuffix::parse(&role.name, &lease.username) {
+            Some(user) => (user, None),
+            None => (
+                UsernameSuffix::ELSEWHERE,
+                Some(lease.username.clone().into_boxed_str()),
+            ),
+        };
         let entry = Entry {
-            user: UsernameSuffix::parse(&role.name, &lease.username)?,
+            user,
             role,
             issued: secs(lease.issued_at),
             expires: secs(lease.expires_at),
@@ -58,7 +68,7 @@ impl Entry {
             attempts: lease.revocation_attempts,
             due: IN_FLIGHT,
         };
-        Some((key, entry))
+        Some((key, entry, whole))
     }
 
     /// Whether a revocation of this lease is running now.
@@ -72,8 +82,9 @@ impl Entry {
         id
     }
 
-    pub(crate) fn username(&self) -> String {
-        self.user.username(&self.role.name)
+    /// The username, `whole` if it is kept beside the entry.
+    fn username(&self, whole: Option<&str>) -> String {
+        whole.map_or_else(|| self.user.username(&self.role.name), str::to_owned)
     }
 
     pub(crate) fn attempts(&self) -> u32 {
@@ -89,11 +100,11 @@ impl Entry {
     }
 
     /// The public view of this entry.
-    fn lease(&self, key: u128, last_error: Option<&str>) -> Lease {
+    fn lease(&self, key: u128, last_error: Option<&str>, whole: Option<&str>) -> Lease {
         Lease {
             id: self.id(key),
             role: self.role.name.clone(),
-            username: self.username(),
+            username: self.username(whole),
             issued_at: time(self.issued),
             expires_at: time(self.expires),
             max_expires_at: time(self.max_expires),
@@ -137,6 +148,8 @@ pub(crate) struct LeaseTable {
     due: BTreeSet<(u64, u128)>,
     /// The last revocation error of the few leases that have one, kept out of the entries to keep them small.
     errors: HashMap<u128, Box<str>>,
+    /// The usernames not of the default shape (see [`UsernameSuffix::ELSEWHERE`]), whole.
+    names: HashMap<u128, Box<str>>,
     /// How many leases each role has, for stats polled every second (counting a million entries takes ms).
     per_role: BTreeMap<String, usize>,
 }
@@ -156,7 +169,13 @@ impl LeaseTable {
     /// Adds a lease of `role`, due at its expiry. Returns whether it is now the earliest due (so the sweeper must
     /// wake), or `None` if the lease's id or username are not ones the broker generates for `role`.
     pub(crate) fn insert(&mut self, lease: Lease, role: Arc<CompiledRole>) -> Option<bool> {
-        let (key, mut entry) = Entry::new(&lease, role)?;
+        let (key, mut entry, whole) = Entry::new(&lease, role)?;
+        match whole {
+            Some(name) => {
+                self.names.insert(key, name);
+            }
+            None => self.forget_name(key),
+        }
         let due = millis(entry.expires_at());
         entry.due = due;
         match lease.last_error {
@@ -220,7 +239,18 @@ impl LeaseTable {
     }
 
     fn public(&self, key: u128, entry: &Entry) -> Lease {
-        entry.lease(key, self.errors.get(&key).map(|e| &**e))
+        entry.lease(
+            key,
+            self.errors.get(&key).map(|e| &**e),
+            self.names.get(&key).map(|n| &**n),
+        )
+    }
+
+    /// The username of lease `id`.
+    pub(crate) fn username(&self, id: &str) -> Option<String> {
+        let key = self.key(id)?;
+        let entry = self.by_key.get(&key)?;
+        Some(entry.username(self.names.get(&key).map(|n| &**n)))
     }
 
     /// Removes lease `id`; its index item, if any, goes stale.
@@ -234,6 +264,7 @@ impl LeaseTable {
         }
         let entry = found.remove();
         self.forget_error(key);
+        self.forget_name(key);
         self.count(&entry.role.name, false);
         Some(entry)
     }
@@ -250,6 +281,13 @@ impl LeaseTable {
     fn forget_error(&mut self, key: u128) {
         if !self.errors.is_empty() {
             self.errors.remove(&key);
+        }
+    }
+
+    /// Drops the whole username of lease `key`; free when no role uses a username template.
+    fn forget_name(&mut self, key: u128) {
+        if !self.names.is_empty() {
+            self.names.remove(&key);
         }
     }
 
@@ -285,8 +323,14 @@ impl LeaseTable {
 
     /// Marks a lease in flight (so the sweeper leaves it alone) and returns what revoking it needs.
     pub(crate) fn claim(&mut self, id: &str) -> Option<DueLease> {
+        let whole = self.key(id).and_then(|key| self.names.get(&key).cloned());
         let (key, entry, was_due) = self.unschedule(id)?;
-        Some(due_lease(key, entry, was_due.unwrap_or(IN_FLIGHT)))
+        Some(due_lease(
+            key,
+            entry,
+            was_due.unwrap_or(IN_FLIGHT),
+            whole.as_deref(),
+        ))
     }
 
     /// Takes index items from the front while `take(due)` says so, dropping stale ones, and claims the leases of
@@ -304,7 +348,8 @@ impl LeaseTable {
             if self.current((due, key)) {
                 if let Some(entry) = self.by_key.get_mut(&key) {
                     entry.due = IN_FLIGHT;
-                    claimed.push(due_lease(key, entry, due));
+                    let whole = self.names.get(&key).map(|n| &**n);
+                    claimed.push(due_lease(key, entry, due, whole));
                 }
             }
         }
@@ -379,11 +424,11 @@ impl LeaseTable {
     }
 }
 
-fn due_lease(key: u128, entry: &Entry, due: u64) -> DueLease {
+fn due_lease(key: u128, entry: &Entry, due: u64, whole: Option<&str>) -> DueLease {
     DueLease {
         due,
         id: entry.id(key),
-        username: entry.username(),
+        username: entry.username(whole),
         role: entry.role.clone(),
         attempts: entry.attempts,
     }
@@ -473,19 +518,41 @@ mod tests {
         );
         assert_eq!(lease.username, "prod_1-1000-0000000000002748");
         assert_eq!((lease.expires_at, lease.max_expires_at), (at(50), at(600)));
-        // Ids and usernames this crate did not make are refused.
-        for (id, user) in [
-            ("postgresql/creds/Prod_1/xyz", lease.username.as_str()),
-            (lease.id.as_str(), "someone-else"),
-            (lease.id.as_str(), "prod_1-1000-UPPERCASE0000000"),
-        ] {
+        // Ids this crate did not make are refused.
+        let other = Lease {
+            id: "postgresql/creds/Prod_1/xyz".into(),
+            ..lease.clone()
+        };
+        assert!(t.insert(other, role("Prod_1")).is_none());
+        // Usernames of another shape (from a username template) are kept whole, and forgotten with their lease.
+        for user in ["someone-else", "prod_1-1000-UPPERCASE0000000"] {
             let other = Lease {
-                id: id.into(),
                 username: user.into(),
                 ..lease.clone()
             };
-            assert!(t.insert(other, role("Prod_1")).is_none(), "{id} {user}");
+            t.insert(other.clone(), role("Prod_1")).unwrap();
+            assert_eq!(t.lease(&lease.id).as_ref(), Some(&other));
+            assert_eq!(t.username(&lease.id).as_deref(), Some(user));
+            assert_eq!(
+                t.claim(&lease.id).map(|d| d.username).as_deref(),
+                Some(user)
+            );
         }
+        t.insert(lease.clone(), role("Prod_1")).unwrap();
+        assert_eq!(t.lease(&lease.id).as_ref(), Some(&lease));
+        assert!(
+            t.names.is_empty(),
+            "a default-shaped name replaces a kept one"
+        );
+        t.insert(
+            Lease {
+                username: "kept".into(),
+                ..lease.clone()
+            },
+            role("Prod_1"),
+        );
+        t.remove(&lease.id);
+        assert!(t.names.is_empty());
     }
 
     #[test]

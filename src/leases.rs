@@ -342,7 +342,7 @@ impl Leases {
                     id: id.to_owned(),
                     released: false,
                     role: entry.role.clone(),
-                    username: entry.username(),
+                    username: state.table.username(id).unwrap_or_default(),
                     max_expires_at: entry.max_expires_at(),
                     previous_expires_at: entry.expires_at(),
                 };

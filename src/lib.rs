@@ -84,6 +84,7 @@ mod lease_table;
 mod leases;
 mod marker;
 mod owner;
+mod password;
 mod pool;
 mod preflight;
 mod recovery;
@@ -96,6 +97,7 @@ mod sweeper;
 mod template;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod username;
 
 pub use broker::{Broker, BrokerBuilder};
 pub use connection::SslMode;
@@ -108,7 +110,9 @@ pub use events::{
 pub use lease::{Lease, MAX_LEASE};
 pub use marker::{admin_group, DEFAULT_MARKER_ROLE, MAX_INSTANCE_NAME_LEN};
 pub use owner::DEFAULT_OWNER_ROLE;
+pub use password::{PasswordPolicy, MAX_PASSWORD_LEN, MIN_PASSWORD_BITS};
 pub use pool::{PoolOptions, PooledClient, RolePool};
 pub use recovery::RecoveryMode;
 pub use role::{Role, DEFAULT_CREATION_SQL, MAX_ROLE_NAME_LEN};
 pub use shutdown::ShutdownMode;
+pub use username::MIN_RANDOM_CHARS;

@@ -11,9 +11,11 @@ use crate::credential::{
 };
 use crate::error::{Error, ErrorKind};
 use crate::lease::{pg_timestamp, LeasePolicy};
+use crate::password::PasswordPolicy;
 use crate::revoke::{revoke_role, RevokeSettings};
 use crate::sql;
 use crate::template::{Placeholder, Template, Values};
+use crate::username::UsernameTemplate;
 
 /// The creation SQL of [`Role::new`]: a login role with the password and expiry, and nothing else.
 pub const DEFAULT_CREATION_SQL: &str =
@@ -44,6 +46,8 @@ pub struct Role {
     renew_sql: Option<String>,
     lease: Option<(Duration, Duration)>,
     group: Option<String>,
+    username_template: Option<String>,
+    password_policy: Option<PasswordPolicy>,
 }
 
 impl Default for Role {
@@ -62,6 +66,8 @@ impl Role {
             renew_sql: None,
             lease: None,
             group: None,
+            username_template: None,
+            password_policy: None,
         }
     }
 
@@ -122,6 +128,48 @@ impl Role {
         self.group.as_deref()
     }
 
+    /// Names the credentials with a template instead of the default `<role>-<unix time>-<16 random>`: fields
+    /// `{{role}}`, `{{instance}}`, `{{unix_time}}`, `{{random N}}` (N ≥ 13), and filters `truncate N`,
+    /// `lowercase` and `replace "a" "b"`; see [the syntax](crate::username). Checked at
+    /// [`Broker::write_role`](crate::Broker::write_role): names must fit 63 bytes for this role and the broker's
+    /// instance name, and keep a random part of at least 64 bits.
+    ///
+    /// ```
+    /// use credbroker::Role;
+    ///
+    /// let role = Role::new().username_template(r#"app-{{instance | replace "/" "-" | truncate 20}}-{{random 16}}"#);
+    /// ```
+    pub fn username_template(mut self, template: impl Into<String>) -> Role {
+        self.username_template = Some(template.into());
+        self
+    }
+
+    /// Generates the credentials' passwords under `policy` instead of the default (32 characters of
+    /// `[A-Za-z0-9-]`). Checked at [`Broker::write_role`](crate::Broker::write_role): under 128 bits of entropy,
+    /// the role is refused.
+    ///
+    /// ```
+    /// use credbroker::{PasswordPolicy, Role};
+    ///
+    /// let role = Role::new().password_policy(
+    ///     PasswordPolicy::new(30).charset("abcdefghijklmnopqrstuvwxyz", 1).charset("0123456789!#%", 2),
+    /// );
+    /// ```
+    pub fn password_policy(mut self, policy: PasswordPolicy) -> Role {
+        self.password_policy = Some(policy);
+        self
+    }
+
+    /// The username template, if one was set.
+    pub fn get_username_template(&self) -> Option<&str> {
+        self.username_template.as_deref()
+    }
+
+    /// The password policy, if one was set.
+    pub fn get_password_policy(&self) -> Option<&PasswordPolicy> {
+        self.password_policy.as_ref()
+    }
+
     /// The creation SQL template.
     pub fn get_creation_sql(&self) -> &str {
         &self.creation_sql
@@ -152,6 +200,7 @@ pub(crate) struct CompiledRole {
     pub revocation: Option<Template>,
     pub renew: Option<Template>,
     pub policy: LeasePolicy,
+    username: Option<UsernameTemplate>,
 }
 
 impl CompiledRole {
@@ -172,6 +221,13 @@ impl CompiledRole {
                     ),
                 ));
             }
+        }
+        let username = match &role.username_template {
+            Some(source) => Some(UsernameTemplate::parse(source)?),
+            None => None,
+        };
+        if let Some(policy) = &role.password_policy {
+            policy.check(name)?;
         }
         use Placeholder::*;
         let creation = Template::parse(
@@ -218,7 +274,32 @@ impl CompiledRole {
             revocation,
             renew,
             policy,
+            username,
         })
+    }
+
+    /// Checks what depends on the broker's instance name: that the username template's names fit.
+    pub(crate) fn check_for_instance(&self, instance: &str) -> Result<(), Error> {
+        match (&self.username, &self.role.username_template) {
+            (Some(template), Some(source)) => template.check(source, &self.name, instance),
+            _ => Ok(()),
+        }
+    }
+
+    /// A fresh username for a credential of this role issued by instance `instance` at `now`.
+    pub(crate) fn new_username(&self, instance: &str, now: SystemTime) -> Result<String, Error> {
+        match &self.username {
+            Some(template) => template.generate(&self.name, instance, now),
+            None => generate_username(&self.name, now),
+        }
+    }
+
+    /// A fresh password for a credential of this role.
+    pub(crate) fn new_password(&self) -> Result<Zeroizing<String>, Error> {
+        match &self.role.password_policy {
+            Some(policy) => policy.generate(),
+            None => generate_password(),
+        }
     }
 }
 
@@ -232,6 +313,7 @@ impl CompiledRole {
         &self,
         client: &mut Client,
         settings: &RevokeSettings,
+        instance: &str,
         group_exists: bool,
     ) -> Result<(), Error> {
         let database = |e: postgres::Error| {
@@ -242,8 +324,8 @@ impl CompiledRole {
             let message = format!("the {what} of role {:?}", self.name);
             Error::new(ErrorKind::TemplateRejected, message)
         };
-        let username = generate_username(&self.name, SystemTime::now())?;
-        let password = generate_password()?;
+        let username = self.new_username(instance, SystemTime::now())?;
+        let password = self.new_password()?;
         let verifier = scram_verifier(&password, DEFAULT_SCRAM_ITERATIONS)?;
         let (_, expires, _) = self.policy.issue(SystemTime::now());
         let expiration = pg_timestamp(expires);

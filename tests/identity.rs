@@ -246,3 +246,107 @@ fn a_non_superuser_admin_needs_the_right_to_grant_an_existing_group() {
     broker.revoke(creds.lease_id()).unwrap();
     assert!(common::roles_with_prefix(&pg, "old-").is_empty());
 }
+
+#[test]
+fn a_username_template_making_names_over_63_bytes_is_refused_at_write_role() {
+    let instance = "a-rather-long-host-name.example.com/orders-service";
+    let env = common::start_with(|b| b.instance_name(instance));
+    let template = "{{instance}}-{{role}}-{{random 13}}";
+    let err = env
+        .broker
+        .write_role("orders", Role::new().username_template(template))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidTemplate, "{err}");
+    assert!(err.to_string().contains("makes names of 71 bytes"), "{err}");
+    assert!(env.broker.role("orders").is_none());
+    // The same template with the instance cut down fits, and its names work end to end.
+    let template = r#"{{instance | replace "/" "." | truncate 40}}-{{role}}-{{random 13}}"#;
+    env.broker
+        .write_role("orders", Role::new().username_template(template))
+        .unwrap();
+    let creds = env.broker.creds("orders").unwrap();
+    let expected = format!("{}-orders-", &instance.replace('/', ".")[..40]);
+    assert!(
+        creds.username().starts_with(&expected) && creds.username().len() == 40 + 8 + 13,
+        "{}",
+        creds.username()
+    );
+    assert_eq!(
+        who(&mut env.pg.login(creds.username(), creds.password()).unwrap()).1,
+        creds.username()
+    );
+    assert_eq!(
+        env.broker.lease(creds.lease_id()).unwrap().username(),
+        creds.username()
+    );
+    env.broker.revoke(creds.lease_id()).unwrap();
+    assert!(!env.role_exists(creds.username()));
+}
+
+#[test]
+fn templated_credentials_are_recovered_by_marker_not_by_name() {
+    let pg = TestPostgres::start().unwrap();
+    let build = || {
+        Broker::builder()
+            .connection(pg.connection_string())
+            .instance_name("web-1")
+            .build()
+            .unwrap()
+    };
+    let template = Role::new().username_template("z{{random 13}}");
+    let broker = build();
+    broker.write_role("app", template.clone()).unwrap();
+    let creds = broker.creds("app").unwrap();
+    assert!(creds.username().starts_with('z') && creds.username().len() == 14);
+    broker.shutdown(credbroker::ShutdownMode::Keep).unwrap();
+
+    let broker = build();
+    let adopted = broker.lease(creds.lease_id()).expect("adopted at start");
+    assert_eq!(adopted.username(), creds.username());
+    broker.write_role("app", template).unwrap();
+    broker.revoke(creds.lease_id()).unwrap();
+    assert!(common::roles_with_prefix(&pg, creds.username()).is_empty());
+}
+
+#[test]
+fn a_weak_password_policy_is_refused() {
+    let env = common::start();
+    let weak = credbroker::PasswordPolicy::new(20).charset("0123456789abcdef", 0);
+    let err = env
+        .broker
+        .write_role("app", Role::new().password_policy(weak))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    assert!(err.to_string().contains("80 bits"), "{err}");
+    assert!(env.broker.role("app").is_none());
+}
+
+#[test]
+fn a_policy_password_satisfies_the_policy_and_logs_in() {
+    let env = common::start();
+    // Quotes, backslashes and the like too: the password never reaches SQL, only its verifier does.
+    let symbols = r##"!"#$%&'()*+,-./:;<=>?@[\]^_`{|}~"##;
+    let policy = credbroker::PasswordPolicy::new(30)
+        .charset("ABCDEFGHIJKLMNOPQRSTUVWXYZ", 2)
+        .charset("0123456789", 2)
+        .charset(symbols, 3);
+    env.broker
+        .write_role("app", Role::new().password_policy(policy))
+        .unwrap();
+    for _ in 0..3 {
+        let creds = env.broker.creds("app").unwrap();
+        let p = creds.password();
+        let count = |set: &str| p.chars().filter(|c| set.contains(*c)).count();
+        assert_eq!(p.len(), 30);
+        assert!(count("ABCDEFGHIJKLMNOPQRSTUVWXYZ") >= 2, "{p}");
+        assert!(count("0123456789") >= 2 && count(symbols) >= 3, "{p}");
+        assert_eq!(
+            count("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789") + count(symbols),
+            30
+        );
+        let mut session = env.pg.login(creds.username(), p).unwrap();
+        assert_eq!(who(&mut session).1, creds.username());
+        drop(session);
+        env.broker.revoke(creds.lease_id()).unwrap();
+    }
+}
