@@ -10,11 +10,9 @@ use parking_lot::RwLock;
 use postgres::error::SqlState;
 use postgres::Client;
 use r2d2::{Pool, PooledConnection};
-use r2d2_postgres::PostgresConnectionManager;
-use tokio_postgres_rustls::MakeRustlsConnect;
 use zeroize::Zeroizing;
 
-use crate::connection::{Connection, SslMode};
+use crate::connection::{AdminManager, Connection, PasswordProvider, SslMode};
 use crate::credential::{generate_lease_id, scram_verifier, Credential, DEFAULT_SCRAM_ITERATIONS};
 use crate::error::{check_duration, describe};
 use crate::error::{Error, ErrorKind};
@@ -33,7 +31,7 @@ use crate::template::{Placeholder, Values};
 use crate::{sql, sweeper};
 use postgres_protocol::escape::escape_identifier;
 
-type Manager = PostgresConnectionManager<MakeRustlsConnect>;
+type Manager = AdminManager;
 
 /// How many times `creds` tries fresh usernames when PostgreSQL reports one as taken.
 const USERNAME_ATTEMPTS: usize = 3;
@@ -74,6 +72,7 @@ pub struct BrokerBuilder {
     orphan_interval: Duration,
     scram_iterations: u32,
     event_handler: Box<dyn HandleEvent>,
+    password_provider: Option<PasswordProvider>,
 }
 
 impl Default for BrokerBuilder {
@@ -95,6 +94,7 @@ impl Default for BrokerBuilder {
             orphan_interval: DEFAULT_ORPHAN_INTERVAL,
             scram_iterations: DEFAULT_SCRAM_ITERATIONS,
             event_handler: Box::new(NopEventHandler),
+            password_provider: None,
         }
     }
 }
@@ -118,17 +118,56 @@ impl fmt::Debug for BrokerBuilder {
             .field("orphan_interval", &self.orphan_interval)
             .field("scram_iterations", &self.scram_iterations)
             .field("event_handler", &self.event_handler)
+            .field(
+                "password_provider",
+                &self.password_provider.as_ref().map(|_| "<set>"),
+            )
             .finish()
     }
 }
 
 impl BrokerBuilder {
+    /// Asks `provider` for the admin password each time the broker opens an admin connection (at `build`, when
+    /// the admin pool opens or replaces one, and for revocation's connections to other databases): an RDS IAM
+    /// token generator, a file re-read after a Kubernetes secret rotates, any secret store. The connection
+    /// string must then hold no password. [`RolePool`](crate::RolePool)s are not affected: they log in with
+    /// issued credentials.
+    ///
+    /// The provider runs on the thread that opens the connection, under no lock of the broker's; it should
+    /// return within the connect timeout (the broker cannot interrupt it). Its password is wiped from the
+    /// broker's memory after the login (see the README's "Secrets in memory" for the copies the client
+    /// library keeps) and never logged; an error it returns fails the connection with
+    /// [`ErrorKind::PasswordProvider`], its error as the source. There is no async variant yet.
+    ///
+    /// ```no_run
+    /// use credbroker::Broker;
+    ///
+    /// let broker = Broker::builder()
+    ///     .connection("host=db.internal user=credbroker_admin sslmode=verify-full sslrootcert=system")
+    ///     .password_provider(|| std::fs::read_to_string("/var/run/secrets/pg-admin/password")
+    ///         .map(|p| p.trim_end().to_owned()))
+    ///     .build()?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    pub fn password_provider<F, E>(mut self, provider: F) -> BrokerBuilder
+    where
+        F: Fn() -> Result<String, E> + Send + Sync + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.password_provider = Some(Arc::new(move || provider().map_err(Into::into)));
+        self
+    }
+
     /// The admin connection: a libpq `key=value` string (`host=localhost user=username password=password`) or a
     /// `postgres://` URL. Without `sslmode`, TLS is required; `sslmode` may be `disable`, `prefer`, `require`,
     /// `verify-ca` or `verify-full` (the last two with `sslrootcert=/path/to/ca.crt`). Where the certificate is
     /// not checked (`prefer`, `require` without `sslrootcert`), `channel_binding=require` is the default: the
     /// password is never answered to a cleartext or MD5 request (`channel_binding=prefer` opts out). The user
     /// must be a superuser or have `CREATEROLE`.
+    ///
+    /// The admin may also log in without a password in the string: with a client certificate (`sslcert=…
+    /// sslkey=…`), or with a [`password_provider`](BrokerBuilder::password_provider). `sslrootcert=system`
+    /// trusts the platform's CAs (and implies `sslmode=verify-full`).
     pub fn connection(mut self, connection: impl Into<String>) -> BrokerBuilder {
         self.connection = Some(Zeroizing::new(connection.into()));
         self
@@ -330,8 +369,11 @@ impl BrokerBuilder {
                 ),
             ));
         }
-        let connection = Connection::parse(&source, self.connect_timeout)?
+        let mut connection = Connection::parse(&source, self.connect_timeout)?
             .with_limits(self.statement_timeout, self.lock_timeout);
+        if let Some(provider) = self.password_provider {
+            connection = connection.with_password_provider(provider)?;
+        }
         drop(source);
 
         let mut client = connection.connect()?;
@@ -345,8 +387,7 @@ impl BrokerBuilder {
         )?;
         drop(client);
 
-        let manager =
-            PostgresConnectionManager::new(connection.admin_config(), connection.tls.clone());
+        let manager = AdminManager(connection.clone());
         let pool = Pool::builder()
             .max_size(self.pool_size)
             // The connection was just verified; a ping before every operation would double the round trips.

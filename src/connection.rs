@@ -18,6 +18,17 @@
 //! `channel_binding` itself: tokio-postgres then refuses cleartext, MD5 and trust before sending anything, and
 //! logs in only with SCRAM-SHA-256-PLUS, which binds the exchange to the TLS channel (an interposed server
 //! cannot relay it, and SCRAM never sends the password). An explicit `channel_binding=prefer` is the opt-out.
+//!
+//! The admin may log in without a password in the string (see the README's "Admin authentication"):
+//! - `sslcert`/`sslkey`: a client certificate and its key (PEM), presented by admin connections only (never by
+//!   a [`RolePool`](crate::RolePool)'s, which log in with issued credentials), for `hostssl … cert` lines in
+//!   `pg_hba.conf`. With a certificate and no password, channel binding is not forced: there is no password
+//!   for an interposed server to ask for.
+//! - `sslrootcert=system`: the platform's trusted CAs (as libpq 16+), for servers with a certificate from a
+//!   public CA; it implies `sslmode=verify-full`, and refuses any weaker mode, since with public CAs only the
+//!   host name ties the certificate to your server.
+//! - [`BrokerBuilder::password_provider`](crate::BrokerBuilder::password_provider): a closure asked for the
+//!   password at every new admin connection.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -27,12 +38,14 @@ use std::time::Duration;
 use percent_encoding::percent_decode_str;
 use postgres::config::{ChannelBinding, Host, SslMode as PgSslMode};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WantsClientCert;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+    CertificateError, ClientConfig, ConfigBuilder, DigitallySignedStruct, RootCertStore,
+    SignatureScheme,
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 use zeroize::Zeroizing;
@@ -44,7 +57,7 @@ use crate::error::{chain, Error, ErrorKind};
 const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 
 const KNOWN_KEYS: &str = "the keys understood are host, hostaddr, port, user, password, dbname, sslmode, \
-     sslrootcert, connect_timeout, application_name, options, target_session_attrs, channel_binding, \
+     sslrootcert, sslcert, sslkey, connect_timeout, application_name, options, target_session_attrs, channel_binding, \
      keepalives, keepalives_idle, keepalives_interval, keepalives_retries, tcp_user_timeout, \
      load_balance_hosts and sslnegotiation";
 
@@ -118,7 +131,15 @@ pub(crate) struct Connection {
     /// of `postgres-protocol`, with the salted password derived from it; those copies are freed unwiped. The
     /// README's "Secrets in memory" lists them all.
     pub config: postgres::Config,
+    /// The TLS connector without a client certificate: the one [`RolePool`](crate::RolePool)s use.
     pub tls: MakeRustlsConnect,
+    /// The admin's TLS connector: `tls` with the client certificate of `sslcert`/`sslkey`, if given.
+    admin_tls: MakeRustlsConnect,
+    /// Asked for the admin password at every new admin connection, if set.
+    password_provider: Option<PasswordProvider>,
+    /// Whether channel binding is the broker's default here (TLS without a checked certificate, and the string
+    /// does not say): a password provider then turns it on.
+    bind_channel: bool,
     pub ssl_mode: SslMode,
     /// `-c statement_timeout=… -c lock_timeout=…`, sent in the startup packet of admin sessions only: they are
     /// the sessions' defaults, so `RESET ALL` after a template keeps them.
@@ -184,10 +205,39 @@ impl Connection {
             )
         })?;
         drop(rest);
+        let system_roots = keys.root_cert.as_deref() == Some(std::path::Path::new(SYSTEM_ROOTS));
         let ssl_mode = match &keys.mode {
             Some(mode) => SslMode::parse(mode)?,
+            None if system_roots => SslMode::VerifyFull,
             None => SslMode::Require,
         };
+        if system_roots && ssl_mode != SslMode::VerifyFull {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "sslrootcert=system trusts every public CA, so only the host name ties a certificate to your \
+                     server: it needs sslmode=verify-full (as libpq), not {ssl_mode}; drop sslmode or set it to \
+                     verify-full"
+                ),
+            ));
+        }
+        let client_cert = match (keys.client_cert.take(), keys.client_key.take()) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::new(
+                    ErrorKind::InvalidConfig,
+                    "the connection string gives only one of sslcert and sslkey; give both: the client \
+                     certificate and its private key, in PEM files",
+                ))
+            }
+        };
+        if client_cert.is_some() && ssl_mode == SslMode::Disable {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "sslcert/sslkey with sslmode=disable: a client certificate needs TLS; drop sslmode=disable",
+            ));
+        }
         config.ssl_mode(match ssl_mode {
             SslMode::Disable => PgSslMode::Disable,
             SslMode::Prefer => PgSslMode::Prefer,
@@ -199,7 +249,9 @@ impl Connection {
             SslMode::VerifyCa | SslMode::VerifyFull => true,
         };
         // `disable` is an explicit choice of plaintext; with it, channel binding could never be had anyway.
-        if !verified && ssl_mode != SslMode::Disable && !keys.channel_binding {
+        let bind_channel = !verified && ssl_mode != SslMode::Disable && !keys.channel_binding;
+        let certificate_only = client_cert.is_some() && config.get_password().is_none();
+        if bind_channel && !certificate_only {
             config.channel_binding(ChannelBinding::Require);
         }
         if config.get_connect_timeout().is_none() {
@@ -217,13 +269,41 @@ impl Connection {
                 .keepalives_interval(Duration::from_secs(10))
                 .keepalives_retries(3);
         }
-        let tls = MakeRustlsConnect::new(tls_config(ssl_mode, keys.root_cert.take())?);
+        let root_cert = keys.root_cert.take();
+        let tls = MakeRustlsConnect::new(tls_config(ssl_mode, root_cert.clone(), None)?);
+        let admin_tls = match &client_cert {
+            Some(_) => MakeRustlsConnect::new(tls_config(ssl_mode, root_cert, client_cert)?),
+            None => tls.clone(),
+        };
         Ok(Connection {
             config,
             tls,
+            admin_tls,
+            password_provider: None,
+            bind_channel,
             ssl_mode,
             admin_options: None,
         })
+    }
+
+    /// Asks `provider` for the admin password at every new admin connection. Refused if the connection string
+    /// holds a password too: one source, so nobody wonders which one is in force.
+    pub(crate) fn with_password_provider(
+        mut self,
+        provider: PasswordProvider,
+    ) -> Result<Connection, Error> {
+        if self.config.get_password().is_some() {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "the connection string holds a password and a password provider is set; remove the password \
+                 from the string: the provider gives it at every new admin connection",
+            ));
+        }
+        if self.bind_channel {
+            self.config.channel_binding(ChannelBinding::Require);
+        }
+        self.password_provider = Some(provider);
+        Ok(self)
     }
 
     /// Sets the statement and lock timeouts of admin sessions.
@@ -269,17 +349,33 @@ impl Connection {
 
     /// Opens one client connection, turning failures into errors that say what to fix.
     pub(crate) fn connect(&self) -> Result<postgres::Client, Error> {
-        self.admin_config()
-            .connect(self.tls.clone())
-            .map_err(|e| self.explain(e))
+        self.login(self.admin_config())
     }
 
     /// Opens one client connection to another database of the same server, with the same credentials and TLS.
     pub(crate) fn connect_to(&self, database: &str) -> Result<postgres::Client, Error> {
         let mut config = self.admin_config();
         config.dbname(database);
+        self.login(config)
+    }
+
+    /// Logs in as the admin with `config`, the password from the provider if one is set, and the admin's TLS.
+    fn login(&self, mut config: postgres::Config) -> Result<postgres::Client, Error> {
+        if let Some(provider) = &self.password_provider {
+            let password = Zeroizing::new(provider().map_err(|e| {
+                Error::new(
+                    ErrorKind::PasswordProvider,
+                    format!(
+                        "the admin password provider failed, so no admin connection was opened: {e}; \
+                         fix what the provider reads (its error is the source of this one)"
+                    ),
+                )
+                .with_boxed_source(e)
+            })?);
+            config.password(password.as_bytes());
+        }
         config
-            .connect(self.tls.clone())
+            .connect(self.admin_tls.clone())
             .map_err(|e| self.explain(e))
     }
 
@@ -289,6 +385,10 @@ impl Connection {
         let user = self.user();
         if let Some(db) = err.as_db_error() {
             let hint = match db.code().code() {
+                "28P01" if self.password_provider.is_some() => format!(
+                    "password authentication failed for admin user {user:?}; check the user in the connection \
+                     string and the password the password provider returns"
+                ),
                 "28P01" => format!(
                     "password authentication failed for admin user {user:?}; check the user and password in the connection string"
                 ),
@@ -385,6 +485,8 @@ pub(crate) fn channel_binding_refusal(err: &postgres::Error) -> Option<String> {
 struct Keys {
     mode: Option<String>,
     root_cert: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
     /// Whether `channel_binding` was given (it is passed on to `postgres::Config`, which reads it).
     channel_binding: bool,
     passwords: Vec<Zeroizing<String>>,
@@ -396,6 +498,8 @@ impl Keys {
         match key {
             "sslmode" => self.mode = Some(value.to_owned()),
             "sslrootcert" => self.root_cert = Some(PathBuf::from(value)),
+            "sslcert" => self.client_cert = Some(PathBuf::from(value)),
+            "sslkey" => self.client_key = Some(PathBuf::from(value)),
             "password" => {
                 self.passwords.push(Zeroizing::new(value.to_owned()));
                 return false;
@@ -572,8 +676,13 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The rustls client configuration for `mode`.
-fn tls_config(mode: SslMode, root_cert: Option<PathBuf>) -> Result<ClientConfig, Error> {
+/// The rustls client configuration for `mode`, presenting the client certificate and key of `client_cert`
+/// (PEM files) if given.
+fn tls_config(
+    mode: SslMode,
+    root_cert: Option<PathBuf>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+) -> Result<ClientConfig, Error> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -585,27 +694,105 @@ fn tls_config(mode: SslMode, root_cert: Option<PathBuf>) -> Result<ClientConfig,
         SslMode::VerifyFull => Some(false),
     };
     let Some(chain_only) = verify_chain_only else {
-        return Ok(builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoCertificateCheck(provider)))
-            .with_no_client_auth());
+        return client_auth(
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoCertificateCheck(provider))),
+            client_cert,
+        );
     };
     let roots = Arc::new(load_roots(mode, root_cert)?);
     let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
         .build()
         .map_err(|e| Error::new(ErrorKind::Tls, format!("TLS setup failed: {e}")))?;
     if chain_only {
-        Ok(builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki)))
-            .with_no_client_auth())
+        client_auth(
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnly(webpki))),
+            client_cert,
+        )
     } else {
-        Ok(builder.with_webpki_verifier(webpki).with_no_client_auth())
+        client_auth(builder.with_webpki_verifier(webpki), client_cert)
     }
 }
 
-/// The CA certificates in `sslrootcert`, or in libpq's default `~/.postgresql/root.crt`.
+/// Finishes a rustls configuration: with the client certificate chain and key in the PEM files of
+/// `client_cert`, or without client authentication.
+fn client_auth(
+    builder: ConfigBuilder<ClientConfig, WantsClientCert>,
+    client_cert: Option<(PathBuf, PathBuf)>,
+) -> Result<ClientConfig, Error> {
+    let Some((cert_path, key_path)) = client_cert else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let unreadable = |what: &str, path: &PathBuf, why: String| {
+        Error::new(
+            ErrorKind::InvalidConfig,
+            format!(
+                "cannot use {what} {}: {why}; give a readable PEM file",
+                path.display()
+            ),
+        )
+    };
+    let chain = CertificateDer::pem_file_iter(&cert_path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| unreadable("sslcert", &cert_path, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(unreadable(
+            "sslcert",
+            &cert_path,
+            "it holds no certificate".into(),
+        ));
+    }
+    // The key's own parse errors never quote it.
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .map_err(|e| unreadable("sslkey", &key_path, e.to_string()))?;
+    builder.with_client_auth_cert(chain, key).map_err(|e| {
+        Error::new(
+            ErrorKind::Tls,
+            format!(
+                "cannot use the client certificate {} with the key {}: {e}; give an X.509 v3 certificate and \
+                 its own private key, in PEM files",
+                cert_path.display(),
+                key_path.display()
+            ),
+        )
+    })
+}
+
+/// The value of `sslrootcert` that selects the platform's trusted CAs.
+const SYSTEM_ROOTS: &str = "system";
+
+/// The platform's trusted CA certificates, through `rustls-native-certs` (which also honours `SSL_CERT_FILE`
+/// and `SSL_CERT_DIR`, as OpenSSL and so libpq do). Certificates the store holds but rustls cannot use are
+/// skipped; an empty result is an error.
+fn system_roots() -> Result<RootCertStore, Error> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map_or_else(|| "it is empty".to_owned(), |e| e.to_string());
+        return Err(Error::new(
+            ErrorKind::InvalidConfig,
+            format!(
+                "sslrootcert=system found no usable CA certificate in the platform's store ({why}); install the \
+                 CA bundle (e.g. the ca-certificates package) or give sslrootcert=/path/to/ca.crt"
+            ),
+        ));
+    }
+    Ok(roots)
+}
+
+/// The CA certificates in `sslrootcert` (the platform's for `system`), or in libpq's default
+/// `~/.postgresql/root.crt`.
 fn load_roots(mode: SslMode, root_cert: Option<PathBuf>) -> Result<RootCertStore, Error> {
+    if root_cert.as_deref() == Some(std::path::Path::new(SYSTEM_ROOTS)) {
+        return system_roots();
+    }
     let default = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt"));
     let path = match root_cert.or(default.filter(|p| p.exists())) {
         Some(path) => path,
@@ -734,6 +921,33 @@ impl ServerCertVerifier for ChainOnly {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+/// The admin password provider: see [`BrokerBuilder::password_provider`](crate::BrokerBuilder::password_provider).
+pub(crate) type PasswordProvider =
+    Arc<dyn Fn() -> Result<String, Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;
+
+/// The admin pool's connections: every new one logs in through [`Connection::connect`], so the password
+/// provider is asked each time and the client certificate presented.
+pub(crate) struct AdminManager(pub Connection);
+
+impl r2d2::ManageConnection for AdminManager {
+    type Connection = postgres::Client;
+    type Error = Error;
+
+    fn connect(&self) -> Result<postgres::Client, Error> {
+        self.0.connect()
+    }
+
+    fn is_valid(&self, client: &mut postgres::Client) -> Result<(), Error> {
+        client.simple_query("").map(drop).map_err(|e| {
+            Error::postgres(ErrorKind::Connection, "an admin connection failed", e, &[])
+        })
+    }
+
+    fn has_broken(&self, client: &mut postgres::Client) -> bool {
+        client.is_closed()
     }
 }
 
@@ -904,6 +1118,53 @@ mod tests {
             err.to_string().contains("unknown option (not shown"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn system_roots_mean_verify_full_and_nothing_weaker() {
+        let c = parse("host=db sslrootcert=system").unwrap();
+        assert_eq!(c.ssl_mode, SslMode::VerifyFull);
+        assert_eq!(c.config.get_channel_binding(), ChannelBinding::Prefer);
+        for mode in ["disable", "prefer", "require", "verify-ca"] {
+            let err = refused(&format!("host=db sslrootcert=system sslmode={mode}"));
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+            assert!(
+                err.to_string().contains("needs sslmode=verify-full"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn client_certificates_need_both_files_and_tls() {
+        for s in ["host=db sslcert=/c.crt", "host=db sslkey=/c.key"] {
+            assert!(refused(s).to_string().contains("give both"), "{s}");
+        }
+        let err = refused("host=db sslcert=/nowhere/c.crt sslkey=/nowhere/c.key sslmode=disable");
+        assert!(err.to_string().contains("needs TLS"), "{err}");
+        let err = refused("host=db sslcert=/nowhere/c.crt sslkey=/nowhere/c.key");
+        assert!(
+            err.to_string()
+                .contains("cannot use sslcert /nowhere/c.crt"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_password_provider_excludes_a_password_in_the_string_and_binds_the_channel() {
+        let provider: PasswordProvider = Arc::new(|| Ok("pw".to_owned()));
+        let err = parse("host=db password=secret-1")
+            .unwrap()
+            .with_password_provider(provider.clone())
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+        assert!(!err.to_string().contains("secret-1"));
+        let c = parse("host=db")
+            .unwrap()
+            .with_password_provider(provider)
+            .unwrap();
+        assert_eq!(c.config.get_channel_binding(), ChannelBinding::Require);
     }
 
     mod properties {

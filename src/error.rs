@@ -40,6 +40,9 @@ pub enum ErrorKind {
     Revocation,
     /// The operating system's random number generator failed.
     Random,
+    /// The admin password provider ([`BrokerBuilder::password_provider`](crate::BrokerBuilder::password_provider))
+    /// returned an error; [`std::error::Error::source`] is that error.
+    PasswordProvider,
     /// The broker has shut down: a [`RolePool`](crate::RolePool) that outlived it can no longer renew or rotate
     /// its credential, and found no connection.
     ShutDown,
@@ -91,6 +94,11 @@ impl Error {
 
     pub(crate) fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Error {
         self.source = Some(Box::new(source));
+        self
+    }
+
+    pub(crate) fn with_boxed_source(mut self, source: Box<dyn StdError + Send + Sync>) -> Error {
+        self.source = Some(source);
         self
     }
 

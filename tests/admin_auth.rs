@@ -1,0 +1,286 @@
+//! Admin authentication without a static password: a client certificate, and a password provider asked at every
+//! new admin connection.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use credbroker::testing::TestPostgres;
+use credbroker::{Broker, ErrorKind, Role};
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A CA of our own and a client certificate for `user` (its CN) signed by it, in `dir`: (ca, cert, key).
+fn client_certificate(dir: &Path, user: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca_key, ca, key, csr, crt) = (
+        dir.join("client-ca.key"),
+        dir.join("client-ca.crt"),
+        dir.join("client.key"),
+        dir.join("client.csr"),
+        dir.join("client.crt"),
+    );
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let subject = format!("/CN={user}");
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", path(&ca_key), "-out", path(&ca), "-days", "3"],
+            &["-subj", "/CN=credbroker test client CA"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &["-keyout", path(&key), "-out", path(&csr), "-subj", &subject],
+        ]
+        .concat(),
+    );
+    let ext = dir.join("client.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-extfile",
+        path(&ext),
+        "-req",
+        "-in",
+        path(&csr),
+        "-CA",
+        path(&ca),
+        "-CAkey",
+        path(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "3",
+        "-out",
+        path(&crt),
+    ]);
+    (ca, crt, key)
+}
+
+/// A fresh directory for this test's files.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "credbroker-admin-auth-{name}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn an_admin_logs_in_with_a_client_certificate() {
+    let pg = TestPostgres::builder().tls(true).start().unwrap();
+    let dir = scratch("cert");
+    let (client_ca, crt, key) = client_certificate(&dir, "certadmin");
+    let mut admin = pg.admin_client().unwrap();
+    // The server trusts our client CA; `certadmin` may log in by certificate only, over TLS, and has no password.
+    admin
+        .batch_execute(
+            "CREATE ROLE certadmin LOGIN CREATEROLE; GRANT pg_signal_backend TO certadmin;",
+        )
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET ssl_ca_file = '{}'",
+            client_ca.display()
+        ))
+        .unwrap();
+    let hba: String = admin.query_one("SHOW hba_file", &[]).unwrap().get(0);
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!(
+            "hostssl all certadmin 127.0.0.1/32 cert\nhost all certadmin 0.0.0.0/0 reject\n{rules}"
+        ),
+    )
+    .unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+
+    let server_ca = pg.ca_cert().unwrap().display().to_string();
+    let base = format!(
+        "host=localhost hostaddr=127.0.0.1 port={} user=certadmin dbname=postgres sslmode=verify-full \
+         sslrootcert={server_ca}",
+        pg.port()
+    );
+    let with_cert = format!("{base} sslcert={} sslkey={}", crt.display(), key.display());
+    // The reload is asynchronous: wait until the server asks for the certificate.
+    let mut last = None;
+    let built = common::eventually(Duration::from_secs(20), || {
+        match Broker::builder().connection(&with_cert).build() {
+            Ok(broker) => {
+                last = Some(Ok(broker));
+                true
+            }
+            Err(e) => {
+                last = Some(Err(e));
+                false
+            }
+        }
+    });
+    let broker = match last {
+        Some(Ok(broker)) if built => broker,
+        other => panic!("no login by certificate: {:?}", other.map(|r| r.err())),
+    };
+    broker.write_role("app", Role::new()).unwrap();
+    let creds = broker.creds("app").unwrap();
+    let session_user: String = pg
+        .login(creds.username(), creds.password())
+        .unwrap()
+        .query_one("SELECT session_user::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(session_user, creds.username());
+    // The pool logs in with issued credentials (password authentication), not with the admin's certificate.
+    let pool = broker.pool("app").unwrap();
+    let who: String = pool
+        .get()
+        .unwrap()
+        .query_one("SELECT current_user::text", &[])
+        .unwrap()
+        .get(0);
+    assert_ne!(who, "certadmin");
+    drop(pool);
+    broker.revoke(creds.lease_id()).unwrap();
+    assert!(common::roles_with_prefix(&pg, creds.username()).is_empty());
+    drop(broker);
+
+    // Without the certificate the same string is refused: the certificate was the only credential.
+    let err = Broker::builder().connection(&base).build().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    // A key that is not the certificate's is refused before any connection.
+    let (_, _, other_key) = client_certificate(&scratch("other"), "someone");
+    let err = Broker::builder()
+        .connection(format!(
+            "{base} sslcert={} sslkey={}",
+            crt.display(),
+            other_key.display()
+        ))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(err.kind(), ErrorKind::Tls | ErrorKind::Connection),
+        "{err}"
+    );
+    let err = Broker::builder()
+        .connection(format!("{base} sslcert={}", crt.display()))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    assert!(err.to_string().contains("give both"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_password_provider_is_asked_at_every_new_admin_connection() {
+    let pg = TestPostgres::start().unwrap();
+    let mut admin = pg.admin_client().unwrap();
+    admin
+        .batch_execute(
+            "CREATE ROLE rotating LOGIN CREATEROLE PASSWORD 'first-password-1';
+             GRANT pg_signal_backend TO rotating;",
+        )
+        .unwrap();
+    let current = Arc::new(Mutex::new("first-password-1".to_owned()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let provider = {
+        let (current, calls) = (current.clone(), calls.clone());
+        move || -> Result<String, std::io::Error> {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Ok(current.lock().unwrap().clone())
+        }
+    };
+    let without_password = format!(
+        "host=127.0.0.1 port={} user=rotating dbname=postgres sslmode=disable",
+        pg.port()
+    );
+    let broker = Broker::builder()
+        .connection(&without_password)
+        .pool_size(1)
+        .password_provider(provider)
+        .build()
+        .unwrap();
+    assert!(calls.load(Ordering::SeqCst) >= 1);
+    assert!(
+        !format!("{broker:?}").contains("first-password-1"),
+        "{broker:?}"
+    );
+    broker.write_role("app", Role::new()).unwrap();
+    broker.creds("app").unwrap();
+
+    // The password rotates on the server; the admin's open connections are ended, so the broker must log in
+    // again, and only the new password works.
+    admin
+        .batch_execute("ALTER ROLE rotating PASSWORD 'second-password-2'")
+        .unwrap();
+    *current.lock().unwrap() = "second-password-2".to_owned();
+    let before = calls.load(Ordering::SeqCst);
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = 'rotating'",
+        )
+        .unwrap();
+    let creds = broker.creds("app").expect("creds after the rotation");
+    assert!(
+        calls.load(Ordering::SeqCst) > before,
+        "a new connection asked the provider"
+    );
+    assert!(pg.login("rotating", "first-password-1").is_err());
+    pg.login(creds.username(), creds.password()).unwrap();
+    broker.revoke(creds.lease_id()).unwrap();
+    assert!(!pg.log_contents().unwrap().contains("second-password-2"));
+    drop(broker);
+
+    // A provider that fails: a typed error with its cause; a password in the string as well: refused.
+    let err = Broker::builder()
+        .connection(&without_password)
+        .password_provider(|| -> Result<String, std::io::Error> {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no token file",
+            ))
+        })
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PasswordProvider, "{err}");
+    assert!(err.to_string().contains("no token file"), "{err}");
+    assert!(std::error::Error::source(&err).is_some());
+    let err = Broker::builder()
+        .connection(format!("{without_password} password=first-password-1"))
+        .password_provider(|| Ok::<_, std::io::Error>("x".to_owned()))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    assert!(!err.to_string().contains("first-password-1"), "{err}");
+}
