@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use credbroker::testing::TestPostgres;
 use credbroker::{Broker, ErrorKind, Role, DEFAULT_MARKER_ROLE, DEFAULT_OWNER_ROLE};
 
@@ -349,4 +351,44 @@ fn a_policy_password_satisfies_the_policy_and_logs_in() {
         drop(session);
         env.broker.revoke(creds.lease_id()).unwrap();
     }
+}
+
+#[test]
+fn a_pg_hba_line_for_the_group_matches_every_credential() {
+    let env = common::start();
+    let mut admin = env.admin();
+    for database in ["orders_only", "elsewhere"] {
+        admin
+            .batch_execute(&format!("CREATE DATABASE {database}"))
+            .unwrap();
+    }
+    let hba: String = admin.query_one("SHOW hba_file", &[]).unwrap().get(0);
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    // Members of `orders` may reach `orders_only` and nothing else; everyone else keeps the old rules.
+    std::fs::write(
+        &hba,
+        format!(
+            "host orders_only +orders 127.0.0.1/32 scram-sha-256\nhost all +orders 127.0.0.1/32 reject\n{rules}"
+        ),
+    )
+    .unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    env.broker
+        .write_role("orders", Role::new().group("orders"))
+        .unwrap();
+    env.broker.write_role("plain", Role::new()).unwrap();
+    let orders = env.broker.creds("orders").unwrap();
+    let plain = env.broker.creds("plain").unwrap();
+    // The reload is asynchronous: wait until the group's rule is in force.
+    assert!(common::eventually(Duration::from_secs(20), || {
+        env.pg
+            .login_to("elsewhere", orders.username(), orders.password())
+            .is_err()
+    }));
+    env.pg
+        .login_to("orders_only", orders.username(), orders.password())
+        .unwrap();
+    env.pg
+        .login_to("elsewhere", plain.username(), plain.password())
+        .unwrap();
 }
