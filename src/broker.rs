@@ -826,7 +826,13 @@ impl Broker {
                 group_exists,
             )?;
             match group {
-                Some(group) => preflight::ensure_credentials_group(client, group, group_exists),
+                Some(group) => preflight::ensure_credentials_group(
+                    client,
+                    name,
+                    group,
+                    group_exists,
+                    &reserved,
+                ),
                 None => Ok(()),
             }
         })??;

@@ -242,11 +242,14 @@ pub(crate) fn check_credentials_group(
 }
 
 /// Creates the credentials' group `group` (`NOLOGIN`) unless `exists`; the creator holds ADMIN OPTION on it
-/// on PostgreSQL 16+, so it may grant it.
+/// on PostgreSQL 16+, so it may grant it. If another instance created it at the same moment, it is checked
+/// again as an existing group.
 pub(crate) fn ensure_credentials_group(
     client: &mut Client,
+    role: &str,
     group: &str,
     exists: bool,
+    reserved: &Reserved<'_>,
 ) -> Result<(), Error> {
     if exists {
         return Ok(());
@@ -256,8 +259,9 @@ pub(crate) fn ensure_credentials_group(
             log::info!("created group role {group} for the credentials of a broker role");
             Ok(())
         }
-        // Another instance created it at the same moment.
-        Err(e) if e.code() == Some(&postgres::error::SqlState::DUPLICATE_OBJECT) => Ok(()),
+        Err(e) if e.code() == Some(&postgres::error::SqlState::DUPLICATE_OBJECT) => {
+            check_credentials_group(client, role, group, reserved).map(drop)
+        }
         Err(e) => Err(Error::postgres(
             ErrorKind::Permission,
             format!(
