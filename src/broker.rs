@@ -22,6 +22,7 @@ use crate::credential::{
 use crate::error::{check_duration, describe};
 use crate::error::{Error, ErrorKind};
 use crate::events::{Events, HandleEvent, NopEventHandler, RevokeCause, Stats};
+use crate::failover::{self, Failover, IdentityCheck};
 use crate::lease::{pg_timestamp, Lease, LeasePolicy};
 use crate::leases::{later, Claim, Leases, Why};
 use crate::marker::{check_instance_name, default_instance_name, LeaseMark, DEFAULT_MARKER_ROLE};
@@ -60,6 +61,7 @@ const USERNAME_ATTEMPTS: usize = 3;
 /// | [`orphan_sweep_interval`](BrokerBuilder::orphan_sweep_interval) | 60 seconds |
 /// | [`scram_iterations`](BrokerBuilder::scram_iterations) | 4096 ([`DEFAULT_SCRAM_ITERATIONS`](crate::DEFAULT_SCRAM_ITERATIONS)) |
 /// | [`event_handler`](BrokerBuilder::event_handler) | [`NopEventHandler`](crate::NopEventHandler) |
+/// | [`failover_window`](BrokerBuilder::failover_window) | 5 minutes |
 pub struct BrokerBuilder {
     connection: Option<Zeroizing<String>>,
     default_lease: Duration,
@@ -77,6 +79,7 @@ pub struct BrokerBuilder {
     orphan_interval: Duration,
     scram_iterations: u32,
     event_handler: Box<dyn HandleEvent>,
+    failover_window: Duration,
 }
 
 impl Default for BrokerBuilder {
@@ -98,6 +101,7 @@ impl Default for BrokerBuilder {
             orphan_interval: DEFAULT_ORPHAN_INTERVAL,
             scram_iterations: DEFAULT_SCRAM_ITERATIONS,
             event_handler: Box::new(NopEventHandler),
+            failover_window: failover::DEFAULT_WINDOW,
         }
     }
 }
@@ -121,6 +125,7 @@ impl fmt::Debug for BrokerBuilder {
             .field("orphan_interval", &self.orphan_interval)
             .field("scram_iterations", &self.scram_iterations)
             .field("event_handler", &self.event_handler)
+            .field("failover_window", &self.failover_window)
             .finish()
     }
 }
@@ -257,6 +262,29 @@ impl BrokerBuilder {
         self
     }
 
+    /// How long the broker remembers each role it dropped, to drop it again if a failover brings it back
+    /// (1 second to 24 hours; default 5 minutes; at most 100,000 roles, the oldest forgotten first).
+    ///
+    /// With asynchronous replication a failover loses the transactions the old primary committed last, and a
+    /// role revoked then exists again on the promoted replica, with its password. The broker notices a new
+    /// primary (its system identifier or timeline differs) on every new admin connection and in a probe every 5
+    /// seconds, drops again every role it dropped within this window before, and reports every live lease whose
+    /// role the new primary lacks ([`HandleEvent::handle_lost`]; `renew` fails with [`ErrorKind::LeaseLost`]).
+    /// Make it longer than your replicas' worst lag plus the time a failover takes.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// let broker = credbroker::Broker::builder()
+    ///     .connection("host=db1,db2 port=5432,5432 target_session_attrs=read-write user=admin password=secret")
+    ///     .failover_window(Duration::from_secs(600))
+    ///     .build()?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    pub fn failover_window(mut self, window: Duration) -> BrokerBuilder {
+        self.failover_window = window;
+        self
+    }
+
     /// Connects, runs the pre-flight check of the admin's rights (creating the marker role if missing), recovers
     /// the roles an earlier run of this instance left, and starts the sweeper.
     ///
@@ -314,6 +342,13 @@ impl BrokerBuilder {
             MAX_ORPHAN_INTERVAL,
             "Duration::from_secs(60)",
         )?;
+        check_duration(
+            "failover_window",
+            self.failover_window,
+            Duration::from_secs(1),
+            failover::MAX_WINDOW,
+            "Duration::from_secs(300)",
+        )?;
         let instance = match self.instance_name {
             Some(name) => {
                 check_instance_name(&name)?;
@@ -350,7 +385,10 @@ impl BrokerBuilder {
 
         let manager =
             PostgresConnectionManager::new(connection.admin_config(), connection.tls.clone());
+        let failover = Arc::new(Failover::new(self.failover_window));
         let pool = Pool::builder()
+            // Reads every new connection's server identity, to notice a failover.
+            .connection_customizer(Box::new(IdentityCheck(failover.clone())))
             .max_size(self.pool_size)
             // The connection was just verified; a ping before every operation would double the round trips.
             .test_on_check_out(false)
@@ -384,6 +422,7 @@ impl BrokerBuilder {
             scram_iterations: self.scram_iterations,
             instance,
             orphan_interval: self.orphan_interval,
+            failover,
             op_bound: self
                 .connect_timeout
                 .saturating_add(self.statement_timeout.saturating_mul(4)),
@@ -457,6 +496,8 @@ pub(crate) struct Shared {
     pub(crate) instance: String,
     /// How often the sweeper looks for orphans, and how long past expiry a role must be to count as one.
     pub(crate) orphan_interval: Duration,
+    /// The server identity seen, the roles dropped recently and the leases lost, for failovers.
+    pub(crate) failover: Arc<Failover>,
     /// The longest one lease operation may take (a connection plus a few statements): how long a renewal waits
     /// for another renewal of its lease, and a revocation for the one in flight.
     pub(crate) op_bound: Duration,
@@ -475,14 +516,19 @@ impl Shared {
                 "the broker has shut down and its shutdown timeout has passed; no more revocations are tried",
             ));
         }
-        self.pool.get_timeout(timeout).map_err(|e| {
+        let connection = self.pool.get_timeout(timeout).map_err(|e| {
             Error::new(
                 ErrorKind::Connection,
                 format!(
                     "no PostgreSQL connection available within {timeout:?}: {e}; check that the server is up, or raise pool_size"
                 ),
             )
-        })
+        })?;
+        // A new connection may have found a new primary: the sweeper reconciles.
+        if self.failover.take_announcement() {
+            self.leases.request_reconcile();
+        }
+        Ok(connection)
     }
 
     /// Runs `op` on a pooled connection. The pool does not ping connections on checkout (that would double the
@@ -515,6 +561,14 @@ impl Shared {
         usize::try_from(self.pool.max_size().saturating_sub(1).max(1)).unwrap_or(1)
     }
 
+    /// `err`, or the reason a lease not in the table is gone if a failover lost it.
+    fn lost(&self, id: &str, err: Error) -> Error {
+        match err.kind() {
+            ErrorKind::UnknownLease => self.failover.lost_error(id).unwrap_or(err),
+            _ => err,
+        }
+    }
+
     /// The role currently defined under `name`, if any.
     pub(crate) fn current_role(&self, name: &str) -> Option<Arc<CompiledRole>> {
         self.roles.read().get(name).cloned()
@@ -525,7 +579,11 @@ impl Shared {
 impl Shared {
     /// Revokes lease `id` now, or joins the revocation of it in flight; see [`Broker::revoke`].
     pub(crate) fn revoke(&self, id: &str, why: Why) -> Result<(), Error> {
-        match self.leases.claim(id, self.op_bound)? {
+        match self
+            .leases
+            .claim(id, self.op_bound)
+            .map_err(|e| self.lost(id, e))?
+        {
             Claim::Claimed(lease) => revoke_lease(self, &lease, why),
             Claim::Joined => Ok(()),
             Claim::JoinedFailed(err) => Err(err),
@@ -676,7 +734,10 @@ impl Shared {
 
     /// See [`Broker::renew`].
     pub(crate) fn renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
-        let turn = self.leases.begin_renewal(id, self.op_bound)?;
+        let turn = self
+            .leases
+            .begin_renewal(id, self.op_bound)
+            .map_err(|e| self.lost(id, e))?;
         let now = SystemTime::now();
         let username = turn.username.clone();
         let role = self
@@ -839,7 +900,9 @@ impl Broker {
     /// revocations), the live leases per role, and how late the sweeper is. Cheap enough to poll every second:
     /// it copies counters and a map with one entry per role, under the lease table's lock for microseconds.
     pub fn stats(&self) -> Stats {
-        self.shared.leases.stats()
+        let mut stats = self.shared.leases.stats();
+        stats.failovers = self.shared.failover.reconciled();
+        stats
     }
 
     /// Revokes lease `id` now: ends the role's sessions, drops what it owns and the role itself. A role already
