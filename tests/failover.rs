@@ -224,3 +224,32 @@ fn leases_the_failover_lost_are_reported_renewals_restored_and_pools_reissue() {
     assert_ne!(user, pool_user);
     assert!(role_exists(&replica, &user));
 }
+
+#[test]
+fn verify_full_checks_each_host_of_a_multi_host_string() {
+    let primary = TestPostgres::builder()
+        .tls(true)
+        .start()
+        .expect("start primary");
+    let replica = TestPostgres::replica_of(&primary).expect("start replica");
+    let ca = primary.ca_cert().expect("CA").display().to_string();
+    let connection = multi_host(&primary, &replica, &replica).replace(
+        "sslmode=disable",
+        &format!("sslmode=verify-full sslrootcert={ca}"),
+    );
+    let broker = Broker::builder()
+        .connection(connection)
+        .build()
+        .expect("build over TLS, the replica first");
+    broker.write_role("app", Role::new()).expect("write role");
+    let pool = broker.pool("app").expect("pool over TLS");
+    let mut client = pool.get().expect("pool connection");
+    let tls: bool = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .expect("query")
+        .get(0);
+    assert!(tls);
+}
