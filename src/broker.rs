@@ -254,7 +254,7 @@ impl BrokerBuilder {
         self
     }
 
-    /// Where the broker's events go: every lease issued, renewed, rotated, revoked or expired, and every failed
+    /// Where the broker's events go: every lease issued, renewed, rotated, revoked, expired or lost, and every failed
     /// revocation, with lease id, role, username and times (never a password). The default ignores them. See
     /// [`HandleEvent`] for when and where the handler is called.
     pub fn event_handler(mut self, handler: impl HandleEvent) -> BrokerBuilder {

@@ -4,8 +4,8 @@
 //!
 //! Events carry the [`Lease`] (id, role, username, times) and never a password. They are delivered after the
 //! change, with no lock of the broker held, and in order for any one lease: issued, then renewals and rotation,
-//! then one of revoked or expired. Delivery is synchronous on the thread that made the change (a caller's, a
-//! revocation worker's, or a [`RolePool`](crate::RolePool)'s), except when another thread is delivering events
+//! then one of revoked, expired or lost (after a failover). Delivery is synchronous on the thread that made the
+//! change (a caller's, a revocation worker's, or a [`RolePool`](crate::RolePool)'s), except when another thread is delivering events
 //! at that moment: that thread then delivers this one too before it returns, so the order holds (the call that
 //! made the change may then return before its event is delivered). A handler
 //! may call any [`Broker`](crate::Broker) method, on any lease, the one it is told about included; the events

@@ -73,8 +73,11 @@ impl fmt::Display for Identity {
 pub(crate) fn identity(client: &mut Client) -> Result<Option<Identity>, postgres::Error> {
     for message in client.simple_query(sql::SERVER_IDENTITY)? {
         if let SimpleQueryMessage::Row(row) = message {
-            let system = row.get(0).and_then(|s| s.parse().ok());
-            let timeline = row.get(1).and_then(|t| u32::from_str_radix(t, 16).ok());
+            // `try_get`: this runs on background threads, where a panic is not allowed.
+            let system = row.try_get(0)?.and_then(|s| s.parse().ok());
+            let timeline = row
+                .try_get(1)?
+                .and_then(|t| u32::from_str_radix(t, 16).ok());
             if let (Some(system_identifier), Some(timeline)) = (system, timeline) {
                 return Ok(Some(Identity {
                     system_identifier,
@@ -103,6 +106,8 @@ pub(crate) struct Failover {
     unannounced: AtomicBool,
     /// Whether a reconciliation is running (the probe and a reconciliation request may both start one).
     reconciling: AtomicBool,
+    /// Whether reading the identity failed once (logged once).
+    unreadable: AtomicBool,
     state: Mutex<State>,
 }
 
@@ -127,6 +132,7 @@ impl Failover {
             window,
             unannounced: AtomicBool::new(false),
             reconciling: AtomicBool::new(false),
+            unreadable: AtomicBool::new(false),
             state: Mutex::new(State::default()),
         }
     }
@@ -242,9 +248,21 @@ impl fmt::Debug for Failover {
 }
 
 impl r2d2::CustomizeConnection<Client, postgres::Error> for IdentityCheck {
+    /// Never fails the connection: a server that hides its identity (a managed service that revoked the
+    /// functions, say) still gets a broker, without failover detection; that is logged once.
     fn on_acquire(&self, client: &mut Client) -> Result<(), postgres::Error> {
-        if let Some(identity) = identity(client)? {
-            self.0.observe(identity);
+        match identity(client) {
+            Ok(Some(identity)) => self.0.observe(identity),
+            Ok(None) => {}
+            Err(e) if client.is_closed() => return Err(e),
+            Err(e) => {
+                if !self.0.unreadable.swap(true, Ordering::AcqRel) {
+                    log::warn!(
+                        "cannot read the server's identity ({}): failovers will not be noticed, and revocations a                          failover loses are not done again; let the admin execute pg_control_system(),                          pg_walfile_name() and pg_current_wal_lsn()",
+                        describe(&e)
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -445,7 +463,12 @@ fn existing(shared: &Shared, names: &[&str]) -> Result<HashMap<String, Option<i6
     for chunk in names.chunks(CHUNK) {
         let names: Vec<&str> = chunk.to_vec();
         let rows = shared
-            .with_client(|c| c.query(sql::ROLES_VALID_UNTIL, &[&names]))?
+            .with_client(|c| {
+                c.query(sql::ROLES_VALID_UNTIL, &[&names])?
+                    .iter()
+                    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                    .collect::<Result<Vec<(String, Option<i64>)>, postgres::Error>>()
+            })?
             .map_err(|e| {
                 Error::postgres(
                     ErrorKind::Database,
@@ -454,9 +477,7 @@ fn existing(shared: &Shared, names: &[&str]) -> Result<HashMap<String, Option<i6
                     &[],
                 )
             })?;
-        for row in rows {
-            found.insert(row.get::<_, String>(0), row.get::<_, Option<i64>>(1));
-        }
+        found.extend(rows);
     }
     Ok(found)
 }

@@ -528,8 +528,8 @@ impl Leases {
         live
     }
 
-    /// Takes the leases `ids` whose roles a failover lost out of the table, those still live and not being
-    /// renewed, and queues a lost event for each; returns them.
+    /// Takes the leases `ids` whose roles a failover lost out of the table, those still live, and queues a lost
+    /// event for each; returns them.
     pub(crate) fn lose(&self, ids: &[String], detected_at: SystemTime) -> Vec<Lease> {
         let mut lost = Vec::new();
         let mut state = self.state.lock();
@@ -538,7 +538,8 @@ impl Leases {
                 .table
                 .get(id)
                 .is_some_and(|e| !e.in_flight() && e.attempts() == 0);
-            if !live || state.renewing.contains(id) {
+            // A renewal in progress fails (its ALTER ROLE finds no role, or its table update no lease).
+            if !live {
                 continue;
             }
             if let Some(lease) = state.table.take(id) {
