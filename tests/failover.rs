@@ -253,3 +253,31 @@ fn verify_full_checks_each_host_of_a_multi_host_string() {
         .get(0);
     assert!(tls);
 }
+
+/// What failover detection rests on: a promoted replica keeps the primary's system identifier, and the name of its
+/// current WAL file shows the new timeline as soon as `pg_ctl promote` returns (the checkpoint's timeline may lag).
+#[test]
+fn a_promoted_replica_keeps_the_system_identifier_and_shows_its_new_timeline_at_once() {
+    let primary = TestPostgres::start().expect("start primary");
+    let replica = TestPostgres::replica_of(&primary).expect("start replica");
+    let identity = "SELECT system_identifier, substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8), \
+                    (SELECT timeline_id FROM pg_control_checkpoint()) FROM pg_control_system()";
+    let before = primary
+        .admin_client()
+        .expect("admin")
+        .query_one(identity, &[])
+        .expect("identity of the primary");
+    replica.promote().expect("promote");
+    let after = replica
+        .admin_client()
+        .expect("admin")
+        .query_one(identity, &[])
+        .expect("identity of the promoted replica");
+    assert_eq!(before.get::<_, i64>(0), after.get::<_, i64>(0));
+    assert_eq!(before.get::<_, String>(1), "00000001");
+    assert_eq!(after.get::<_, String>(1), "00000002");
+    eprintln!(
+        "pg_control_checkpoint().timeline_id right after promotion: {}",
+        after.get::<_, i32>(2)
+    );
+}
