@@ -481,3 +481,85 @@ fn existing(shared: &Shared, names: &[&str]) -> Result<HashMap<String, Option<i6
     }
     Ok(found)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeasePolicy;
+
+    fn role() -> Arc<CompiledRole> {
+        let day = Duration::from_secs(86_400);
+        let policy = LeasePolicy {
+            default: day,
+            max: day,
+        };
+        Arc::new(CompiledRole::compile("app", crate::Role::new(), policy).expect("a valid role"))
+    }
+
+    fn at(system_identifier: i64, timeline: u32) -> Identity {
+        Identity {
+            system_identifier,
+            timeline,
+        }
+    }
+
+    #[test]
+    fn the_first_identity_is_the_reference_and_another_is_announced_once() {
+        let failover = Failover::new(DEFAULT_WINDOW);
+        failover.observe(at(7, 1));
+        failover.observe(at(7, 1));
+        assert!(!failover.pending() && !failover.take_announcement());
+        // A promoted replica: same system, next timeline.
+        failover.observe(at(7, 2));
+        failover.observe(at(7, 2));
+        assert!(failover.pending());
+        assert!(failover.take_announcement());
+        assert!(!failover.take_announcement());
+        // Another server altogether counts too.
+        failover.observe(at(8, 1));
+        assert!(failover.take_announcement());
+    }
+
+    #[test]
+    fn dropped_roles_are_bounded_by_the_cap() {
+        let failover = Failover::new(MAX_WINDOW);
+        let role = role();
+        for n in 0..RECENT_CAP + 10 {
+            failover.dropped(&format!("lease-{n}"), &format!("app-{n}"), &role);
+        }
+        let state = failover.state.lock();
+        assert_eq!(state.recent.len(), RECENT_CAP);
+        assert_eq!(
+            state.recent.front().map(|d| d.username.as_str()),
+            Some("app-10")
+        );
+        assert!(state.cap_warned);
+    }
+
+    #[test]
+    fn lost_leases_say_why_and_are_bounded() {
+        let failover = Failover::new(DEFAULT_WINDOW);
+        let t = SystemTime::UNIX_EPOCH;
+        let lease = |n: usize| Lease {
+            id: format!("postgresql/creds/app/{n}"),
+            role: "app".into(),
+            username: format!("app-{n}"),
+            issued_at: t,
+            expires_at: t,
+            max_expires_at: t,
+            revocation_attempts: 0,
+            last_error: None,
+        };
+        let leases: Vec<Lease> = (0..LOST_CAP + 5).map(lease).collect();
+        failover.remember_lost(&leases, SystemTime::now());
+        assert!(failover.lost_error("postgresql/creds/app/0").is_none());
+        let err = failover
+            .lost_error(&format!("postgresql/creds/app/{}", LOST_CAP + 4))
+            .expect("remembered");
+        assert_eq!(err.kind(), ErrorKind::LeaseLost);
+        assert!(err.to_string().contains("failover"), "{err}");
+        assert!(failover
+            .lost_error("postgresql/creds/app/unknown")
+            .is_none());
+    }
+}

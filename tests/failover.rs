@@ -260,7 +260,8 @@ fn verify_full_checks_each_host_of_a_multi_host_string() {
 fn a_promoted_replica_keeps_the_system_identifier_and_shows_its_new_timeline_at_once() {
     let primary = TestPostgres::start().expect("start primary");
     let replica = TestPostgres::replica_of(&primary).expect("start replica");
-    let identity = "SELECT system_identifier, substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8), \
+    let identity =
+        "SELECT system_identifier, substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8), \
                     (SELECT timeline_id FROM pg_control_checkpoint()) FROM pg_control_system()";
     let before = primary
         .admin_client()
