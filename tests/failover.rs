@@ -1,5 +1,7 @@
 //! Multi-host connection strings and failover, on a real primary and a streaming replica of it.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -99,6 +101,7 @@ fn wait_for_reconciliation(broker: &Broker) {
 
 #[test]
 fn a_revocation_the_failover_lost_is_done_again_and_the_credential_cannot_log_in() {
+    common::logs::install();
     let (broker, primary, replica) = cluster(LostLeases::default());
     let revoked = broker.creds("app").expect("creds");
     replica.wait_for_replay(&primary).expect("replay");
@@ -136,10 +139,30 @@ fn a_revocation_the_failover_lost_is_done_again_and_the_credential_cannot_log_in
         .login(fresh.username(), fresh.password())
         .expect("a new credential logs in on the new primary");
     assert_eq!(broker.stats().lost, 0);
+
+    // What was done is logged at warn, without a secret.
+    let lines = common::logs::lines();
+    assert!(
+        lines.iter().any(|l| l.starts_with("WARN")
+            && l.contains(revoked.username())
+            && l.contains("dropped it again")),
+        "{lines:#?}"
+    );
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("WARN") && l.contains("failover reconciled")));
+    for secret in [
+        revoked.password(),
+        fresh.password(),
+        primary.admin_password(),
+    ] {
+        assert!(!lines.iter().any(|l| l.contains(secret)));
+    }
 }
 
 #[test]
 fn leases_the_failover_lost_are_reported_renewals_restored_and_pools_reissue() {
+    common::logs::install();
     let lost_events = LostLeases::default();
     let (broker, primary, replica) = cluster(lost_events.clone());
     let kept = broker.creds("app").expect("creds");
@@ -193,6 +216,13 @@ fn leases_the_failover_lost_are_reported_renewals_restored_and_pools_reissue() {
         "{reported:?}"
     );
     assert!(broker.stats().lost >= 2);
+    let lines = common::logs::lines();
+    assert!(
+        lines.iter().any(|l| l.starts_with("WARN")
+            && l.contains(lost.lease_id())
+            && l.contains("was lost")),
+        "{lines:#?}"
+    );
 
     // The kept lease lives on, with the renewal the failover lost set again.
     let valid_until: SystemTime = replica
