@@ -254,9 +254,9 @@ impl BrokerBuilder {
         self
     }
 
-    /// Where the broker's events go: every lease issued, renewed, rotated, revoked, expired or lost, and every failed
-    /// revocation, with lease id, role, username and times (never a password). The default ignores them. See
-    /// [`HandleEvent`] for when and where the handler is called.
+    /// Where the broker's events go: every lease issued, renewed, rotated, revoked, expired or lost, and every
+    /// failed revocation, with lease id, role, username and times (never a password). The default ignores them.
+    /// See [`HandleEvent`] for when and where the handler is called.
     pub fn event_handler(mut self, handler: impl HandleEvent) -> BrokerBuilder {
         self.event_handler = Box::new(handler);
         self

@@ -247,14 +247,15 @@ impl fmt::Debug for Failover {
     }
 }
 
-impl r2d2::CustomizeConnection<Client, postgres::Error> for IdentityCheck {
-    /// Never fails the connection: a server that hides its identity (a managed service that revoked the
-    /// functions, say) still gets a broker, without failover detection; that is logged once.
-    fn on_acquire(&self, client: &mut Client) -> Result<(), postgres::Error> {
+/// Generic over the manager's error type: it never fails a connection. A server that hides its identity (a managed
+/// service that revoked the functions, say) still gets a broker, without failover detection (logged once); a
+/// connection that broke meanwhile is found closed at its first use and replaced then.
+impl<E: 'static> r2d2::CustomizeConnection<Client, E> for IdentityCheck {
+    fn on_acquire(&self, client: &mut Client) -> Result<(), E> {
         match identity(client) {
             Ok(Some(identity)) => self.0.observe(identity),
             Ok(None) => {}
-            Err(e) if client.is_closed() => return Err(e),
+            Err(_) if client.is_closed() => {}
             Err(e) => {
                 if !self.0.unreadable.swap(true, Ordering::AcqRel) {
                     log::warn!(

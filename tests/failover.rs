@@ -48,6 +48,25 @@ fn a_replica_streams_and_a_multi_host_string_finds_the_primary() {
         .expect("query")
         .get(0);
     assert!(!in_recovery, "the pool's connection must be on the primary");
+
+    // The same as a URL with several hosts.
+    let url = format!(
+        "postgres://{}:{}@127.0.0.1:{},127.0.0.1:{}/postgres?target_session_attrs=read-write&sslmode=disable",
+        primary.admin_user(),
+        primary.admin_password(),
+        replica.port(),
+        primary.port()
+    );
+    let broker = Broker::builder()
+        .connection(url)
+        .instance_name("url")
+        .build()
+        .expect("build from a multi-host URL");
+    broker.write_role("app", Role::new()).expect("write role");
+    let creds = broker.creds("app").expect("creds");
+    primary
+        .login(creds.username(), creds.password())
+        .expect("issued on the primary");
 }
 
 /// Keeps the lost events.
