@@ -90,6 +90,7 @@ pub(crate) fn identity(client: &mut Client) -> Result<Option<Identity>, postgres
 }
 
 /// A role the broker dropped, remembered for the failover window.
+#[derive(Clone)]
 struct Dropped {
     at: Instant,
     revoked_at: SystemTime,
@@ -259,7 +260,9 @@ impl<E: 'static> r2d2::CustomizeConnection<Client, E> for IdentityCheck {
             Err(e) => {
                 if !self.0.unreadable.swap(true, Ordering::AcqRel) {
                     log::warn!(
-                        "cannot read the server's identity ({}): failovers will not be noticed, and revocations a                          failover loses are not done again; let the admin execute pg_control_system(),                          pg_walfile_name() and pg_current_wal_lsn()",
+                        "cannot read the server's identity ({}): failovers will not be noticed, and revocations a \
+                         failover loses are not done again; let the admin execute pg_control_system(), \
+                         pg_walfile_name() and pg_current_wal_lsn()",
                         describe(&e)
                     );
                 }
@@ -289,8 +292,15 @@ pub(crate) fn reconcile(shared: &Shared) {
     if failover.reconciling.swap(true, Ordering::AcqRel) {
         return;
     }
+    /// Lets the next reconciliation run, however this one ends.
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let _done = Done(&failover.reconciling);
     reconcile_once(shared);
-    failover.reconciling.store(false, Ordering::Release);
 }
 
 fn reconcile_once(shared: &Shared) {
@@ -301,18 +311,11 @@ fn reconcile_once(shared: &Shared) {
             return;
         };
         let now = Instant::now();
-        let recent: Vec<(SystemTime, String, String, Arc<CompiledRole>)> = state
+        let recent: Vec<Dropped> = state
             .recent
             .iter()
             .filter(|d| now.duration_since(d.at) <= failover.window)
-            .map(|d| {
-                (
-                    d.revoked_at,
-                    d.lease_id.clone(),
-                    d.username.clone(),
-                    d.role.clone(),
-                )
-            })
+            .cloned()
             .collect();
         (state.known, to, recent)
     };
@@ -355,39 +358,37 @@ struct Summary {
     restored: usize,
 }
 
-fn reconcile_with(
-    shared: &Shared,
-    recent: &[(SystemTime, String, String, Arc<CompiledRole>)],
-) -> Result<Summary, Error> {
+fn reconcile_with(shared: &Shared, recent: &[Dropped]) -> Result<Summary, Error> {
     // 1. Roles dropped within the window that the failover brought back: drop them again.
-    let names: Vec<&str> = recent.iter().map(|(_, _, u, _)| u.as_str()).collect();
+    let names: Vec<&str> = recent.iter().map(|d| d.username.as_str()).collect();
     let back = existing(shared, &names)?;
-    let again: Vec<_> = recent
+    let again: Vec<&Dropped> = recent
         .iter()
-        .filter(|(_, _, username, _)| back.contains_key(username))
+        .filter(|d| back.contains_key(&d.username))
         .collect();
     let targets: Vec<Target<'_>> = again
         .iter()
-        .map(|(_, _, username, role)| Target {
-            username,
-            revocation: role.revocation.as_ref(),
+        .map(|d| Target {
+            username: &d.username,
+            revocation: d.role.revocation.as_ref(),
         })
         .collect();
     let mut failed = None;
-    for ((revoked_at, lease_id, username, _), result) in
-        again.iter().zip(drop_roles(shared, &targets))
-    {
+    for (d, result) in again.iter().zip(drop_roles(shared, &targets)) {
         match result {
             Ok(()) => log::warn!(
-                "failover: role {username} of lease {lease_id}, revoked at {}, existed again on the new primary; \
-                 dropped it again",
-                pg_timestamp(*revoked_at)
+                "failover: role {} of lease {}, revoked at {}, existed again on the new primary; dropped it again",
+                d.username,
+                d.lease_id,
+                pg_timestamp(d.revoked_at)
             ),
             Err(e) => {
                 log::error!(
-                    "failover: role {username} of lease {lease_id}, revoked at {}, exists again on the new \
-                     primary and could not be dropped: {e}",
-                    pg_timestamp(*revoked_at)
+                    "failover: role {} of lease {}, revoked at {}, exists again on the new primary and could not \
+                     be dropped: {e}",
+                    d.username,
+                    d.lease_id,
+                    pg_timestamp(d.revoked_at)
                 );
                 failed.get_or_insert(e);
             }
