@@ -8,7 +8,6 @@
 //! time; `creds` and `renew` in other threads never wait for a sweep.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::broker::Shared;
 use crate::failover::{self, PROBE_INTERVAL};
@@ -36,14 +35,15 @@ pub(crate) fn run(shared: Arc<Shared>) {
             }
             SweeperWork::Revoke(due) => Job::Revoke(due),
             SweeperWork::Reconcile => Job::Reconcile,
-            // One timer for two jobs: the orphan sweep when it is due, else the failover probe.
-            SweeperWork::Orphans if Instant::now() >= next_orphan_sweep => {
-                next_orphan_sweep = later(shared.orphan_interval);
-                Job::Orphans
-            }
-            SweeperWork::Orphans => {
+            // One timer for two jobs: whichever was due first, so a short orphan interval never starves the
+            // failover probe.
+            SweeperWork::Orphans if next_probe <= next_orphan_sweep => {
                 next_probe = later(PROBE_INTERVAL);
                 Job::Probe
+            }
+            SweeperWork::Orphans => {
+                next_orphan_sweep = later(shared.orphan_interval);
+                Job::Orphans
             }
         };
         // If no thread can be started, the work is done on this one: it must never be lost, its leases are
