@@ -17,6 +17,7 @@ use crate::credential::{generate_lease_id, scram_verifier, Credential, DEFAULT_S
 use crate::error::{check_duration, describe};
 use crate::error::{Error, ErrorKind};
 use crate::events::{Events, HandleEvent, NopEventHandler, RevokeCause, Stats};
+use crate::failover::{self, Failover, IdentityCheck};
 use crate::lease::{pg_timestamp, Lease, LeasePolicy};
 use crate::leases::{later, Claim, Leases, Why};
 use crate::marker::{check_instance_name, default_instance_name, LeaseMark, DEFAULT_MARKER_ROLE};
@@ -55,6 +56,7 @@ const USERNAME_ATTEMPTS: usize = 3;
 /// | [`orphan_sweep_interval`](BrokerBuilder::orphan_sweep_interval) | 60 seconds |
 /// | [`scram_iterations`](BrokerBuilder::scram_iterations) | 4096 ([`DEFAULT_SCRAM_ITERATIONS`](crate::DEFAULT_SCRAM_ITERATIONS)) |
 /// | [`event_handler`](BrokerBuilder::event_handler) | [`NopEventHandler`](crate::NopEventHandler) |
+/// | [`failover_window`](BrokerBuilder::failover_window) | 5 minutes |
 pub struct BrokerBuilder {
     connection: Option<Zeroizing<String>>,
     default_lease: Duration,
@@ -73,6 +75,7 @@ pub struct BrokerBuilder {
     scram_iterations: u32,
     event_handler: Box<dyn HandleEvent>,
     password_provider: Option<PasswordProvider>,
+    failover_window: Duration,
 }
 
 impl Default for BrokerBuilder {
@@ -95,6 +98,7 @@ impl Default for BrokerBuilder {
             scram_iterations: DEFAULT_SCRAM_ITERATIONS,
             event_handler: Box::new(NopEventHandler),
             password_provider: None,
+            failover_window: failover::DEFAULT_WINDOW,
         }
     }
 }
@@ -122,6 +126,7 @@ impl fmt::Debug for BrokerBuilder {
                 "password_provider",
                 &self.password_provider.as_ref().map(|_| "<set>"),
             )
+            .field("failover_window", &self.failover_window)
             .finish()
     }
 }
@@ -285,11 +290,34 @@ impl BrokerBuilder {
         self
     }
 
-    /// Where the broker's events go: every lease issued, renewed, rotated, revoked or expired, and every failed
-    /// revocation, with lease id, role, username and times (never a password). The default ignores them. See
-    /// [`HandleEvent`] for when and where the handler is called.
+    /// Where the broker's events go: every lease issued, renewed, rotated, revoked, expired or lost, and every
+    /// failed revocation, with lease id, role, username and times (never a password). The default ignores them.
+    /// See [`HandleEvent`] for when and where the handler is called.
     pub fn event_handler(mut self, handler: impl HandleEvent) -> BrokerBuilder {
         self.event_handler = Box::new(handler);
+        self
+    }
+
+    /// How long the broker remembers each role it dropped, to drop it again if a failover brings it back
+    /// (1 second to 24 hours; default 5 minutes; at most 100,000 roles, the oldest forgotten first).
+    ///
+    /// With asynchronous replication a failover loses the transactions the old primary committed last, and a
+    /// role revoked then exists again on the promoted replica, with its password. The broker notices a new
+    /// primary (its system identifier or timeline differs) on every new admin connection and in a probe every 5
+    /// seconds, drops again every role it dropped within this window before, and reports every live lease whose
+    /// role the new primary lacks ([`HandleEvent::handle_lost`]; `renew` fails with [`ErrorKind::LeaseLost`]).
+    /// Make it longer than your replicas' worst lag plus the time a failover takes.
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// let broker = credbroker::Broker::builder()
+    ///     .connection("host=db1,db2 port=5432,5432 target_session_attrs=read-write user=admin password=secret")
+    ///     .failover_window(Duration::from_secs(600))
+    ///     .build()?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    pub fn failover_window(mut self, window: Duration) -> BrokerBuilder {
+        self.failover_window = window;
         self
     }
 
@@ -350,6 +378,13 @@ impl BrokerBuilder {
             MAX_ORPHAN_INTERVAL,
             "Duration::from_secs(60)",
         )?;
+        check_duration(
+            "failover_window",
+            self.failover_window,
+            Duration::from_secs(1),
+            failover::MAX_WINDOW,
+            "Duration::from_secs(300)",
+        )?;
         let instance = match self.instance_name {
             Some(name) => {
                 check_instance_name(&name)?;
@@ -388,7 +423,10 @@ impl BrokerBuilder {
         drop(client);
 
         let manager = AdminManager(connection.clone());
+        let failover = Arc::new(Failover::new(self.failover_window));
         let pool = Pool::builder()
+            // Reads every new connection's server identity, to notice a failover.
+            .connection_customizer(Box::new(IdentityCheck(failover.clone())))
             .max_size(self.pool_size)
             // The connection was just verified; a ping before every operation would double the round trips.
             .test_on_check_out(false)
@@ -422,6 +460,7 @@ impl BrokerBuilder {
             scram_iterations: self.scram_iterations,
             instance,
             orphan_interval: self.orphan_interval,
+            failover,
             op_bound: self
                 .connect_timeout
                 .saturating_add(self.statement_timeout.saturating_mul(4)),
@@ -495,6 +534,8 @@ pub(crate) struct Shared {
     pub(crate) instance: String,
     /// How often the sweeper looks for orphans, and how long past expiry a role must be to count as one.
     pub(crate) orphan_interval: Duration,
+    /// The server identity seen, the roles dropped recently and the leases lost, for failovers.
+    pub(crate) failover: Arc<Failover>,
     /// The longest one lease operation may take (a connection plus a few statements): how long a renewal waits
     /// for another renewal of its lease, and a revocation for the one in flight.
     pub(crate) op_bound: Duration,
@@ -513,14 +554,19 @@ impl Shared {
                 "the broker has shut down and its shutdown timeout has passed; no more revocations are tried",
             ));
         }
-        self.pool.get_timeout(timeout).map_err(|e| {
+        let connection = self.pool.get_timeout(timeout).map_err(|e| {
             Error::new(
                 ErrorKind::Connection,
                 format!(
                     "no PostgreSQL connection available within {timeout:?}: {e}; check that the server is up, or raise pool_size"
                 ),
             )
-        })
+        })?;
+        // A new connection may have found a new primary: the sweeper reconciles.
+        if self.failover.take_announcement() {
+            self.leases.request_reconcile();
+        }
+        Ok(connection)
     }
 
     /// Runs `op` on a pooled connection. The pool does not ping connections on checkout (that would double the
@@ -553,6 +599,14 @@ impl Shared {
         usize::try_from(self.pool.max_size().saturating_sub(1).max(1)).unwrap_or(1)
     }
 
+    /// `err`, or the reason a lease not in the table is gone if a failover lost it.
+    fn lost(&self, id: &str, err: Error) -> Error {
+        match err.kind() {
+            ErrorKind::UnknownLease => self.failover.lost_error(id).unwrap_or(err),
+            _ => err,
+        }
+    }
+
     /// The role currently defined under `name`, if any.
     pub(crate) fn current_role(&self, name: &str) -> Option<Arc<CompiledRole>> {
         self.roles.read().get(name).cloned()
@@ -563,7 +617,11 @@ impl Shared {
 impl Shared {
     /// Revokes lease `id` now, or joins the revocation of it in flight; see [`Broker::revoke`].
     pub(crate) fn revoke(&self, id: &str, why: Why) -> Result<(), Error> {
-        match self.leases.claim(id, self.op_bound)? {
+        match self
+            .leases
+            .claim(id, self.op_bound)
+            .map_err(|e| self.lost(id, e))?
+        {
             Claim::Claimed(lease) => revoke_lease(self, &lease, why),
             Claim::Joined => Ok(()),
             Claim::JoinedFailed(err) => Err(err),
@@ -718,7 +776,10 @@ impl Shared {
 
     /// See [`Broker::renew`].
     pub(crate) fn renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
-        let turn = self.leases.begin_renewal(id, self.op_bound)?;
+        let turn = self
+            .leases
+            .begin_renewal(id, self.op_bound)
+            .map_err(|e| self.lost(id, e))?;
         let now = SystemTime::now();
         let username = turn.username.clone();
         let role = self
@@ -908,7 +969,9 @@ impl Broker {
     /// revocations), the live leases per role, and how late the sweeper is. Cheap enough to poll every second:
     /// it copies counters and a map with one entry per role, under the lease table's lock for microseconds.
     pub fn stats(&self) -> Stats {
-        self.shared.leases.stats()
+        let mut stats = self.shared.leases.stats();
+        stats.failovers = self.shared.failover.reconciled();
+        stats
     }
 
     /// Revokes lease `id` now: ends the role's sessions, drops what it owns and the role itself. A role already

@@ -331,15 +331,28 @@ impl Connection {
         config
     }
 
-    /// `host:port` of the first target, for messages.
+    /// `host:port` of the target, for messages; every host, comma-separated, of a multi-host string (one port
+    /// for all of them, or one each, as libpq reads them).
     pub(crate) fn target(&self) -> String {
-        let host = match self.config.get_hosts().first() {
-            Some(Host::Tcp(h)) => h.clone(),
-            Some(Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".into(),
+        let ports = self.config.get_ports();
+        let port = |i: usize| match ports {
+            [] => 5432,
+            [one] => *one,
+            many => many.get(i).copied().unwrap_or(5432),
         };
-        let port = self.config.get_ports().first().copied().unwrap_or(5432);
-        format!("{host}:{port}")
+        let hosts = self.config.get_hosts();
+        if hosts.is_empty() {
+            return format!("localhost:{}", port(0));
+        }
+        let targets: Vec<String> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| match host {
+                Host::Tcp(h) => format!("{h}:{}", port(i)),
+                Host::Unix(p) => format!("{}:{}", p.display(), port(i)),
+            })
+            .collect();
+        targets.join(",")
     }
 
     /// The admin user name as given in the connection string.
@@ -1023,6 +1036,29 @@ mod tests {
         assert_eq!(c.config.get_dbname(), Some("app"));
         assert_eq!(c.config.get_application_name(), Some("x"));
         assert_eq!(c.target(), "db:5433");
+    }
+
+    #[test]
+    fn multi_host_strings_keep_every_host_and_target_session_attrs() {
+        use postgres::config::TargetSessionAttrs;
+        for s in [
+            "host=a,b port=5432,5433 target_session_attrs=read-write sslmode=disable",
+            "postgres://u:p@a:5432,b:5433/app?target_session_attrs=read-write&sslmode=disable",
+        ] {
+            let c = parse(s).unwrap();
+            assert_eq!(c.target(), "a:5432,b:5433", "{s}");
+            assert_eq!(
+                c.config.get_target_session_attrs(),
+                TargetSessionAttrs::ReadWrite,
+                "{s}"
+            );
+        }
+        assert_eq!(
+            parse("host=a,b port=6000 sslmode=disable")
+                .unwrap()
+                .target(),
+            "a:6000,b:6000"
+        );
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub enum ErrorKind {
     LeaseExpired,
     /// PostgreSQL failed a statement while issuing or renewing a credential.
     Database,
+    /// The lease's role does not exist on the primary the broker reaches since a failover: the failover lost the
+    /// transaction that created it. The lease has left the table; request new credentials.
+    LeaseLost,
     /// A role could not be dropped; the lease stays in the table and is retried.
     Revocation,
     /// The operating system's random number generator failed.

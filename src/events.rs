@@ -4,8 +4,8 @@
 //!
 //! Events carry the [`Lease`] (id, role, username, times) and never a password. They are delivered after the
 //! change, with no lock of the broker held, and in order for any one lease: issued, then renewals and rotation,
-//! then one of revoked or expired. Delivery is synchronous on the thread that made the change (a caller's, a
-//! revocation worker's, or a [`RolePool`](crate::RolePool)'s), except when another thread is delivering events
+//! then one of revoked, expired or lost (after a failover). Delivery is synchronous on the thread that made the
+//! change (a caller's, a revocation worker's, or a [`RolePool`](crate::RolePool)'s), except when another thread is delivering events
 //! at that moment: that thread then delivers this one too before it returns, so the order holds (the call that
 //! made the change may then return before its event is delivered). A handler
 //! may call any [`Broker`](crate::Broker) method, on any lease, the one it is told about included; the events
@@ -49,6 +49,14 @@ pub trait HandleEvent: fmt::Debug + Send + Sync + 'static {
 
     /// A lease reached its end and the sweeper dropped its role.
     fn handle_expired(&self, event: ExpiredEvent) {
+        let _ = event;
+    }
+
+    /// After a failover, the lease's role does not exist on the new primary (the failover lost the transaction
+    /// that created it): the lease has left the table, [`Broker::renew`](crate::Broker::renew) of it fails with
+    /// [`ErrorKind::LeaseLost`](crate::ErrorKind::LeaseLost), and a [`RolePool`](crate::RolePool) holding it
+    /// obtains a new credential.
+    fn handle_lost(&self, event: LostEvent) {
         let _ = event;
     }
 
@@ -145,6 +153,15 @@ pub struct ExpiredEvent {
     pub revoked_at: SystemTime,
 }
 
+/// See [`HandleEvent::handle_lost`].
+#[derive(Debug, Clone)]
+pub struct LostEvent {
+    /// The lease, as the table held it.
+    pub lease: Lease,
+    /// When the broker found its role missing on the new primary.
+    pub detected_at: SystemTime,
+}
+
 /// See [`HandleEvent::handle_revocation_failed`].
 #[derive(Debug, Clone)]
 pub struct RevocationFailedEvent {
@@ -173,6 +190,10 @@ pub struct Stats {
     pub expired: u64,
     /// Failed attempts to drop a role (each is retried).
     pub revocation_failures: u64,
+    /// Leases whose role a failover lost (see [`HandleEvent::handle_lost`]).
+    pub lost: u64,
+    /// Failovers the broker noticed and reconciled (see `BrokerBuilder::failover_window`).
+    pub failovers: u64,
     /// Leases whose revocation has failed and that wait for a retry now.
     pub failing: usize,
     /// How late the sweeper is: how long ago the most overdue lease was due (its end, or its retry time), or zero
@@ -189,6 +210,7 @@ pub(crate) enum Event {
     Rotated(RotatedEvent),
     Revoked(RevokedEvent),
     Expired(ExpiredEvent),
+    Lost(LostEvent),
     RevocationFailed(RevocationFailedEvent),
 }
 
@@ -200,6 +222,7 @@ pub(crate) struct Events {
     rotated: AtomicU64,
     revoked: AtomicU64,
     expired: AtomicU64,
+    lost: AtomicU64,
     revocation_failures: AtomicU64,
 }
 
@@ -212,6 +235,7 @@ impl Events {
             rotated: AtomicU64::new(0),
             revoked: AtomicU64::new(0),
             expired: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
             revocation_failures: AtomicU64::new(0),
         }
     }
@@ -224,6 +248,7 @@ impl Events {
             Event::Rotated(_) => &self.rotated,
             Event::Revoked(_) => &self.revoked,
             Event::Expired(_) => &self.expired,
+            Event::Lost(_) => &self.lost,
             Event::RevocationFailed(_) => &self.revocation_failures,
         };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -237,6 +262,7 @@ impl Events {
         stats.rotated = get(&self.rotated);
         stats.revoked = get(&self.revoked);
         stats.expired = get(&self.expired);
+        stats.lost = get(&self.lost);
         stats.revocation_failures = get(&self.revocation_failures);
     }
 
@@ -249,6 +275,7 @@ impl Events {
             Event::Rotated(_) => "rotated",
             Event::Revoked(_) => "revoked",
             Event::Expired(_) => "expired",
+            Event::Lost(_) => "lost",
             Event::RevocationFailed(_) => "revocation failed",
         };
         let call = || match event {
@@ -257,6 +284,7 @@ impl Events {
             Event::Rotated(e) => handler.handle_rotated(e),
             Event::Revoked(e) => handler.handle_revoked(e),
             Event::Expired(e) => handler.handle_expired(e),
+            Event::Lost(e) => handler.handle_lost(e),
             Event::RevocationFailed(e) => handler.handle_revocation_failed(e),
         };
         if catch_unwind(AssertUnwindSafe(call)).is_err() {

@@ -27,8 +27,8 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind};
 use crate::events::{
-    Event, Events, ExpiredEvent, IssuedEvent, RenewedEvent, RevocationFailedEvent, RevokeCause,
-    RevokedEvent, RotatedEvent, Stats,
+    Event, Events, ExpiredEvent, IssuedEvent, LostEvent, RenewedEvent, RevocationFailedEvent,
+    RevokeCause, RevokedEvent, RotatedEvent, Stats,
 };
 use crate::lease::Lease;
 use crate::lease_table::{DueLease, LeaseTable};
@@ -62,6 +62,8 @@ struct State {
     in_flight_due: std::collections::BTreeMap<u64, usize>,
     /// Set once when the broker stops, with the time by which shutdown gives up.
     shutdown: Option<Instant>,
+    /// A failover was seen: the sweeper reconciles before anything else.
+    reconcile: bool,
 }
 
 impl State {
@@ -99,8 +101,10 @@ pub(crate) enum SweeperWork {
     Stop,
     /// Revoke these due leases (a worker is reserved for them).
     Revoke(Vec<DueLease>),
-    /// Sweep orphans (a worker is reserved for it).
+    /// Sweep orphans, or probe for a failover, whichever timer is due (a worker is reserved for it).
     Orphans,
+    /// Reconcile with a new primary after a failover (a worker is reserved for it).
+    Reconcile,
 }
 
 /// How a revocation ended, for [`Leases::settle`].
@@ -478,6 +482,11 @@ impl Leases {
                 return SweeperWork::Stop;
             }
             let mut sleep = MAX_SLEEP;
+            if state.reconcile && state.workers < workers {
+                state.reconcile = false;
+                state.workers += 1;
+                return SweeperWork::Reconcile;
+            }
             if state.workers < workers {
                 // Due leases first: an orphan sweep never takes a worker that an expiry is waiting for.
                 let now = SystemTime::now();
@@ -498,6 +507,55 @@ impl Leases {
             // A worker that finishes, a lease due sooner and shutdown all signal `changed`.
             self.changed.wait_for(&mut state, sleep);
         }
+    }
+
+    /// Wakes the sweeper to reconcile with a new primary (see `failover`).
+    pub(crate) fn request_reconcile(&self) {
+        self.state.lock().reconcile = true;
+        self.changed.notify_all();
+    }
+
+    /// The live leases: in the table, and not being or failing to be revoked.
+    pub(crate) fn live_leases(&self) -> Vec<Lease> {
+        let state = self.state.lock();
+        let mut live = state.table.leases();
+        live.retain(|l| {
+            state
+                .table
+                .get(&l.id)
+                .is_some_and(|e| !e.in_flight() && e.attempts() == 0)
+        });
+        live
+    }
+
+    /// Takes the leases `ids` whose roles a failover lost out of the table, those still live, and queues a lost
+    /// event for each; returns them.
+    pub(crate) fn lose(&self, ids: &[String], detected_at: SystemTime) -> Vec<Lease> {
+        let mut lost = Vec::new();
+        let mut state = self.state.lock();
+        for id in ids {
+            let live = state
+                .table
+                .get(id)
+                .is_some_and(|e| !e.in_flight() && e.attempts() == 0);
+            // A renewal in progress fails (its ALTER ROLE finds no role, or its table update no lease).
+            if !live {
+                continue;
+            }
+            if let Some(lease) = state.table.take(id) {
+                self.queue(
+                    &mut state,
+                    Event::Lost(LostEvent {
+                        lease: lease.clone(),
+                        detected_at,
+                    }),
+                );
+                lost.push(lease);
+            }
+        }
+        drop(state);
+        self.changed.notify_all();
+        lost
     }
 
     /// Releases a worker reserved by [`next_sweeper_work`](Leases::next_sweeper_work).

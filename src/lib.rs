@@ -65,7 +65,8 @@
 //! - `revoke`: where roles are dropped (one at a time, in every database, or in batches).
 //! - `marker`: the marker role and lease comment every issued role carries, so the catalog holds the truth.
 //!   `owner`: the role that receives a revoked credential's objects.
-//! - `recovery`: what `build()` does with roles an earlier run left, and the orphan sweep.
+//! - `recovery`: what `build()` does with roles an earlier run left, and the orphan sweep. `failover`: noticing
+//!   a new primary, and dropping again the roles a failover brought back.
 //! - `preflight`: the admin rights `build()` checks. `shutdown`: keep or revoke leases when the broker stops.
 //! - `pool`: [`RolePool`], the application's connection pool on one role; `rotation`: its thread, where a
 //!   pool's lease is renewed and its credential rotated.
@@ -79,6 +80,7 @@ mod connection;
 mod credential;
 mod error;
 mod events;
+mod failover;
 mod lease;
 mod lease_table;
 mod leases;
@@ -104,8 +106,8 @@ pub use connection::SslMode;
 pub use credential::{Credential, DEFAULT_SCRAM_ITERATIONS};
 pub use error::{Error, ErrorKind};
 pub use events::{
-    ExpiredEvent, HandleEvent, IssuedEvent, NopEventHandler, RenewedEvent, RevocationFailedEvent,
-    RevokeCause, RevokedEvent, RotatedEvent, Stats,
+    ExpiredEvent, HandleEvent, IssuedEvent, LostEvent, NopEventHandler, RenewedEvent,
+    RevocationFailedEvent, RevokeCause, RevokedEvent, RotatedEvent, Stats,
 };
 pub use lease::{Lease, MAX_LEASE};
 pub use marker::{admin_group, DEFAULT_MARKER_ROLE, MAX_INSTANCE_NAME_LEN};

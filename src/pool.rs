@@ -255,7 +255,7 @@ impl Credentials {
     pub(crate) fn revoke(&self, shared: &Shared, id: &str, cause: RevokeCause) {
         match shared.revoke(id, Why::Revoke(cause)) {
             Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::UnknownLease => {}
+            Err(e) if matches!(e.kind(), ErrorKind::UnknownLease | ErrorKind::LeaseLost) => {}
             Err(e) => log::warn!("pool of role {}: {e}", self.role),
         }
     }

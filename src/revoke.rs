@@ -384,6 +384,11 @@ pub(crate) fn revoke_leases_unflushed(
     let mut results: Vec<Option<Result<(), Error>>> = leases.iter().map(|_| None).collect();
     drop_roles_each(shared, &targets, |i, result| {
         let lease = &leases[i];
+        if result.is_ok() {
+            shared
+                .failover
+                .dropped(&lease.id, &lease.username, &roles[i]);
+        }
         let retry_at = SystemTime::now() + retry_delay(lease.attempts.saturating_add(1));
         results[i] = Some(shared.leases.settle(lease, result, why, retry_at));
     });

@@ -256,6 +256,18 @@ fn oid_list(oids: &[u32]) -> String {
     numbers.join(", ")
 }
 
+/// The server's identity for failover detection: the system identifier, and the current timeline as the first 8
+/// hex digits of the current WAL file's name (NULL on a standby, which has no current WAL). Not
+/// `pg_control_checkpoint().timeline_id`: it keeps the old timeline on a just-promoted primary until the first
+/// checkpoint after promotion completes.
+pub(crate) const SERVER_IDENTITY: &str = "SELECT system_identifier::text, CASE WHEN pg_is_in_recovery() \
+     THEN NULL ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END FROM pg_control_system()";
+
+/// The roles among `$1` that exist, with their `VALID UNTIL` in Unix seconds (NULL if none or infinite).
+pub(crate) const ROLES_VALID_UNTIL: &str =
+    "SELECT rolname::text, CASE WHEN isfinite(rolvaliduntil) \
+     THEN extract(epoch FROM rolvaliduntil)::bigint END FROM pg_roles WHERE rolname = ANY($1)";
+
 /// The roles among `names` that exist: name and oid (simple query, one round trip: no statement to prepare).
 pub(crate) fn existing_roles<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
     format!(

@@ -10,6 +10,8 @@
 use std::sync::Arc;
 
 use crate::broker::Shared;
+use crate::failover::{self, PROBE_INTERVAL};
+use crate::lease_table::DueLease;
 use crate::leases::{later, SweeperWork, Why};
 use crate::recovery::sweep_orphans;
 use crate::revoke::{revoke_leases_unflushed, BATCH};
@@ -19,21 +21,34 @@ pub(crate) fn run(shared: Arc<Shared>) {
     log::debug!("sweeper started");
     // Recovery at build has just swept orphans.
     let mut next_orphan_sweep = later(shared.orphan_interval);
+    let mut next_probe = later(PROBE_INTERVAL);
     loop {
-        let work =
-            shared
-                .leases
-                .next_sweeper_work(BATCH, shared.revocation_workers(), next_orphan_sweep);
-        if let SweeperWork::Orphans = work {
-            next_orphan_sweep = later(shared.orphan_interval);
-        }
-        if let SweeperWork::Stop = work {
-            log::debug!("sweeper stopped");
-            return;
-        }
+        let work = shared.leases.next_sweeper_work(
+            BATCH,
+            shared.revocation_workers(),
+            next_orphan_sweep.min(next_probe),
+        );
+        let job = match work {
+            SweeperWork::Stop => {
+                log::debug!("sweeper stopped");
+                return;
+            }
+            SweeperWork::Revoke(due) => Job::Revoke(due),
+            SweeperWork::Reconcile => Job::Reconcile,
+            // One timer for two jobs: whichever was due first, so a short orphan interval never starves the
+            // failover probe.
+            SweeperWork::Orphans if next_probe <= next_orphan_sweep => {
+                next_probe = later(PROBE_INTERVAL);
+                Job::Probe
+            }
+            SweeperWork::Orphans => {
+                next_orphan_sweep = later(shared.orphan_interval);
+                Job::Orphans
+            }
+        };
         // If no thread can be started, the work is done on this one: it must never be lost, its leases are
         // claimed.
-        let slot = Arc::new(parking_lot::Mutex::new(Some(work)));
+        let slot = Arc::new(parking_lot::Mutex::new(Some(job)));
         let spawned = {
             let (shared, slot) = (shared.clone(), slot.clone());
             std::thread::Builder::new()
@@ -53,8 +68,16 @@ pub(crate) fn run(shared: Arc<Shared>) {
     }
 }
 
+/// One piece of the sweeper's work, done on a worker thread.
+enum Job {
+    Revoke(Vec<DueLease>),
+    Orphans,
+    Probe,
+    Reconcile,
+}
+
 /// Does one piece of the sweeper's work on a worker thread, then releases the worker.
-fn work_on(shared: &Shared, work: SweeperWork) {
+fn work_on(shared: &Shared, job: Job) {
     /// Releases the worker even if the work panics.
     struct Release<'a>(&'a Shared);
     impl Drop for Release<'_> {
@@ -63,8 +86,8 @@ fn work_on(shared: &Shared, work: SweeperWork) {
         }
     }
     let _release = Release(shared);
-    match work {
-        SweeperWork::Revoke(due) => {
+    match job {
+        Job::Revoke(due) => {
             let (expired, retried): (Vec<_>, Vec<_>) =
                 due.into_iter().partition(|l| l.attempts == 0);
             // Failures are recorded in the lease table and logged by revoke_leases. Events go out once both
@@ -73,9 +96,10 @@ fn work_on(shared: &Shared, work: SweeperWork) {
             let _ = revoke_leases_unflushed(shared, &retried, Why::Retried);
             shared.leases.flush();
         }
-        SweeperWork::Orphans => {
+        Job::Orphans => {
             sweep_orphans(shared);
         }
-        SweeperWork::Stop => {}
+        Job::Probe => failover::probe(shared),
+        Job::Reconcile => failover::reconcile(shared),
     }
 }

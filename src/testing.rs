@@ -438,16 +438,304 @@ impl TestPostgres {
 
     fn run_pg(&self, program: &str, args: &[&str]) -> io::Result<Output> {
         let exe = self.bin.join(program);
-        let mut cmd = if self.run_as.is_some() {
+        self.command(&exe)
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+    }
+
+    /// A command running `exe` as the server's user.
+    fn command(&self, exe: &Path) -> Command {
+        if self.run_as.is_some() {
             let mut c = Command::new("setpriv");
             c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
-                .arg(&exe);
+                .arg(exe);
             c
         } else {
-            Command::new(&exe)
-        };
-        cmd.args(args).current_dir(&self.dir).output()
+            Command::new(exe)
+        }
     }
+}
+
+/// Streaming replicas, for failover tests.
+///
+/// A replica is a [`TestPostgres`] of its own (its own directory and port, the same superuser and password) that
+/// streams from its primary. The base backup is taken with `pg_basebackup -R` when the server's bin directory
+/// has it (Debian's packages do). The packaged builds of other versions ship only `initdb`, `pg_ctl` and
+/// `postgres`, and `pg_basebackup` refuses servers newer than itself, so there the backup is the same one
+/// `pg_basebackup` makes, through PostgreSQL's low-level API: `pg_backup_start` (`pg_start_backup` on 14), a copy
+/// of the data directory without its WAL, `pg_backup_stop` and its `backup_label`. Either way the replica then
+/// fetches the WAL it needs by streaming, so the primary keeps `wal_keep_size = 256MB` from then on.
+impl TestPostgres {
+    /// Takes a base backup of `primary` and starts it as a streaming replica on a port of its own; returns once
+    /// the replica is streaming (or fails after 60 s, saying why).
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let primary = TestPostgres::start()?;
+    /// let replica = TestPostgres::replica_of(&primary)?;
+    /// primary.admin_client()?.batch_execute("CREATE ROLE replicated")?;
+    /// replica.wait_for_replay(&primary)?;
+    /// replica.pause_replication()?; // what the primary does from now on is not replicated
+    /// primary.stop_immediately()?;
+    /// replica.promote()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn replica_of(primary: &TestPostgres) -> io::Result<TestPostgres> {
+        let dir = make_temp_dir(primary.run_as.is_some())?;
+        let mut replica = TestPostgres {
+            dir,
+            bin: primary.bin.clone(),
+            port: 0,
+            password: primary.password.clone(),
+            ca_cert: None,
+            run_as: primary.run_as,
+        };
+        replica.hand_to_postgres(&replica.dir)?;
+        let mut admin = primary.admin_client().map_err(io::Error::other)?;
+        // Two statements: ALTER SYSTEM cannot run in the implicit transaction of a multi-statement query.
+        admin
+            .batch_execute("ALTER SYSTEM SET wal_keep_size = '256MB'")
+            .and_then(|()| admin.batch_execute("SELECT pg_reload_conf()"))
+            .map_err(io::Error::other)?;
+        if primary.bin.join("pg_basebackup").is_file() {
+            replica.pg_basebackup(primary)?;
+        } else {
+            replica.copy_base_backup(primary, &mut admin)?;
+        }
+        if let Some(ca) = &primary.ca_cert {
+            let copy = replica.dir.join("ca.crt");
+            fs::copy(ca, &copy)?;
+            replica.ca_cert = Some(copy);
+        }
+        let data = replica.data_dir();
+        fs::write(data.join("standby.signal"), "")?;
+        replica.hand_to_postgres(&data.join("standby.signal"))?;
+        // Appended last, so they win over what the copy of the primary's configuration says.
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user={ADMIN_USER} password={} application_name=replica",
+            primary.port, primary.password
+        );
+        let mut auto = fs::read_to_string(data.join("postgresql.auto.conf")).unwrap_or_default();
+        auto.push_str(&format!(
+            "\nprimary_conninfo = '{}'\nunix_socket_directories = '{}'\n",
+            conninfo.replace('\'', "''"),
+            path_str(&replica.dir)?
+        ));
+        fs::write(data.join("postgresql.auto.conf"), auto)?;
+        replica.hand_to_postgres(&data.join("postgresql.auto.conf"))?;
+        let mut last_error = None;
+        for _ in 0..5 {
+            replica.port = free_port()?;
+            match replica.pg_ctl_start() {
+                Ok(()) => {
+                    last_error = None;
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if let Some(e) = last_error {
+            return Err(e);
+        }
+        replica.wait_until("the replica to stream from its primary", || {
+            Ok(replica
+                .admin_client()?
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+                    &[],
+                )?
+                .is_some())
+        })?;
+        Ok(replica)
+    }
+
+    fn pg_basebackup(&self, primary: &TestPostgres) -> io::Result<()> {
+        let data = self.data_dir();
+        let exe = self.bin.join("pg_basebackup");
+        let mut cmd = self.command(&exe);
+        cmd.env("PGPASSWORD", &primary.password).args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &primary.port.to_string(),
+            "-U",
+            ADMIN_USER,
+            "-D",
+            path_str(&data)?,
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+        ]);
+        check(cmd.current_dir(&self.dir).output()?, "pg_basebackup")
+    }
+
+    /// The base backup `pg_basebackup` would take, with the low-level backup API and a file copy (both servers
+    /// run on this host).
+    fn copy_base_backup(
+        &self,
+        primary: &TestPostgres,
+        admin: &mut postgres::Client,
+    ) -> io::Result<()> {
+        let major = primary.major_version().map_err(io::Error::other)?;
+        let (start, stop) = if major >= 15 {
+            (
+                "SELECT pg_backup_start('credbroker replica', true)::text",
+                "SELECT labelfile FROM pg_backup_stop(false)",
+            )
+        } else {
+            (
+                "SELECT pg_start_backup('credbroker replica', true, false)::text",
+                "SELECT labelfile FROM pg_stop_backup(false, false)",
+            )
+        };
+        admin.query_one(start, &[]).map_err(io::Error::other)?;
+        let data = self.data_dir();
+        let copied = copy_data_dir(&primary.data_dir(), &data);
+        let label: String = admin.query_one(stop, &[]).map_err(io::Error::other)?.get(0);
+        copied?;
+        fs::write(data.join("backup_label"), label)?;
+        chown_tree(&data, self.run_as)?;
+        fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+    }
+
+    /// Promotes this replica to a primary (`pg_ctl promote`, which waits until it accepts writes).
+    pub fn promote(&self) -> io::Result<()> {
+        self.pg_ctl(&["promote"])
+    }
+
+    /// Stops the server the way a crash would (`pg_ctl stop -m immediate`): no shutdown checkpoint, every
+    /// connection broken, and nothing more sent to replicas.
+    pub fn stop_immediately(&self) -> io::Result<()> {
+        self.pg_ctl(&["-m", "immediate", "stop"])
+    }
+
+    /// Stops this replica's WAL receiver: sets `primary_conninfo` to `''` and reloads (PostgreSQL 13+ stops the
+    /// receiver then), and returns once no receiver runs. What the primary commits from then on is not
+    /// replicated, as when a failover loses the last transactions of an asynchronous replica.
+    pub fn pause_replication(&self) -> io::Result<()> {
+        self.admin_client()
+            .and_then(|mut c| {
+                c.batch_execute("ALTER SYSTEM SET primary_conninfo = ''")?;
+                c.batch_execute("SELECT pg_reload_conf()")
+            })
+            .map_err(io::Error::other)?;
+        self.wait_until("the WAL receiver to stop", || {
+            Ok(self
+                .admin_client()?
+                .query_opt("SELECT 1 FROM pg_stat_wal_receiver", &[])?
+                .is_none())
+        })
+    }
+
+    /// Waits (up to 60 s) until this replica has replayed everything `primary` had written when called.
+    pub fn wait_for_replay(&self, primary: &TestPostgres) -> io::Result<()> {
+        let target: String = primary
+            .admin_client()
+            .and_then(|mut c| c.query_one("SELECT pg_current_wal_lsn()::text", &[]))
+            .map_err(io::Error::other)?
+            .get(0);
+        self.wait_until("the replica to replay the primary's WAL", || {
+            Ok(self
+                .admin_client()?
+                .query_one(
+                    "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, false)",
+                    &[&target],
+                )?
+                .get(0))
+        })
+    }
+
+    /// Polls `done` every 50 ms for up to 60 s; fails naming `what`, with the last error, if it never holds.
+    fn wait_until(
+        &self,
+        what: &str,
+        mut done: impl FnMut() -> Result<bool, postgres::Error>,
+    ) -> io::Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut last = String::new();
+        loop {
+            match done() {
+                Ok(true) => return Ok(()),
+                Ok(false) => last.clear(),
+                Err(e) => last = e.to_string(),
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(io::Error::other(format!(
+                    "timed out after 60 s waiting for {what} {last} (server log: {})",
+                    self.log_path().display()
+                )));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+/// Copies a running server's data directory for a base backup: without its WAL, its pid file and what the
+/// backup protocol leaves out; files that vanish during the copy (the server is running) are skipped.
+fn copy_data_dir(from: &Path, to: &Path) -> io::Result<()> {
+    const SKIP_FILES: [&str; 3] = ["postmaster.pid", "postmaster.opts", "backup_label"];
+    const EMPTY_DIRS: [&str; 5] = [
+        "pg_wal",
+        "pg_replslot",
+        "pg_stat_tmp",
+        "pg_dynshmem",
+        "pg_notify",
+    ];
+    fn copy(from: &Path, to: &Path, top: bool) -> io::Result<()> {
+        fs::create_dir_all(to)?;
+        let entries = match fs::read_dir(from) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let (src, dst) = (entry.path(), to.join(&*name));
+            if top && SKIP_FILES.contains(&&*name) {
+                continue;
+            }
+            let kind = match entry.file_type() {
+                Ok(kind) => kind,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            if kind.is_dir() {
+                if top && EMPTY_DIRS.contains(&&*name) {
+                    fs::create_dir_all(&dst)?;
+                } else {
+                    copy(&src, &dst, false)?;
+                }
+            } else if let Err(e) = fs::copy(&src, &dst) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+    copy(from, to, true)?;
+    fs::create_dir_all(to.join("pg_wal").join("archive_status"))
+}
+
+/// Hands every file under `path` to the server's user.
+fn chown_tree(path: &Path, run_as: Option<(u32, u32)>) -> io::Result<()> {
+    let Some((uid, gid)) = run_as else {
+        return Ok(());
+    };
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+    if path.is_dir() {
+        for entry in fs::read_dir(path)? {
+            chown_tree(&entry?.path(), run_as)?;
+        }
+    }
+    Ok(())
 }
 
 impl Drop for TestPostgres {

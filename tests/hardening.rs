@@ -379,6 +379,11 @@ fn duration_max_in_every_setting_is_refused_or_works() {
         ),
         ("lease", builder().lease(max, max)),
         ("lock_timeout", builder().lock_timeout(Duration::ZERO)),
+        ("failover_window", builder().failover_window(max)),
+        (
+            "failover_window",
+            builder().failover_window(Duration::from_millis(10)),
+        ),
     ];
     for (setting, b) in refused {
         let err = b.build().unwrap_err();

@@ -1,0 +1,567 @@
+//! Failover: noticing that the admin connections reach a different primary, and putting the catalog of the new
+//! one back in line with the lease table.
+//!
+//! With asynchronous replication a failover loses the last transactions the old primary committed. For the broker
+//! that means two things: a role it **dropped** a moment before can exist again on the promoted replica, with
+//! its password (a revoked credential that works again), and a role it **created** (or a renewal) can be missing.
+//!
+//! - **Detection.** Every new admin connection (r2d2's `on_acquire`) and a probe every [`PROBE_INTERVAL`] read
+//!   the server's *identity*: the system identifier (`pg_control_system()`, copied by a base backup, so the same
+//!   on a replica) and the current timeline, which promotion increments. The timeline is read from the name of
+//!   the current WAL file (`pg_walfile_name(pg_current_wal_lsn())`): `pg_control_checkpoint().timeline_id` still
+//!   shows the old timeline on a just-promoted primary until its first checkpoint completes (measured: 1 right
+//!   after `pg_ctl promote` returned, 2 about two seconds later, on 15). A restart of the same server keeps both,
+//!   so it is no failover. A standby (no `target_session_attrs=read-write`) reports no identity.
+//! - **Memory.** Every role the broker drops is remembered for [`failover_window`] (bounded by
+//!   [`RECENT_CAP`] entries): lease id, username, role definition, when.
+//! - **Reconciliation**, on the sweeper's workers once the identity changed: every remembered role that exists on
+//!   the new primary is dropped again, with the same revocation as before (sessions ended, objects handed to the
+//!   owner); every live lease whose role does not exist there is taken out of the table and reported
+//!   ([`HandleEvent::handle_lost`](crate::HandleEvent::handle_lost), and [`ErrorKind::LeaseLost`] from `renew`
+//!   and `revoke`), so a [`RolePool`](crate::RolePool) holding it rotates to a new credential; a live lease whose
+//!   `VALID UNTIL` went back (a renewal lost) gets it again.
+//!
+//! [`failover_window`]: crate::BrokerBuilder::failover_window
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::Mutex;
+use postgres::{Client, SimpleQueryMessage};
+
+use crate::broker::Shared;
+use crate::error::{describe, Error, ErrorKind};
+use crate::lease::{pg_timestamp, Lease};
+use crate::revoke::{drop_roles, Target};
+use crate::role::CompiledRole;
+use crate::sql;
+
+/// Default [`BrokerBuilder::failover_window`](crate::BrokerBuilder::failover_window).
+pub(crate) const DEFAULT_WINDOW: Duration = Duration::from_secs(5 * 60);
+/// Longest failover window.
+pub(crate) const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// Most dropped roles remembered; the oldest are forgotten first (logged when one younger than the window goes).
+pub(crate) const RECENT_CAP: usize = 100_000;
+/// Most lost leases remembered, so that `renew` of one says why it fails.
+const LOST_CAP: usize = 10_000;
+/// How often the sweeper checks the server's identity, so that an idle broker notices a failover too.
+pub(crate) const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// Most usernames per catalog query.
+const CHUNK: usize = 10_000;
+
+/// Which server, and which history of it, the admin connections reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Identity {
+    system_identifier: i64,
+    timeline: u32,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "system {} timeline {}",
+            self.system_identifier, self.timeline
+        )
+    }
+}
+
+/// Reads the identity of the server `client` is connected to; `None` on a standby (it has no current WAL).
+pub(crate) fn identity(client: &mut Client) -> Result<Option<Identity>, postgres::Error> {
+    for message in client.simple_query(sql::SERVER_IDENTITY)? {
+        if let SimpleQueryMessage::Row(row) = message {
+            // `try_get`: this runs on background threads, where a panic is not allowed.
+            let system = row.try_get(0)?.and_then(|s| s.parse().ok());
+            let timeline = row
+                .try_get(1)?
+                .and_then(|t| u32::from_str_radix(t, 16).ok());
+            if let (Some(system_identifier), Some(timeline)) = (system, timeline) {
+                return Ok(Some(Identity {
+                    system_identifier,
+                    timeline,
+                }));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// A role the broker dropped, remembered for the failover window.
+#[derive(Clone)]
+struct Dropped {
+    at: Instant,
+    revoked_at: SystemTime,
+    lease_id: String,
+    username: String,
+    role: Arc<CompiledRole>,
+}
+
+/// What the broker remembers for failovers; shared by the admin pool's connection hook and the broker.
+pub(crate) struct Failover {
+    window: Duration,
+    /// Set when a new identity was seen and the sweeper has not been told yet (read at every checkout: one
+    /// atomic load).
+    unannounced: AtomicBool,
+    /// Whether a reconciliation is running (the probe and a reconciliation request may both start one).
+    reconciling: AtomicBool,
+    /// Whether reading the identity failed once (logged once).
+    unreadable: AtomicBool,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The identity the broker last reconciled with (or first saw).
+    known: Option<Identity>,
+    /// A different identity seen since, to reconcile with (kept until reconciliation succeeds).
+    seen: Option<Identity>,
+    /// Failovers reconciled.
+    reconciled: u64,
+    recent: VecDeque<Dropped>,
+    /// Whether an entry younger than the window was forgotten because of the cap (logged once).
+    cap_warned: bool,
+    lost: HashMap<String, (Lease, SystemTime)>,
+    lost_order: VecDeque<String>,
+}
+
+impl Failover {
+    pub(crate) fn new(window: Duration) -> Failover {
+        Failover {
+            window,
+            unannounced: AtomicBool::new(false),
+            reconciling: AtomicBool::new(false),
+            unreadable: AtomicBool::new(false),
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Records the identity a connection reported. The first one is the reference; a different one later is a
+    /// failover, reconciled by the sweeper.
+    pub(crate) fn observe(&self, identity: Identity) {
+        let mut state = self.state.lock();
+        match state.known {
+            None => state.known = Some(identity),
+            Some(known) if known == identity => {}
+            Some(_) => {
+                if state.seen != Some(identity) {
+                    state.seen = Some(identity);
+                    self.unannounced.store(true, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// Whether a failover was seen since the last call: the caller wakes the sweeper.
+    pub(crate) fn take_announcement(&self) -> bool {
+        self.unannounced.load(Ordering::Acquire) && self.unannounced.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether there is a failover to reconcile (a new one, or one whose reconciliation failed).
+    pub(crate) fn pending(&self) -> bool {
+        self.state.lock().seen.is_some()
+    }
+
+    /// How many failovers were reconciled.
+    pub(crate) fn reconciled(&self) -> u64 {
+        self.state.lock().reconciled
+    }
+
+    /// Remembers a role the broker dropped.
+    pub(crate) fn dropped(&self, lease_id: &str, username: &str, role: &Arc<CompiledRole>) {
+        let now = Instant::now();
+        let mut state = self.state.lock();
+        state.recent.push_back(Dropped {
+            at: now,
+            revoked_at: SystemTime::now(),
+            lease_id: lease_id.to_owned(),
+            username: username.to_owned(),
+            role: role.clone(),
+        });
+        let mut evicted_young = false;
+        while let Some(oldest) = state.recent.front() {
+            let expired = now.duration_since(oldest.at) > self.window;
+            if !expired && state.recent.len() <= RECENT_CAP {
+                break;
+            }
+            evicted_young |= !expired;
+            state.recent.pop_front();
+        }
+        let warn = evicted_young && !state.cap_warned;
+        state.cap_warned |= evicted_young;
+        drop(state);
+        if warn {
+            log::warn!(
+                "more than {RECENT_CAP} roles dropped within the failover window of {:?}: the oldest are \
+                 forgotten early, and a failover would not drop them again; shorten failover_window",
+                self.window
+            );
+        }
+    }
+
+    /// The error for `renew` or `revoke` of a lease lost in a failover, if `id` is one.
+    pub(crate) fn lost_error(&self, id: &str) -> Option<Error> {
+        let state = self.state.lock();
+        let (lease, at) = state.lost.get(id)?;
+        Some(Error::new(
+            ErrorKind::LeaseLost,
+            format!(
+                "lease {id} (user {}) was lost in a failover: its role did not exist on the new primary when the \
+                 broker reconciled at {} (the failover lost the transaction that created it); request new \
+                 credentials",
+                lease.username,
+                pg_timestamp(*at)
+            ),
+        ))
+    }
+
+    fn remember_lost(&self, leases: &[Lease], at: SystemTime) {
+        let mut state = self.state.lock();
+        for lease in leases {
+            if state
+                .lost
+                .insert(lease.id.clone(), (lease.clone(), at))
+                .is_none()
+            {
+                state.lost_order.push_back(lease.id.clone());
+            }
+        }
+        while state.lost_order.len() > LOST_CAP {
+            if let Some(id) = state.lost_order.pop_front() {
+                state.lost.remove(&id);
+            }
+        }
+    }
+}
+
+/// The admin pool's hook: reads the identity of every new connection.
+#[derive(Debug)]
+pub(crate) struct IdentityCheck(pub(crate) Arc<Failover>);
+
+impl fmt::Debug for Failover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Failover")
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Generic over the manager's error type: it never fails a connection. A server that hides its identity (a managed
+/// service that revoked the functions, say) still gets a broker, without failover detection (logged once); a
+/// connection that broke meanwhile is found closed at its first use and replaced then.
+impl<E: 'static> r2d2::CustomizeConnection<Client, E> for IdentityCheck {
+    fn on_acquire(&self, client: &mut Client) -> Result<(), E> {
+        match identity(client) {
+            Ok(Some(identity)) => self.0.observe(identity),
+            Ok(None) => {}
+            Err(_) if client.is_closed() => {}
+            Err(e) => {
+                if !self.0.unreadable.swap(true, Ordering::AcqRel) {
+                    log::warn!(
+                        "cannot read the server's identity ({}): failovers will not be noticed, and revocations a \
+                         failover loses are not done again; let the admin execute pg_control_system(), \
+                         pg_walfile_name() and pg_current_wal_lsn()",
+                        describe(&e)
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sweeper's probe: reads the identity on a pooled connection (a dead one is replaced, and the new one's
+/// identity read by [`IdentityCheck`]), then reconciles if a failover is pending.
+pub(crate) fn probe(shared: &Shared) {
+    match shared.with_client(identity) {
+        Ok(Ok(Some(identity))) => shared.failover.observe(identity),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => log::debug!("failover probe failed: {}", describe(&e)),
+        Err(e) => log::debug!("failover probe found no connection: {e}"),
+    }
+    if shared.failover.pending() {
+        reconcile(shared);
+    }
+}
+
+/// Reconciles the new primary's catalog with what the broker knows; see the module documentation.
+pub(crate) fn reconcile(shared: &Shared) {
+    let failover = &shared.failover;
+    if failover.reconciling.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    /// Lets the next reconciliation run, however this one ends.
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let _done = Done(&failover.reconciling);
+    reconcile_once(shared);
+}
+
+fn reconcile_once(shared: &Shared) {
+    let failover = &shared.failover;
+    let (from, to, recent) = {
+        let state = failover.state.lock();
+        let Some(to) = state.seen else {
+            return;
+        };
+        let now = Instant::now();
+        let recent: Vec<Dropped> = state
+            .recent
+            .iter()
+            .filter(|d| now.duration_since(d.at) <= failover.window)
+            .cloned()
+            .collect();
+        (state.known, to, recent)
+    };
+    let from = from.map_or_else(|| "an unknown server".to_owned(), |i| i.to_string());
+    log::warn!(
+        "the admin connections reach a different primary than before ({from} -> {to}): a failover; \
+         reconciling with the lease table ({} roles dropped within the failover window, {} leases live)",
+        recent.len(),
+        shared.leases.len()
+    );
+    match reconcile_with(shared, &recent) {
+        Ok(summary) => {
+            let mut state = failover.state.lock();
+            state.known = Some(to);
+            if state.seen == Some(to) {
+                state.seen = None;
+            }
+            state.reconciled += 1;
+            drop(state);
+            log::warn!(
+                "failover reconciled ({to}): {} revoked roles had come back and were dropped again, {} leases \
+                 were lost (their roles are missing; reported), {} leases had their VALID UNTIL restored",
+                summary.dropped_again,
+                summary.lost,
+                summary.restored
+            );
+        }
+        Err(e) => {
+            log::error!(
+                "reconciling after a failover failed: {e}; retrying within {PROBE_INTERVAL:?} (revoked \
+                 credentials may work on the new primary until it succeeds)"
+            );
+        }
+    }
+}
+
+struct Summary {
+    dropped_again: usize,
+    lost: usize,
+    restored: usize,
+}
+
+fn reconcile_with(shared: &Shared, recent: &[Dropped]) -> Result<Summary, Error> {
+    // 1. Roles dropped within the window that the failover brought back: drop them again.
+    let names: Vec<&str> = recent.iter().map(|d| d.username.as_str()).collect();
+    let back = existing(shared, &names)?;
+    let again: Vec<&Dropped> = recent
+        .iter()
+        .filter(|d| back.contains_key(&d.username))
+        .collect();
+    let targets: Vec<Target<'_>> = again
+        .iter()
+        .map(|d| Target {
+            username: &d.username,
+            revocation: d.role.revocation.as_ref(),
+        })
+        .collect();
+    let mut failed = None;
+    for (d, result) in again.iter().zip(drop_roles(shared, &targets)) {
+        match result {
+            Ok(()) => log::warn!(
+                "failover: role {} of lease {}, revoked at {}, existed again on the new primary; dropped it again",
+                d.username,
+                d.lease_id,
+                pg_timestamp(d.revoked_at)
+            ),
+            Err(e) => {
+                log::error!(
+                    "failover: role {} of lease {}, revoked at {}, exists again on the new primary and could not \
+                     be dropped: {e}",
+                    d.username,
+                    d.lease_id,
+                    pg_timestamp(d.revoked_at)
+                );
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+
+    // 2. Live leases: a missing role is a lost lease; a VALID UNTIL that went back is set again.
+    let live = shared.leases.live_leases();
+    let names: Vec<&str> = live.iter().map(|l| l.username.as_str()).collect();
+    let present = existing(shared, &names)?;
+    let missing: Vec<String> = live
+        .iter()
+        .filter(|l| !present.contains_key(&l.username))
+        .map(|l| l.id.clone())
+        .collect();
+    let now = SystemTime::now();
+    let lost = shared.leases.lose(&missing, now);
+    shared.failover.remember_lost(&lost, now);
+    for lease in &lost {
+        log::warn!(
+            "failover: lease {} (role {}, user {}) was lost: its role does not exist on the new primary; renew \
+             fails with LeaseLost, and a pool holding it obtains a new credential",
+            lease.id,
+            lease.role,
+            lease.username
+        );
+    }
+    let mut restored = 0;
+    for lease in &live {
+        let Some(Some(valid_until)) = present.get(&lease.username) else {
+            continue;
+        };
+        let expires = lease
+            .expires_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if u64::try_from(*valid_until).unwrap_or(0) >= expires {
+            continue;
+        }
+        let alter = sql::set_valid_until(&lease.username, &pg_timestamp(lease.expires_at));
+        match shared.with_client(|c| c.batch_execute(&alter)) {
+            Ok(Ok(())) => {
+                restored += 1;
+                log::warn!(
+                    "failover: lease {} (user {}) had lost a renewal; VALID UNTIL set again to {}",
+                    lease.id,
+                    lease.username,
+                    pg_timestamp(lease.expires_at)
+                );
+            }
+            Ok(Err(e)) => log::warn!(
+                "failover: could not restore VALID UNTIL of lease {}: {}",
+                lease.id,
+                describe(&e)
+            ),
+            Err(e) => return Err(e),
+        }
+    }
+    // Lost events go out now that every change is made.
+    shared.leases.flush();
+    Ok(Summary {
+        dropped_again: again.len(),
+        lost: lost.len(),
+        restored,
+    })
+}
+
+/// Which of `names` exist on the server, with their `VALID UNTIL` in Unix seconds (if set).
+fn existing(shared: &Shared, names: &[&str]) -> Result<HashMap<String, Option<i64>>, Error> {
+    let mut found = HashMap::new();
+    for chunk in names.chunks(CHUNK) {
+        let names: Vec<&str> = chunk.to_vec();
+        let rows = shared
+            .with_client(|c| {
+                c.query(sql::ROLES_VALID_UNTIL, &[&names])?
+                    .iter()
+                    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                    .collect::<Result<Vec<(String, Option<i64>)>, postgres::Error>>()
+            })?
+            .map_err(|e| {
+                Error::postgres(
+                    ErrorKind::Database,
+                    "could not read the roles of the new primary",
+                    e,
+                    &[],
+                )
+            })?;
+        found.extend(rows);
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::LeasePolicy;
+
+    fn role() -> Arc<CompiledRole> {
+        let day = Duration::from_secs(86_400);
+        let policy = LeasePolicy {
+            default: day,
+            max: day,
+        };
+        Arc::new(CompiledRole::compile("app", crate::Role::new(), policy).expect("a valid role"))
+    }
+
+    fn at(system_identifier: i64, timeline: u32) -> Identity {
+        Identity {
+            system_identifier,
+            timeline,
+        }
+    }
+
+    #[test]
+    fn the_first_identity_is_the_reference_and_another_is_announced_once() {
+        let failover = Failover::new(DEFAULT_WINDOW);
+        failover.observe(at(7, 1));
+        failover.observe(at(7, 1));
+        assert!(!failover.pending() && !failover.take_announcement());
+        // A promoted replica: same system, next timeline.
+        failover.observe(at(7, 2));
+        failover.observe(at(7, 2));
+        assert!(failover.pending());
+        assert!(failover.take_announcement());
+        assert!(!failover.take_announcement());
+        // Another server altogether counts too.
+        failover.observe(at(8, 1));
+        assert!(failover.take_announcement());
+    }
+
+    #[test]
+    fn dropped_roles_are_bounded_by_the_cap() {
+        let failover = Failover::new(MAX_WINDOW);
+        let role = role();
+        for n in 0..RECENT_CAP + 10 {
+            failover.dropped(&format!("lease-{n}"), &format!("app-{n}"), &role);
+        }
+        let state = failover.state.lock();
+        assert_eq!(state.recent.len(), RECENT_CAP);
+        assert_eq!(
+            state.recent.front().map(|d| d.username.as_str()),
+            Some("app-10")
+        );
+        assert!(state.cap_warned);
+    }
+
+    #[test]
+    fn lost_leases_say_why_and_are_bounded() {
+        let failover = Failover::new(DEFAULT_WINDOW);
+        let t = SystemTime::UNIX_EPOCH;
+        let lease = |n: usize| Lease {
+            id: format!("postgresql/creds/app/{n}"),
+            role: "app".into(),
+            username: format!("app-{n}"),
+            issued_at: t,
+            expires_at: t,
+            max_expires_at: t,
+            revocation_attempts: 0,
+            last_error: None,
+        };
+        let leases: Vec<Lease> = (0..LOST_CAP + 5).map(lease).collect();
+        failover.remember_lost(&leases, SystemTime::now());
+        assert!(failover.lost_error("postgresql/creds/app/0").is_none());
+        let err = failover
+            .lost_error(&format!("postgresql/creds/app/{}", LOST_CAP + 4))
+            .expect("remembered");
+        assert_eq!(err.kind(), ErrorKind::LeaseLost);
+        assert!(err.to_string().contains("failover"), "{err}");
+        assert!(failover
+            .lost_error("postgresql/creds/app/unknown")
+            .is_none());
+    }
+}
