@@ -48,6 +48,8 @@ const USERNAME_ATTEMPTS: usize = 3;
 /// | [`connection`](BrokerBuilder::connection) | required |
 /// | [`lease`](BrokerBuilder::lease) | 1 hour default, 24 hours max |
 /// | [`pool_size`](BrokerBuilder::pool_size) | 4 connections |
+/// | [`min_idle`](BrokerBuilder::min_idle) | 1 connection |
+/// | [`idle_timeout`](BrokerBuilder::idle_timeout) | 60 seconds |
 /// | [`connect_timeout`](BrokerBuilder::connect_timeout) | 10 seconds |
 /// | [`statement_timeout`](BrokerBuilder::statement_timeout) | 30 seconds |
 /// | [`lock_timeout`](BrokerBuilder::lock_timeout) | 5 seconds |
@@ -65,6 +67,8 @@ pub struct BrokerBuilder {
     default_lease: Duration,
     max_lease: Duration,
     pool_size: u32,
+    min_idle: u32,
+    idle_timeout: Duration,
     connect_timeout: Duration,
     statement_timeout: Duration,
     lock_timeout: Duration,
@@ -86,6 +90,8 @@ impl Default for BrokerBuilder {
             default_lease: Duration::from_secs(3600),
             max_lease: Duration::from_secs(24 * 3600),
             pool_size: 4,
+            min_idle: DEFAULT_MIN_IDLE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             connect_timeout: Duration::from_secs(10),
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
@@ -109,6 +115,8 @@ impl fmt::Debug for BrokerBuilder {
             .field("default_lease", &self.default_lease)
             .field("max_lease", &self.max_lease)
             .field("pool_size", &self.pool_size)
+            .field("min_idle", &self.min_idle)
+            .field("idle_timeout", &self.idle_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field("lock_timeout", &self.lock_timeout)
@@ -145,10 +153,37 @@ impl BrokerBuilder {
         self
     }
 
-    /// How many admin connections the pool keeps (at least 1). Each `creds`, `renew` and `revoke` holds one for
-    /// the duration of its SQL; the sweeper uses the same pool.
+    /// The most admin connections the pool opens at once (at least 1). Each `creds`, `renew` and `revoke` holds
+    /// one for the duration of its SQL; the sweeper uses the same pool. Connections beyond
+    /// [`min_idle`](BrokerBuilder::min_idle) are opened only while there is work, and closed once idle for
+    /// [`idle_timeout`](BrokerBuilder::idle_timeout).
     pub fn pool_size(mut self, size: u32) -> BrokerBuilder {
         self.pool_size = size;
+        self
+    }
+
+    /// How many admin connections the broker keeps open while it has nothing to do (0 to
+    /// [`pool_size`](BrokerBuilder::pool_size); default 1). One open connection means a revocation never needs a
+    /// new one, even on a server with no free slot; 0 holds none at rest, and every burst of work connects first.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = credbroker::Broker::builder()
+    ///     .pool_size(4)
+    ///     .min_idle(1)
+    ///     .idle_timeout(Duration::from_secs(60));
+    /// ```
+    pub fn min_idle(mut self, connections: u32) -> BrokerBuilder {
+        self.min_idle = connections;
+        self
+    }
+
+    /// How long an admin connection may sit unused before it is closed (1 second to 24 hours; default 60
+    /// seconds). The pool looks every 30 seconds, so an idle connection closes between `idle_timeout` and
+    /// `idle_timeout` + 30 s. It closes every such connection, then opens new ones up to
+    /// [`min_idle`](BrokerBuilder::min_idle): at rest a broker reconnects once per `idle_timeout` or so.
+    pub fn idle_timeout(mut self, timeout: Duration) -> BrokerBuilder {
+        self.idle_timeout = timeout;
         self
     }
 
@@ -278,6 +313,22 @@ impl BrokerBuilder {
                 "pool_size is 0; the broker needs at least one connection",
             ));
         }
+        if self.min_idle > self.pool_size {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "min_idle is {} but pool_size is {}; give a min_idle of at most pool_size (1 is the default)",
+                    self.min_idle, self.pool_size
+                ),
+            ));
+        }
+        check_duration(
+            "idle_timeout",
+            self.idle_timeout,
+            Duration::from_secs(1),
+            MAX_IDLE_TIMEOUT,
+            "Duration::from_secs(60)",
+        )?;
         check_duration(
             "connect_timeout",
             self.connect_timeout,
@@ -352,6 +403,9 @@ impl BrokerBuilder {
             PostgresConnectionManager::new(connection.admin_config(), connection.tls.clone());
         let pool = Pool::builder()
             .max_size(self.pool_size)
+            // At rest, at most `min_idle` connections; more only while there is work (see `idle_timeout`).
+            .min_idle(Some(self.min_idle))
+            .idle_timeout(Some(self.idle_timeout))
             // The connection was just verified; a ping before every operation would double the round trips.
             .test_on_check_out(false)
             .connection_timeout(self.connect_timeout)
@@ -434,6 +488,12 @@ const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Longest statement and lock timeouts (PostgreSQL takes milliseconds as a 32-bit integer).
 const MAX_STATEMENT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Default [`BrokerBuilder::min_idle`].
+const DEFAULT_MIN_IDLE: u32 = 1;
+/// Default [`BrokerBuilder::idle_timeout`].
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest [`BrokerBuilder::idle_timeout`].
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Longest [`BrokerBuilder::orphan_sweep_interval`].
 const MAX_ORPHAN_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// How long stopping the broker with [`ShutdownMode::Keep`] waits for revocations in flight before leaving
