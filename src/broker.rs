@@ -50,6 +50,7 @@ const USERNAME_ATTEMPTS: usize = 3;
 /// | [`pool_size`](BrokerBuilder::pool_size) | 4 connections |
 /// | [`min_idle`](BrokerBuilder::min_idle) | 1 connection |
 /// | [`idle_timeout`](BrokerBuilder::idle_timeout) | 60 seconds |
+/// | [`max_leases`](BrokerBuilder::max_leases) | no cap |
 /// | [`connect_timeout`](BrokerBuilder::connect_timeout) | 10 seconds |
 /// | [`statement_timeout`](BrokerBuilder::statement_timeout) | 30 seconds |
 /// | [`lock_timeout`](BrokerBuilder::lock_timeout) | 5 seconds |
@@ -69,6 +70,7 @@ pub struct BrokerBuilder {
     pool_size: u32,
     min_idle: u32,
     idle_timeout: Duration,
+    max_leases: Option<u32>,
     connect_timeout: Duration,
     statement_timeout: Duration,
     lock_timeout: Duration,
@@ -92,6 +94,7 @@ impl Default for BrokerBuilder {
             pool_size: 4,
             min_idle: DEFAULT_MIN_IDLE,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_leases: None,
             connect_timeout: Duration::from_secs(10),
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
@@ -117,6 +120,7 @@ impl fmt::Debug for BrokerBuilder {
             .field("pool_size", &self.pool_size)
             .field("min_idle", &self.min_idle)
             .field("idle_timeout", &self.idle_timeout)
+            .field("max_leases", &self.max_leases)
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field("lock_timeout", &self.lock_timeout)
@@ -184,6 +188,19 @@ impl BrokerBuilder {
     /// [`min_idle`](BrokerBuilder::min_idle): at rest a broker reconnects once per `idle_timeout` or so.
     pub fn idle_timeout(mut self, timeout: Duration) -> BrokerBuilder {
         self.idle_timeout = timeout;
+        self
+    }
+
+    /// Caps the leases this broker holds, all roles together (at least 1; default: no cap). Once `n` leases are
+    /// issued and not yet dropped, [`creds`](Broker::creds) fails with [`ErrorKind::LeaseCap`] and creates
+    /// nothing; leases adopted at start count but are never refused. Roles have caps of their own:
+    /// [`Role::max_leases`].
+    ///
+    /// ```
+    /// let builder = credbroker::Broker::builder().max_leases(10_000);
+    /// ```
+    pub fn max_leases(mut self, n: u32) -> BrokerBuilder {
+        self.max_leases = Some(n);
         self
     }
 
@@ -322,6 +339,12 @@ impl BrokerBuilder {
                 ),
             ));
         }
+        if self.max_leases == Some(0) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "max_leases is 0; give at least 1, or leave it unset for no cap",
+            ));
+        }
         check_duration(
             "idle_timeout",
             self.idle_timeout,
@@ -438,6 +461,7 @@ impl BrokerBuilder {
             scram_iterations: self.scram_iterations,
             instance,
             orphan_interval: self.orphan_interval,
+            max_leases: self.max_leases,
             op_bound: self
                 .connect_timeout
                 .saturating_add(self.statement_timeout.saturating_mul(4)),
@@ -517,6 +541,8 @@ pub(crate) struct Shared {
     pub(crate) instance: String,
     /// How often the sweeper looks for orphans, and how long past expiry a role must be to count as one.
     pub(crate) orphan_interval: Duration,
+    /// The broker's cap on leases in the table, if any.
+    max_leases: Option<u32>,
     /// The longest one lease operation may take (a connection plus a few statements): how long a renewal waits
     /// for another renewal of its lease, and a revocation for the one in flight.
     pub(crate) op_bound: Duration,
@@ -602,6 +628,8 @@ impl Shared {
             ));
         }
         let role = self.current_role(name).ok_or_else(|| unknown_role(name))?;
+        // Counted with the table under its lock, before anything is created: released on any failure below.
+        let slot = self.leases.reserve(&role, self.max_leases)?;
         let now = SystemTime::now();
         let (issued_at, expires_at, max_expires_at) = role.policy.issue(now);
         let password = generate_password()?;
@@ -671,7 +699,7 @@ impl Shared {
             revocation_attempts: 0,
             last_error: None,
         };
-        self.leases.issued(lease, &role);
+        slot.issued(lease, &role);
         log::info!(
             "issued lease {} for role {name}: user {username}, valid until {expiration}",
             mark.lease_id

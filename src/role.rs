@@ -42,6 +42,7 @@ pub struct Role {
     revocation_sql: Option<String>,
     renew_sql: Option<String>,
     lease: Option<(Duration, Duration)>,
+    max_leases: Option<u32>,
 }
 
 impl Default for Role {
@@ -59,6 +60,7 @@ impl Role {
             revocation_sql: None,
             renew_sql: None,
             lease: None,
+            max_leases: None,
         }
     }
 
@@ -90,6 +92,25 @@ impl Role {
     pub fn lease(mut self, default: Duration, max: Duration) -> Role {
         self.lease = Some((default, max));
         self
+    }
+
+    /// Caps this role's leases in the lease table (at least 1; default: no cap but the broker's
+    /// [`max_leases`](crate::BrokerBuilder::max_leases)). Once `n` leases of the role are issued and not yet
+    /// dropped, [`creds`](crate::Broker::creds) fails with [`ErrorKind::LeaseCap`] and creates nothing. A
+    /// [`RolePool`](crate::RolePool) holds two leases of its role for a moment while it rotates.
+    ///
+    /// ```
+    /// let role = credbroker::Role::new().max_leases(100);
+    /// assert_eq!(role.get_max_leases(), Some(100));
+    /// ```
+    pub fn max_leases(mut self, n: u32) -> Role {
+        self.max_leases = Some(n);
+        self
+    }
+
+    /// The role's cap on live leases, if it has one.
+    pub fn get_max_leases(&self) -> Option<u32> {
+        self.max_leases
     }
 
     /// The creation SQL template.
@@ -132,6 +153,14 @@ impl CompiledRole {
         broker_policy: LeasePolicy,
     ) -> Result<CompiledRole, Error> {
         check_role_name(name)?;
+        if role.max_leases == Some(0) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "role {name:?}: max_leases is 0; give at least 1, or leave it unset for no cap"
+                ),
+            ));
+        }
         use Placeholder::*;
         let creation = Template::parse(
             "creation SQL",
