@@ -356,8 +356,9 @@ fn lease_table(rows: &mut Vec<Row>, sizes: &[usize]) {
 
         // At n live leases: insert a new one and remove an old one, as a steady issue-and-revoke load does.
         let churn = n.min(200_000);
-        let fresh: Vec<_> = (0..churn as u128)
-            .map(|i| table.lease(u128::MAX - i, base + Duration::from_secs(7200)))
+        // Random keys, as real lease ids have (the table's hasher relies on it).
+        let fresh: Vec<_> = (0..churn)
+            .map(|_| table.lease(rand::random(), base + Duration::from_secs(7200)))
             .collect();
         let start = Instant::now();
         for (lease, old) in fresh.into_iter().zip(&ids) {
