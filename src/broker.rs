@@ -11,6 +11,7 @@ use postgres::error::SqlState;
 use postgres::Client;
 use r2d2::{Pool, PooledConnection};
 use r2d2_postgres::PostgresConnectionManager;
+use scheduled_thread_pool::ScheduledThreadPool;
 use tokio_postgres_rustls::MakeRustlsConnect;
 use zeroize::Zeroizing;
 
@@ -424,14 +425,27 @@ impl BrokerBuilder {
 
         let manager =
             PostgresConnectionManager::new(connection.admin_config(), connection.tls.clone());
+        // r2d2's default: three threads for its reaper and background connects, here shared with `keep_idle`.
+        let threads = Arc::new(
+            ScheduledThreadPool::builder()
+                .num_threads(3)
+                .thread_name_pattern("credbroker-admin-pool-{}")
+                .build(),
+        );
         let pool = Pool::builder()
             .max_size(self.pool_size)
-            // At rest, at most `min_idle` connections; more only while there is work (see `idle_timeout`).
-            .min_idle(Some(self.min_idle))
+            // r2d2's `min_idle` keeps that many connections *idle*: it opens one more whenever the last idle one
+            // is checked out, doubling a quiet broker's connections at each operation. So r2d2 keeps none, closes
+            // whatever sits idle past `idle_timeout`, and `keep_idle` below holds our `min_idle` open.
+            .min_idle(Some(0))
             .idle_timeout(Some(self.idle_timeout))
+            .thread_pool(threads.clone())
             // The connection was just verified; a ping before every operation would double the round trips.
             .test_on_check_out(false)
             .connection_timeout(self.connect_timeout)
+            .error_handler(Box::new(SpreadReconnects {
+                max: RECONNECT_JITTER.min(self.connect_timeout / 2),
+            }))
             .build_unchecked(manager);
         log::info!(
             "instance {instance} connected to PostgreSQL at {} as {}{} (sslmode={}), pool of {}",
@@ -462,10 +476,23 @@ impl BrokerBuilder {
             instance,
             orphan_interval: self.orphan_interval,
             max_leases: self.max_leases,
+            min_idle: self.min_idle,
             op_bound: self
                 .connect_timeout
                 .saturating_add(self.statement_timeout.saturating_mul(4)),
         });
+        if self.min_idle > 0 {
+            // Twice per idle timeout, so a kept connection is never idle long enough to be reaped; first after
+            // that long, as the build's own statements below open the first connection. A weak reference: the
+            // job lives on the pool's threads, which the pool owns.
+            let weak = Arc::downgrade(&shared);
+            let period = self.idle_timeout / 2;
+            threads.execute_at_fixed_rate(period, period, move || {
+                if let Some(shared) = weak.upgrade() {
+                    shared.keep_idle();
+                }
+            });
+        }
         let recovered = recovery::recover(&shared, self.recovery)?;
         log::info!(
             "recovery: adopted {} live leases, dropped {} roles of earlier runs ({} left to retry)",
@@ -543,6 +570,8 @@ pub(crate) struct Shared {
     pub(crate) orphan_interval: Duration,
     /// The broker's cap on leases in the table, if any.
     max_leases: Option<u32>,
+    /// How many admin connections to keep open at rest.
+    min_idle: u32,
     /// The longest one lease operation may take (a connection plus a few statements): how long a renewal waits
     /// for another renewal of its lease, and a revocation for the one in flight.
     pub(crate) op_bound: Duration,
@@ -592,6 +621,36 @@ impl Shared {
             log::info!(
                 "a pooled PostgreSQL connection was closed (server restart?); retrying on another"
             );
+        }
+    }
+
+    /// Keeps `min_idle` admin connections open: takes that many idle ones (r2d2 hands out the most recently
+    /// returned first, so the others keep ageing and are closed after `idle_timeout`), pings each (a broken one is
+    /// discarded when returned), and opens new ones for any missing. Runs on the pool's threads; never long
+    /// (bounded by the connect timeout) and never while the broker is stopping.
+    fn keep_idle(&self) {
+        if self.leases.is_shut_down() {
+            return;
+        }
+        let wanted = self.min_idle as usize;
+        let (mut kept, mut healthy) = (Vec::new(), 0);
+        // Idle ones first; then, while some are missing, the pool's other idle ones or new ones (a failure is
+        // retried, with jitter, at the next turn). All are held until the end, so none is counted twice.
+        while healthy < wanted && kept.len() < 2 * wanted {
+            let client = match self.pool.try_get() {
+                Some(client) => client,
+                None => match self.pool.get() {
+                    Ok(client) => client,
+                    Err(e) => {
+                        log::debug!("could not open an idle admin connection: {e}");
+                        break;
+                    }
+                },
+            };
+            kept.push(client);
+            if kept.last_mut().is_some_and(|c| c.simple_query("").is_ok()) {
+                healthy += 1;
+            }
         }
     }
 
@@ -1101,6 +1160,28 @@ impl Drop for Broker {
         if let Err(err) = self.stop(self.shutdown_mode) {
             log::error!("{err}");
         }
+    }
+}
+
+/// The most a failed admin connection attempt adds to r2d2's delay before the next.
+const RECONNECT_JITTER: Duration = Duration::from_secs(1);
+
+/// The admin pool's handler of failed connection attempts. r2d2 retries a failed attempt in the background after
+/// 200 ms, doubling up to half the connect timeout, with no jitter; it calls this handler on its worker thread
+/// just before scheduling the retry, so sleeping here a random part of `max` (full jitter) spreads the
+/// reconnects of a fleet whose server restarted, and of brokers refused with "too many clients".
+#[derive(Debug)]
+struct SpreadReconnects {
+    max: Duration,
+}
+
+impl r2d2::HandleError<postgres::Error> for SpreadReconnects {
+    fn handle_error(&self, error: postgres::Error) {
+        log::warn!(
+            "could not open an admin connection ({}); retrying",
+            describe(&error)
+        );
+        std::thread::sleep(crate::backoff::full_jitter(self.max));
     }
 }
 

@@ -18,14 +18,16 @@ use crate::revoke::{revoke_leases_unflushed, BATCH};
 pub(crate) fn run(shared: Arc<Shared>) {
     log::debug!("sweeper started");
     // Recovery at build has just swept orphans.
-    let mut next_orphan_sweep = later(shared.orphan_interval);
+    // Spread ±25%: instances started together (a fleet after a restart) would otherwise all connect for the
+    // sweep's lock at the same moments.
+    let mut next_orphan_sweep = later(crate::backoff::spread(shared.orphan_interval));
     loop {
         let work =
             shared
                 .leases
                 .next_sweeper_work(BATCH, shared.revocation_workers(), next_orphan_sweep);
         if let SweeperWork::Orphans = work {
-            next_orphan_sweep = later(shared.orphan_interval);
+            next_orphan_sweep = later(crate::backoff::spread(shared.orphan_interval));
         }
         if let SweeperWork::Stop = work {
             log::debug!("sweeper stopped");

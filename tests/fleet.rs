@@ -260,3 +260,173 @@ fn pre_flight_says_how_to_configure_the_reserve() {
     };
     assert!(advice[0].contains(expected), "{}", advice[0]);
 }
+
+/// How many brokers make the fleet, and the server's `max_connections`.
+const FLEET: usize = 40;
+const MAX_CONNECTIONS: &str = "60";
+
+/// A fleet of brokers with default pool settings on `pg`, each with its own instance name and role `app`
+/// (leases of `lease`), built one after another as instances come up.
+fn fleet(pg: &TestPostgres, app: &str, lease: Duration) -> Vec<Broker> {
+    (0..FLEET)
+        .map(|i| {
+            let broker = Broker::builder()
+                .connection(
+                    pg.connection_string_with(&format!("sslmode=disable application_name={app}")),
+                )
+                .instance_name(format!("{app}-{i}"))
+                .build()
+                .unwrap_or_else(|e| panic!("broker {i}: {e}"));
+            broker
+                .write_role("app", Role::new().lease(lease, lease))
+                .unwrap();
+            broker
+        })
+        .collect()
+}
+
+/// Samples the fleet's admin sessions every 50 ms until `stop`; returns the most seen at once.
+fn peak_sessions(pg: &TestPostgres, app: &str, stop: &std::sync::atomic::AtomicBool) -> i64 {
+    let mut observer = pg.admin_client().unwrap();
+    let mut peak = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Ok(row) = observer.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        ) {
+            peak = peak.max(row.get(0));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    peak
+}
+
+/// Lines of the crate's log that say a connection was refused for lack of slots.
+fn too_many_clients_lines() -> usize {
+    common::logs::lines()
+        .iter()
+        .filter(|l| l.contains("too many clients") || l.contains("remaining connection slots"))
+        .count()
+}
+
+#[test]
+fn forty_brokers_issue_and_expire_leases_on_sixty_connections() {
+    common::logs::install();
+    let pg = TestPostgres::builder()
+        .setting("max_connections", MAX_CONNECTIONS)
+        .start()
+        .unwrap();
+    let app = "fleet_expiry";
+    let brokers = fleet(&pg, app, Duration::from_secs(2));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (peak, issued) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| peak_sessions(&pg, app, &stop));
+        let workers: Vec<_> = brokers
+            .iter()
+            .map(|broker| {
+                scope.spawn(move || {
+                    let mut users = Vec::new();
+                    for _ in 0..3 {
+                        users.push(broker.creds("app").map(|c| c.username().to_owned())?);
+                    }
+                    Ok::<_, credbroker::Error>(users)
+                })
+            })
+            .collect();
+        let issued: Vec<Vec<String>> = workers
+            .into_iter()
+            .map(|w| w.join().unwrap().expect("creds on a fleet of 40"))
+            .collect();
+        // Every lease expires and is swept by its own broker.
+        let swept = common::eventually(Duration::from_secs(120), || {
+            brokers.iter().all(|b| b.leases().is_empty())
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            swept,
+            "leases left: {}, failed: {:?}",
+            brokers.iter().map(|b| b.leases().len()).sum::<usize>(),
+            brokers
+                .iter()
+                .flat_map(|b| b.failed_leases())
+                .map(|l| l.last_error().map(str::to_owned))
+                .collect::<Vec<_>>()
+        );
+        (watcher.join().unwrap(), issued)
+    });
+    let mut observer = pg.admin_client().unwrap();
+    for user in issued.iter().flatten() {
+        assert!(!role_exists(&mut observer, user), "{user} dropped");
+    }
+    let stats: u64 = brokers.iter().map(|b| b.stats().expired).sum();
+    assert_eq!(stats, 3 * FLEET as u64, "every lease expired, none failed");
+    eprintln!(
+        "{FLEET} brokers: peak {peak} admin sessions; {} refusals for lack of slots were retried",
+        too_many_clients_lines()
+    );
+}
+
+#[test]
+fn forty_brokers_recover_from_a_server_restart() {
+    common::logs::install();
+    let pg = TestPostgres::builder()
+        .setting("max_connections", MAX_CONNECTIONS)
+        .start()
+        .unwrap();
+    let app = "fleet_restart";
+    let brokers = fleet(&pg, app, Duration::from_secs(3600));
+    let before: Vec<String> = brokers
+        .iter()
+        .map(|b| b.creds("app").unwrap().lease_id().to_owned())
+        .collect();
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let restarted = parking_lot::Mutex::new(None::<std::time::Instant>);
+    let errors = parking_lot::Mutex::new(Vec::<(std::time::Instant, String)>::new());
+    std::thread::scope(|scope| {
+        for broker in &brokers {
+            let (stop, errors) = (&stop, &errors);
+            scope.spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let result = broker.creds("app").and_then(|c| {
+                        broker.renew(c.lease_id(), None)?;
+                        broker.revoke(c.lease_id())
+                    });
+                    if let Err(e) = result {
+                        errors
+                            .lock()
+                            .push((std::time::Instant::now(), e.to_string()));
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        pg.restart().unwrap();
+        *restarted.lock() = Some(std::time::Instant::now());
+        // Long enough for every broker to go round its loop many times after the restart, under load.
+        std::thread::sleep(Duration::from_secs(30));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let restarted = restarted.lock().expect("restarted");
+    let errors = errors.into_inner();
+    let late: Vec<&(std::time::Instant, String)> = errors
+        .iter()
+        .filter(|(at, _)| at.saturating_duration_since(restarted) > Duration::from_secs(10))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "errors more than 10 s after the restart: {:?}",
+        late.iter().map(|(_, e)| e).collect::<Vec<_>>()
+    );
+    // Leases issued before the restart are still the brokers' to renew and revoke.
+    for (broker, id) in brokers.iter().zip(&before) {
+        broker.renew(id, None).unwrap();
+        broker.revoke(id).unwrap();
+    }
+    eprintln!(
+        "{FLEET} brokers through a restart: {} errors, all within 10 s of it; {} refusals for lack of slots retried",
+        errors.len(),
+        too_many_clients_lines()
+    );
+}
