@@ -185,8 +185,8 @@ impl BrokerBuilder {
 
     /// How long an admin connection may sit unused before it is closed (1 second to 24 hours; default 60
     /// seconds). The pool looks every 30 seconds, so an idle connection closes between `idle_timeout` and
-    /// `idle_timeout` + 30 s. It closes every such connection, then opens new ones up to
-    /// [`min_idle`](BrokerBuilder::min_idle): at rest a broker reconnects once per `idle_timeout` or so.
+    /// `idle_timeout` + 30 s. The [`min_idle`](BrokerBuilder::min_idle) connections kept at rest are used (a
+    /// ping) every `idle_timeout / 2`, so they stay open, and are reopened if they broke.
     pub fn idle_timeout(mut self, timeout: Duration) -> BrokerBuilder {
         self.idle_timeout = timeout;
         self
