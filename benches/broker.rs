@@ -9,12 +9,14 @@
 //! | `pool.get()` + `SELECT 1` + return at 1, 2, 4 threads, 1 h lease (no rotation) | a bare `r2d2` pool of `r2d2_postgres` connections, same size, logged in with a credential of the same role; it pings (`simple_query("")`) at every checkout, ours only after 500 ms idle |
 //! | the same loop at 4 threads while the pool rotates (lease 2 s, max 4 s: every 2 s), errors counted | the same pool with a 1 h lease (no rotation) |
 //! | the sweeper draining 10,000 expired leases | one `DROP ROLE` per transaction |
+//! | a fleet of 40 brokers on one server (`max_connections = 60`): admin connections at rest and at peak, `creds()` at 40 threads (one per broker), expiry of 10,000 leases spread over the fleet, recovery after a restart | `creds()` of one broker, one thread |
 //! | the lease table alone at 10k, 100k, 1M leases | — (targets: ≥ 1M insert+remove/s, ≤ 256 bytes per lease) |
 //! | the sweeper's lateness with 100k live leases | — (target: p99 ≤ 50 ms) |
 //! | `stats()` with 100k live leases | — (target: p99 ≤ 1 ms, to poll it every second) |
 //!
 //! `cargo bench` runs it all (a few minutes); `CREDBROKER_BENCH_QUICK=1` runs smaller sizes,
-//! `CREDBROKER_BENCH_TABLE_ONLY=1` only the lease table (no database, for profiling), and
+//! `CREDBROKER_BENCH_TABLE_ONLY=1` only the lease table (no database, for profiling),
+//! `CREDBROKER_BENCH_FLEET_ONLY=1` the lease table and the fleet rows, and
 //! `CREDBROKER_BENCH_POOL_ONLY=1` only the pool rows.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -96,6 +98,8 @@ struct Run {
     max: Duration,
     /// CPU time of this process (the client side) per operation.
     cpu: Duration,
+    /// How long the run took.
+    elapsed: Duration,
 }
 
 impl Run {
@@ -216,6 +220,7 @@ fn run<S: Send>(
         p99: percentile(&all, 0.99),
         max: all.last().copied().unwrap_or_default(),
         cpu: cpu / all.len().max(1) as u32,
+        elapsed,
     })
 }
 
@@ -266,6 +271,12 @@ fn bench() -> Result<()> {
     }
 
     if std::env::var_os("CREDBROKER_BENCH_TABLE_ONLY").is_some() {
+        return print(rows);
+    }
+    if !pool_only {
+        fleet(&mut rows, quick)?;
+    }
+    if std::env::var_os("CREDBROKER_BENCH_FLEET_ONLY").is_some() {
         return print(rows);
     }
     let pg = TestPostgres::start()?;
@@ -356,8 +367,9 @@ fn lease_table(rows: &mut Vec<Row>, sizes: &[usize]) {
 
         // At n live leases: insert a new one and remove an old one, as a steady issue-and-revoke load does.
         let churn = n.min(200_000);
-        let fresh: Vec<_> = (0..churn as u128)
-            .map(|i| table.lease(u128::MAX - i, base + Duration::from_secs(7200)))
+        // Random keys, as real lease ids have (the table's hasher relies on it).
+        let fresh: Vec<_> = (0..churn)
+            .map(|_| table.lease(rand::random(), base + Duration::from_secs(7200)))
             .collect();
         let start = Instant::now();
         for (lease, old) in fresh.into_iter().zip(&ids) {
@@ -920,4 +932,205 @@ fn lateness(pg: &TestPostgres, rows: &mut Vec<Row>, live: usize) -> Result<()> {
 
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
+}
+
+/// How many brokers make the fleet, on a server with `max_connections = 60`.
+const FLEET: usize = 40;
+
+/// A fleet of [`FLEET`] brokers with default pool settings on one server with `max_connections = 60`, as 40
+/// instances of a service would run: admin connections held at rest and at peak, `creds()` over the whole fleet
+/// (one thread per broker) against one broker's on one thread, the expiry of 10,000 leases spread over the fleet,
+/// and how long after a server restart every broker issues again.
+fn fleet(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
+    use std::sync::atomic::AtomicBool;
+    let pg = TestPostgres::builder()
+        .setting("max_connections", "60")
+        .start()?;
+    let app = "bench_fleet";
+    let sessions = |client: &mut postgres::Client| -> i64 {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+                &[&app],
+            )
+            .map(|row| row.get(0))
+            .unwrap_or(-1)
+    };
+    // Samples the fleet's admin sessions every 20 ms until `stop` (reconnecting across a restart); the most seen
+    // at once.
+    let peak = |stop: &AtomicBool| -> i64 {
+        let mut observer = None;
+        let mut peak = 0;
+        while !stop.load(Ordering::Relaxed) {
+            if observer.is_none() {
+                observer = pg.admin_client().ok();
+            }
+            if let Some(client) = observer.as_mut() {
+                match sessions(client) {
+                    -1 => observer = None,
+                    n => peak = peak.max(n),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak
+    };
+    let brokers: Vec<Broker> = (0..FLEET)
+        .map(|i| -> Result<Broker> {
+            let broker = Broker::builder()
+                .connection(
+                    pg.connection_string_with(&format!("sslmode=disable application_name={app}")),
+                )
+                .instance_name(format!("bench-fleet-{i}"))
+                .scram_iterations(1)
+                .build()?;
+            broker.write_role("app", Role::new())?;
+            Ok(broker)
+        })
+        .collect::<Result<_>>()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let at_rest = sessions(&mut pg.admin_client()?);
+
+    let ops = if quick { 400 } else { 2_000 };
+    let one = run(
+        1,
+        Work::Ops(ops / 4),
+        |_| Ok(&brokers[0]),
+        |b, _| {
+            b.creds("app")?;
+            Ok(())
+        },
+    )?;
+    let stop = AtomicBool::new(false);
+    let (all, at_peak) = std::thread::scope(|scope| -> Result<(Run, i64)> {
+        let watcher = scope.spawn(|| peak(&stop));
+        let all = run(
+            FLEET,
+            Work::Ops(ops),
+            |t| Ok(&brokers[t]),
+            |b, _| {
+                b.creds("app")?;
+                Ok(())
+            },
+        );
+        stop.store(true, Ordering::Relaxed);
+        Ok((all?, watcher.join().map_err(|_| "the watcher panicked")?))
+    })?;
+    rows.push(
+        Row::new(
+            format!("fleet of {FLEET}: admin connections at rest / peak"),
+            format!("{at_rest} / {at_peak} (max_connections 60)"),
+        )
+        .target(
+            format!("≤ {FLEET} at rest"),
+            (0..=FLEET as i64).contains(&at_rest),
+        ),
+    );
+    rows.push(
+        Row::new(
+            format!("fleet of {FLEET}: creds(), 1 thread per broker"),
+            all.show(),
+        )
+        .against(
+            format!("one broker, 1 thread: {}", one.show()),
+            all.per_sec / one.per_sec,
+        ),
+    );
+
+    // Expiry: leases issued over the whole fleet with a lease long enough to issue them all first.
+    let leases = if quick { 2_000 } else { 10_000 };
+    let lease = Duration::from_secs_f64((leases as f64 / all.per_sec * 2.0).max(5.0));
+    for broker in &brokers {
+        broker.write_role("short", Role::new().lease(lease, lease))?;
+    }
+    let issued = run(
+        FLEET,
+        Work::Ops(leases),
+        |t| Ok(&brokers[t]),
+        |b, _| {
+            b.creds("short")?;
+            Ok(())
+        },
+    )?;
+    let short = |b: &Broker| {
+        b.leases()
+            .into_iter()
+            .filter(|l| l.role() == "short")
+            .collect::<Vec<_>>()
+    };
+    let expires = |b: &Broker| short(b).iter().map(|l| l.expires_at()).collect::<Vec<_>>();
+    let ends: Vec<SystemTime> = brokers.iter().flat_map(expires).collect();
+    let first = ends.iter().min().copied().unwrap_or_else(SystemTime::now);
+    let last = ends.iter().max().copied().unwrap_or_else(SystemTime::now);
+    let deadline = Instant::now() + lease + Duration::from_secs(300);
+    while brokers.iter().any(|b| !short(b).is_empty()) {
+        if Instant::now() > deadline {
+            return Err("the fleet did not drop its expired leases within 5 minutes".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gone = SystemTime::now();
+    let after_last = gone.duration_since(last).unwrap_or_default();
+    let span = gone.duration_since(first).unwrap_or_default();
+    rows.push(Row::new(
+        format!(
+            "fleet of {FLEET}: {} leases expiring",
+            issued_count(&issued)
+        ),
+        format!(
+            "all dropped {:.2} s after the last end ({:.0}/s over {:.1} s of ends)",
+            after_last.as_secs_f64(),
+            leases as f64 / span.as_secs_f64(),
+            last.duration_since(first).unwrap_or_default().as_secs_f64()
+        ),
+    ));
+
+    // Restart: every broker loops on creds() until one succeeds.
+    let stop = AtomicBool::new(false);
+    let (recovery, restart_peak, errors) = std::thread::scope(|scope| -> Result<_> {
+        let watcher = scope.spawn(|| peak(&stop));
+        pg.restart()?;
+        let restarted = Instant::now();
+        let workers: Vec<_> = brokers
+            .iter()
+            .map(|b| {
+                scope.spawn(move || {
+                    let mut errors = 0;
+                    while b.creds("app").is_err() {
+                        errors += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    (restarted.elapsed(), errors)
+                })
+            })
+            .collect();
+        let mut times = Vec::new();
+        let mut errors = 0;
+        for w in workers {
+            let (time, e) = w.join().map_err(|_| "a fleet thread panicked")?;
+            times.push(time);
+            errors += e;
+        }
+        stop.store(true, Ordering::Relaxed);
+        times.sort();
+        Ok((
+            times,
+            watcher.join().map_err(|_| "the watcher panicked")?,
+            errors,
+        ))
+    })?;
+    rows.push(Row::new(
+        format!("fleet of {FLEET}: recovery after a restart"),
+        format!(
+            "all issuing {:.2} s after (p50 {:.2} s), {errors} errors, peak {restart_peak} connections",
+            recovery.last().copied().unwrap_or_default().as_secs_f64(),
+            percentile(&recovery, 0.5).as_secs_f64()
+        ),
+    ));
+    Ok(())
+}
+
+/// How many operations a run did.
+fn issued_count(run: &Run) -> usize {
+    (run.per_sec * run.elapsed.as_secs_f64()).round() as usize
 }

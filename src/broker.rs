@@ -10,6 +10,7 @@ use parking_lot::RwLock;
 use postgres::error::SqlState;
 use postgres::Client;
 use r2d2::{Pool, PooledConnection};
+use scheduled_thread_pool::ScheduledThreadPool;
 use zeroize::Zeroizing;
 
 use crate::connection::{AdminManager, Connection, PasswordProvider, SslMode};
@@ -44,6 +45,9 @@ const USERNAME_ATTEMPTS: usize = 3;
 /// | [`connection`](BrokerBuilder::connection) | required |
 /// | [`lease`](BrokerBuilder::lease) | 1 hour default, 24 hours max |
 /// | [`pool_size`](BrokerBuilder::pool_size) | 4 connections |
+/// | [`min_idle`](BrokerBuilder::min_idle) | 1 connection |
+/// | [`idle_timeout`](BrokerBuilder::idle_timeout) | 60 seconds |
+/// | [`max_leases`](BrokerBuilder::max_leases) | no cap |
 /// | [`connect_timeout`](BrokerBuilder::connect_timeout) | 10 seconds |
 /// | [`statement_timeout`](BrokerBuilder::statement_timeout) | 30 seconds |
 /// | [`lock_timeout`](BrokerBuilder::lock_timeout) | 5 seconds |
@@ -62,6 +66,9 @@ pub struct BrokerBuilder {
     default_lease: Duration,
     max_lease: Duration,
     pool_size: u32,
+    min_idle: u32,
+    idle_timeout: Duration,
+    max_leases: Option<u32>,
     connect_timeout: Duration,
     statement_timeout: Duration,
     lock_timeout: Duration,
@@ -85,6 +92,9 @@ impl Default for BrokerBuilder {
             default_lease: Duration::from_secs(3600),
             max_lease: Duration::from_secs(24 * 3600),
             pool_size: 4,
+            min_idle: DEFAULT_MIN_IDLE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_leases: None,
             connect_timeout: Duration::from_secs(10),
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
@@ -110,6 +120,9 @@ impl fmt::Debug for BrokerBuilder {
             .field("default_lease", &self.default_lease)
             .field("max_lease", &self.max_lease)
             .field("pool_size", &self.pool_size)
+            .field("min_idle", &self.min_idle)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_leases", &self.max_leases)
             .field("connect_timeout", &self.connect_timeout)
             .field("statement_timeout", &self.statement_timeout)
             .field("lock_timeout", &self.lock_timeout)
@@ -186,10 +199,50 @@ impl BrokerBuilder {
         self
     }
 
-    /// How many admin connections the pool keeps (at least 1). Each `creds`, `renew` and `revoke` holds one for
-    /// the duration of its SQL; the sweeper uses the same pool.
+    /// The most admin connections the pool opens at once (at least 1). Each `creds`, `renew` and `revoke` holds
+    /// one for the duration of its SQL; the sweeper uses the same pool. Connections beyond
+    /// [`min_idle`](BrokerBuilder::min_idle) are opened only while there is work, and closed once idle for
+    /// [`idle_timeout`](BrokerBuilder::idle_timeout).
     pub fn pool_size(mut self, size: u32) -> BrokerBuilder {
         self.pool_size = size;
+        self
+    }
+
+    /// How many admin connections the broker keeps open while it has nothing to do (0 to
+    /// [`pool_size`](BrokerBuilder::pool_size); default 1). One open connection means a revocation never needs a
+    /// new one, even on a server with no free slot; 0 holds none at rest, and every burst of work connects first.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = credbroker::Broker::builder()
+    ///     .pool_size(4)
+    ///     .min_idle(1)
+    ///     .idle_timeout(Duration::from_secs(60));
+    /// ```
+    pub fn min_idle(mut self, connections: u32) -> BrokerBuilder {
+        self.min_idle = connections;
+        self
+    }
+
+    /// How long an admin connection may sit unused before it is closed (1 second to 24 hours; default 60
+    /// seconds). The pool looks every 30 seconds, so an idle connection closes between `idle_timeout` and
+    /// `idle_timeout` + 30 s. The [`min_idle`](BrokerBuilder::min_idle) connections kept at rest are used (a
+    /// ping) every `idle_timeout / 2`, so they stay open, and are reopened if they broke.
+    pub fn idle_timeout(mut self, timeout: Duration) -> BrokerBuilder {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Caps the leases this broker holds, all roles together (at least 1; default: no cap). Once `n` leases are
+    /// issued and not yet dropped, [`creds`](Broker::creds) fails with [`ErrorKind::LeaseCap`] and creates
+    /// nothing; leases adopted at start count but are never refused. Roles have caps of their own:
+    /// [`Role::max_leases`].
+    ///
+    /// ```
+    /// let builder = credbroker::Broker::builder().max_leases(10_000);
+    /// ```
+    pub fn max_leases(mut self, n: u32) -> BrokerBuilder {
+        self.max_leases = Some(n);
         self
     }
 
@@ -342,6 +395,28 @@ impl BrokerBuilder {
                 "pool_size is 0; the broker needs at least one connection",
             ));
         }
+        if self.min_idle > self.pool_size {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "min_idle is {} but pool_size is {}; give a min_idle of at most pool_size (1 is the default)",
+                    self.min_idle, self.pool_size
+                ),
+            ));
+        }
+        if self.max_leases == Some(0) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "max_leases is 0; give at least 1, or leave it unset for no cap",
+            ));
+        }
+        check_duration(
+            "idle_timeout",
+            self.idle_timeout,
+            Duration::from_secs(1),
+            MAX_IDLE_TIMEOUT,
+            "Duration::from_secs(60)",
+        )?;
         check_duration(
             "connect_timeout",
             self.connect_timeout,
@@ -424,13 +499,29 @@ impl BrokerBuilder {
 
         let manager = AdminManager(connection.clone());
         let failover = Arc::new(Failover::new(self.failover_window));
+        // r2d2's default: three threads for its reaper and background connects, here shared with `keep_idle`.
+        let threads = Arc::new(
+            ScheduledThreadPool::builder()
+                .num_threads(3)
+                .thread_name_pattern("credbroker-admin-pool-{}")
+                .build(),
+        );
         let pool = Pool::builder()
             // Reads every new connection's server identity, to notice a failover.
             .connection_customizer(Box::new(IdentityCheck(failover.clone())))
             .max_size(self.pool_size)
+            // r2d2's `min_idle` keeps that many connections *idle*: it opens one more whenever the last idle one
+            // is checked out, doubling a quiet broker's connections at each operation. So r2d2 keeps none, closes
+            // whatever sits idle past `idle_timeout`, and `keep_idle` below holds our `min_idle` open.
+            .min_idle(Some(0))
+            .idle_timeout(Some(self.idle_timeout))
+            .thread_pool(threads.clone())
             // The connection was just verified; a ping before every operation would double the round trips.
             .test_on_check_out(false)
             .connection_timeout(self.connect_timeout)
+            .error_handler(Box::new(SpreadReconnects {
+                max: RECONNECT_JITTER.min(self.connect_timeout / 2),
+            }))
             .build_unchecked(manager);
         log::info!(
             "instance {instance} connected to PostgreSQL at {} as {}{} (sslmode={}), pool of {}",
@@ -461,10 +552,24 @@ impl BrokerBuilder {
             instance,
             orphan_interval: self.orphan_interval,
             failover,
+            max_leases: self.max_leases,
+            min_idle: self.min_idle,
             op_bound: self
                 .connect_timeout
                 .saturating_add(self.statement_timeout.saturating_mul(4)),
         });
+        if self.min_idle > 0 {
+            // Twice per idle timeout, so a kept connection is never idle long enough to be reaped; first after
+            // that long, as the build's own statements below open the first connection. A weak reference: the
+            // job lives on the pool's threads, which the pool owns.
+            let weak = Arc::downgrade(&shared);
+            let period = self.idle_timeout / 2;
+            threads.execute_at_fixed_rate(period, period, move || {
+                if let Some(shared) = weak.upgrade() {
+                    shared.keep_idle();
+                }
+            });
+        }
         let recovered = recovery::recover(&shared, self.recovery)?;
         log::info!(
             "recovery: adopted {} live leases, dropped {} roles of earlier runs ({} left to retry)",
@@ -511,6 +616,12 @@ const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Longest statement and lock timeouts (PostgreSQL takes milliseconds as a 32-bit integer).
 const MAX_STATEMENT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Default [`BrokerBuilder::min_idle`].
+const DEFAULT_MIN_IDLE: u32 = 1;
+/// Default [`BrokerBuilder::idle_timeout`].
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest [`BrokerBuilder::idle_timeout`].
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Longest [`BrokerBuilder::orphan_sweep_interval`].
 const MAX_ORPHAN_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// How long stopping the broker with [`ShutdownMode::Keep`] waits for revocations in flight before leaving
@@ -536,6 +647,10 @@ pub(crate) struct Shared {
     pub(crate) orphan_interval: Duration,
     /// The server identity seen, the roles dropped recently and the leases lost, for failovers.
     pub(crate) failover: Arc<Failover>,
+    /// The broker's cap on leases in the table, if any.
+    max_leases: Option<u32>,
+    /// How many admin connections to keep open at rest.
+    min_idle: u32,
     /// The longest one lease operation may take (a connection plus a few statements): how long a renewal waits
     /// for another renewal of its lease, and a revocation for the one in flight.
     pub(crate) op_bound: Duration,
@@ -593,6 +708,36 @@ impl Shared {
         }
     }
 
+    /// Keeps `min_idle` admin connections open: takes that many idle ones (r2d2 hands out the most recently
+    /// returned first, so the others keep ageing and are closed after `idle_timeout`), pings each (a broken one is
+    /// discarded when returned), and opens new ones for any missing. Runs on the pool's threads; never long
+    /// (bounded by the connect timeout) and never while the broker is stopping.
+    fn keep_idle(&self) {
+        if self.leases.is_shut_down() {
+            return;
+        }
+        let wanted = self.min_idle as usize;
+        let (mut kept, mut healthy) = (Vec::new(), 0);
+        // Idle ones first; then, while some are missing, the pool's other idle ones or new ones (a failure is
+        // retried, with jitter, at the next turn). All are held until the end, so none is counted twice.
+        while healthy < wanted && kept.len() < 2 * wanted {
+            let client = match self.pool.try_get() {
+                Some(client) => client,
+                None => match self.pool.get() {
+                    Ok(client) => client,
+                    Err(e) => {
+                        log::debug!("could not open an idle admin connection: {e}");
+                        break;
+                    }
+                },
+            };
+            kept.push(client);
+            if kept.last_mut().is_some_and(|c| c.simple_query("").is_ok()) {
+                healthy += 1;
+            }
+        }
+    }
+
     /// How many connections may work on revocation at once: all but one of the pool's, so that `creds` and
     /// `renew` in other threads still find one.
     pub(crate) fn revocation_workers(&self) -> usize {
@@ -638,6 +783,8 @@ impl Shared {
             ));
         }
         let role = self.current_role(name).ok_or_else(|| unknown_role(name))?;
+        // Counted with the table under its lock, before anything is created: released on any failure below.
+        let slot = self.leases.reserve(&role, self.max_leases)?;
         let now = SystemTime::now();
         let (issued_at, expires_at, max_expires_at) = role.policy.issue(now);
         let password = role.new_password()?;
@@ -707,7 +854,7 @@ impl Shared {
             revocation_attempts: 0,
             last_error: None,
         };
-        self.leases.issued(lease, &role);
+        slot.issued(lease, &role);
         log::info!(
             "issued lease {} for role {name}: user {username}, valid until {expiration}",
             mark.lease_id
@@ -1145,6 +1292,25 @@ impl Drop for Broker {
         if let Err(err) = self.stop(self.shutdown_mode) {
             log::error!("{err}");
         }
+    }
+}
+
+/// The most a failed admin connection attempt adds to r2d2's delay before the next.
+const RECONNECT_JITTER: Duration = Duration::from_secs(1);
+
+/// The admin pool's handler of failed connection attempts. r2d2 retries a failed attempt in the background after
+/// 200 ms, doubling up to half the connect timeout, with no jitter; it calls this handler on its worker thread
+/// just before scheduling the retry, so sleeping here a random part of `max` (full jitter) spreads the
+/// reconnects of a fleet whose server restarted, and of brokers refused with "too many clients".
+#[derive(Debug)]
+struct SpreadReconnects {
+    max: Duration,
+}
+
+impl r2d2::HandleError<Error> for SpreadReconnects {
+    fn handle_error(&self, error: Error) {
+        log::warn!("could not open an admin connection ({error}); retrying");
+        std::thread::sleep(crate::backoff::full_jitter(self.max));
     }
 }
 

@@ -46,6 +46,10 @@ pub enum ErrorKind {
     /// The admin password provider ([`BrokerBuilder::password_provider`](crate::BrokerBuilder::password_provider))
     /// returned an error; [`std::error::Error::source`] is that error.
     PasswordProvider,
+    /// A cap on live leases (the role's [`Role::max_leases`](crate::Role::max_leases) or the broker's
+    /// [`BrokerBuilder::max_leases`](crate::BrokerBuilder::max_leases)) is reached; nothing was created. Revoke
+    /// leases, let them expire, or raise the cap.
+    LeaseCap,
     /// The broker has shut down: a [`RolePool`](crate::RolePool) that outlived it can no longer renew or rotate
     /// its credential, and found no connection.
     ShutDown,

@@ -18,6 +18,7 @@
 //! the roles that use templates pay for it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -140,16 +141,45 @@ pub(crate) struct DueLease {
     pub due: u64,
 }
 
+/// Hashes a lease key, 128 bits from the operating system's CSPRNG, by folding it to 64 bits: the bits are
+/// uniform already, so the XOR of the two halves is too, and every bit hashbrown reads (the low ones pick the
+/// bucket, the top seven the tag) is random. SipHash over them, the standard library's default, costs more than
+/// the rest of an insert and buys nothing here: its keyed mixing defends against keys an attacker chooses to
+/// collide (hash flooding), and the broker chooses these. (Recovery adopts keys read from role comments, which
+/// only someone with ADMIN OPTION on the marker role can write: an admin, who can do worse than slow a map.)
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct RandomKeyHasher(u64);
+
+impl std::hash::Hasher for RandomKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write_u128(&mut self, key: u128) {
+        self.0 ^= (key as u64) ^ ((key >> 64) as u64);
+    }
+
+    /// Not used by `u128` keys; any other input is mixed byte by byte (FNV-1a) so the hasher stays correct.
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// A map keyed by lease keys, hashed with [`RandomKeyHasher`].
+type KeyMap<V> = HashMap<u128, V, BuildHasherDefault<RandomKeyHasher>>;
+
 /// The table. Keys are the lease ids' 128 random bits, so a hash map spreads them evenly; it finds a lease with one
 /// or two cache misses where a B-tree of a million entries takes six.
 #[derive(Debug, Default)]
 pub(crate) struct LeaseTable {
-    by_key: HashMap<u128, Entry>,
+    by_key: KeyMap<Entry>,
     due: BTreeSet<(u64, u128)>,
     /// The last revocation error of the few leases that have one, kept out of the entries to keep them small.
-    errors: HashMap<u128, Box<str>>,
+    errors: KeyMap<Box<str>>,
     /// The usernames not of the default shape (see [`UsernameSuffix::ELSEWHERE`]), whole.
-    names: HashMap<u128, Box<str>>,
+    names: KeyMap<Box<str>>,
     /// How many leases each role has, for stats polled every second (counting a million entries takes ms).
     per_role: BTreeMap<String, usize>,
 }

@@ -64,6 +64,11 @@ struct State {
     shutdown: Option<Instant>,
     /// A failover was seen: the sweeper reconciles before anything else.
     reconcile: bool,
+    /// Slots reserved by `creds` in progress, per role: counted against the caps with the table's leases, so
+    /// that concurrent issues cannot overshoot a cap.
+    reserved: std::collections::BTreeMap<String, usize>,
+    /// The sum of `reserved`.
+    reserved_total: usize,
 }
 
 impl State {
@@ -125,6 +130,50 @@ impl std::fmt::Display for Why {
             Why::Retried => f.write_str("retried"),
             Why::Revoke(cause) => cause.fmt(f),
         }
+    }
+}
+
+/// Room for one lease under the caps, held by a `creds` in progress; see [`Leases::reserve`].
+pub(crate) struct Slot<'a> {
+    leases: &'a Leases,
+    role: String,
+    /// Set once the slot has become a lease in the table.
+    taken: bool,
+}
+
+impl Slot<'_> {
+    /// Puts the newly issued lease in the table in the slot's place, and queues its event.
+    pub(crate) fn issued(mut self, lease: Lease, role: &Arc<CompiledRole>) {
+        let leases = self.leases;
+        let event = Event::Issued(IssuedEvent {
+            lease: lease.clone(),
+        });
+        {
+            let mut state = leases.state.lock();
+            release_slot(&mut state, &self.role);
+            self.taken = true;
+            leases.insert(&mut state, lease, role);
+            leases.queue(&mut state, event);
+        }
+        leases.flush();
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if !self.taken {
+            release_slot(&mut self.leases.state.lock(), &self.role);
+        }
+    }
+}
+
+fn release_slot(state: &mut State, role: &str) {
+    if let Some(n) = state.reserved.get_mut(role) {
+        *n -= 1;
+        if *n == 0 {
+            state.reserved.remove(role);
+        }
+        state.reserved_total -= 1;
     }
 }
 
@@ -198,17 +247,50 @@ impl Leases {
         }
     }
 
-    /// Puts a newly issued lease in the table and queues its event.
-    pub(crate) fn issued(&self, lease: Lease, role: &Arc<CompiledRole>) {
-        let event = Event::Issued(IssuedEvent {
-            lease: lease.clone(),
-        });
-        {
-            let mut state = self.state.lock();
-            self.insert(&mut state, lease, role);
-            self.queue(&mut state, event);
+    /// Reserves room for one more lease of `role` under its cap and the broker's (`broker_cap`), counting the
+    /// leases in the table and the slots other `creds` hold; fails with [`ErrorKind::LeaseCap`] naming the cap
+    /// reached. The slot is released when dropped, or turned into the lease by [`Slot::issued`].
+    pub(crate) fn reserve(
+        &self,
+        role: &CompiledRole,
+        broker_cap: Option<u32>,
+    ) -> Result<Slot<'_>, Error> {
+        let mut state = self.state.lock();
+        let as_count = |cap: u32| usize::try_from(cap).unwrap_or(usize::MAX);
+        if let Some(cap) = role.role.get_max_leases() {
+            let held = state.table.per_role().get(&role.name).copied().unwrap_or(0)
+                + state.reserved.get(&role.name).copied().unwrap_or(0);
+            if held >= as_count(cap) {
+                return Err(Error::new(
+                    ErrorKind::LeaseCap,
+                    format!(
+                        "role {:?} has {held} live leases, its cap (Role::max_leases({cap})); nothing was created. \
+                         Revoke leases or let them expire, or raise the cap with write_role",
+                        role.name
+                    ),
+                ));
+            }
         }
-        self.flush();
+        if let Some(cap) = broker_cap {
+            let held = state.table.len() + state.reserved_total;
+            if held >= as_count(cap) {
+                return Err(Error::new(
+                    ErrorKind::LeaseCap,
+                    format!(
+                        "the broker has {held} live leases, its cap (BrokerBuilder::max_leases({cap})); nothing was \
+                         created for role {:?}. Revoke leases or let them expire, or raise the cap",
+                        role.name
+                    ),
+                ));
+            }
+        }
+        *state.reserved.entry(role.name.clone()).or_default() += 1;
+        state.reserved_total += 1;
+        Ok(Slot {
+            leases: self,
+            role: role.name.clone(),
+            taken: false,
+        })
     }
 
     /// Puts a lease in the table without an event: one adopted at start, or a creation whose outcome was lost

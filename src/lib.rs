@@ -75,6 +75,7 @@
 //! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
 #![warn(missing_docs)]
 
+mod backoff;
 mod broker;
 mod connection;
 mod credential;

@@ -250,8 +250,21 @@ pub(crate) fn marked_roles(
     marker: &str,
 ) -> Result<Vec<MarkedRole>, postgres::Error> {
     let rows = client.query(sql::MARKED_ROLES, &[&marker])?;
-    Ok(rows
-        .iter()
+    Ok(to_marked(&rows))
+}
+
+/// The members of the marker role whose `VALID UNTIL` passed at least `age` ago by the server's clock.
+pub(crate) fn expired_marked_roles(
+    client: &mut Client,
+    marker: &str,
+    age: Duration,
+) -> Result<Vec<MarkedRole>, postgres::Error> {
+    let rows = client.query(sql::ORPHAN_CANDIDATES, &[&marker, &age.as_secs_f64()])?;
+    Ok(to_marked(&rows))
+}
+
+fn to_marked(rows: &[postgres::Row]) -> Vec<MarkedRole> {
+    rows.iter()
         .map(|row| {
             let valid_until: Option<i64> = row.get(1);
             let comment: Option<String> = row.get(2);
@@ -263,7 +276,7 @@ pub(crate) fn marked_roles(
                 mark: comment.as_deref().and_then(LeaseMark::parse),
             }
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

@@ -18,6 +18,9 @@
 //! [`owner`](crate::owner)); an owner that is a superuser, or the admin when it is a superuser, is refused with
 //! [`ErrorKind::InvalidConfig`].
 //!
+//! One more check only warns: whether the admin can still connect to a server whose ordinary connection slots
+//! are all taken (see [`reserve_advice`]), so that revocation never waits for a free slot.
+//!
 //! A degraded mode without session termination can be chosen explicitly with
 //! [`BrokerBuilder::terminate_sessions(false)`](crate::BrokerBuilder::terminate_sessions); then
 //! `pg_signal_backend` is not required.
@@ -148,6 +151,14 @@ pub(crate) fn check(client: &mut Client, needs: &Needs<'_>) -> Result<Admin, Err
             let (exists, reachable) = owner_state.map_or((false, false), |s| (true, s.reachable));
             owner::ensure_default_owner(client, exists, reachable, superuser, version)?;
         }
+        match reserve_advice(client, &user, superuser, version) {
+            Ok(None) => {}
+            Ok(Some(advice)) => log::warn!("{advice}"),
+            Err(e) => log::warn!(
+                "could not read the server's connection reserve settings: {}",
+                crate::error::describe(&e)
+            ),
+        }
         Ok(Admin { user, superuser })
     } else {
         Err(Error::new(
@@ -272,4 +283,68 @@ pub(crate) fn ensure_credentials_group(
             &[],
         )),
     }
+}
+
+/// What the admin lacks to open a connection on a server whose ordinary slots are all taken, with the setting or
+/// `GRANT` that fixes it; `None` if it can. A broker at rest holds `min_idle` connections, so a revocation
+/// usually needs none; one that does (the idle connection broken, or in use) takes a reserved slot:
+///
+/// | server | who may use the reserve | setting |
+/// |---|---|---|
+/// | 16+ | members of `pg_use_reserved_connections` | `reserved_connections` |
+/// | any | superusers (also the above) | `superuser_reserved_connections` (default 3) |
+pub(crate) fn reserve_advice(
+    client: &mut Client,
+    user: &str,
+    superuser: bool,
+    version: i32,
+) -> Result<Option<String>, postgres::Error> {
+    let admin = escape_identifier(user);
+    let setting = |client: &mut Client, name: &str| -> Result<i32, postgres::Error> {
+        Ok(client
+            .query_one("SELECT current_setting($1)::int", &[&name])?
+            .get(0))
+    };
+    let prefix = format!(
+        "admin user {user:?} cannot connect to a server whose ordinary connection slots are all taken, so \
+         revocation then waits for a free slot (and is retried with backoff)"
+    );
+    if superuser {
+        if setting(client, "superuser_reserved_connections")? > 0 {
+            return Ok(None);
+        }
+        return Ok(Some(format!(
+            "{prefix}: no slot is reserved for superusers; as a superuser run \
+             `ALTER SYSTEM SET superuser_reserved_connections = 3;` and restart PostgreSQL"
+        )));
+    }
+    if version < 160000 {
+        return Ok(Some(format!(
+            "{prefix}: before PostgreSQL 16 only superusers may use reserved slots \
+             (superuser_reserved_connections); on 16+ use `ALTER SYSTEM SET reserved_connections = 3;` and \
+             `GRANT pg_use_reserved_connections TO {admin};`"
+        )));
+    }
+    let reserved = setting(client, "reserved_connections")?;
+    let member: bool = client
+        .query_one(
+            "SELECT pg_has_role(current_user, 'pg_use_reserved_connections', 'USAGE')",
+            &[],
+        )?
+        .get(0);
+    let mut fixes = Vec::new();
+    if reserved == 0 {
+        fixes
+            .push("`ALTER SYSTEM SET reserved_connections = 3;` and restart PostgreSQL".to_owned());
+    }
+    if !member {
+        fixes.push(format!("`GRANT pg_use_reserved_connections TO {admin};`"));
+    }
+    if fixes.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{prefix}; as a superuser, run {}",
+        fixes.join(" and ")
+    )))
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use crate::broker::Shared;
 use crate::error::{Error, ErrorKind};
 use crate::lease::Lease;
-use crate::marker::{marked_roles, server_now, MarkedRole};
+use crate::marker::{expired_marked_roles, marked_roles, server_now, MarkedRole};
 use crate::revoke::{drop_roles, retry_delay, Target};
 use crate::role::{CompiledRole, Role};
 use crate::sql;
@@ -181,17 +181,13 @@ fn try_sweep_orphans(shared: &Shared) -> Result<usize, Error> {
         log::debug!("another instance is sweeping orphans; skipping this turn");
         return Ok(0);
     }
-    let marked = marked_roles(&mut lock, &shared.marker).map_err(db)?;
-    // The server's clock, not ours: with ours skewed ahead by more than a lease plus the interval, another
-    // instance's live roles would look expired.
-    let cutoff = server_now(&mut lock)
-        .map_err(db)?
-        .checked_sub(shared.orphan_interval)
-        .unwrap_or(SystemTime::UNIX_EPOCH);
+    // Expired for at least the interval by the server's clock, not ours: with ours skewed ahead by more than a
+    // lease plus the interval, another instance's live roles would look expired. Filtered on the server.
+    let marked =
+        expired_marked_roles(&mut lock, &shared.marker, shared.orphan_interval).map_err(db)?;
     let orphans: Vec<&MarkedRole> = {
         marked
             .iter()
-            .filter(|r| r.expires_at().is_some_and(|e| e <= cutoff))
             // Only roles whose comment the broker wrote: the marker may be a group with other members.
             .filter(|r| {
                 r.mark

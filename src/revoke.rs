@@ -405,33 +405,9 @@ pub(crate) fn revoke_lease(shared: &Shared, lease: &DueLease, why: Why) -> Resul
         .unwrap_or(Ok(()))
 }
 
-/// Delay before retry number `attempt` (1-based): doubling from one second, capped, with ±25% jitter so that
-/// many leases failing together do not retry in lockstep.
+/// Delay before retry number `attempt` (1-based): doubling from one second, capped, with equal jitter (see
+/// [`backoff`](crate::backoff)) so that many leases failing together, or many brokers after a restart, do not
+/// retry in lockstep.
 pub(crate) fn retry_delay(attempt: u32) -> Duration {
-    let exponential = FIRST_RETRY_DELAY.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-    exponential
-        .min(MAX_RETRY_DELAY)
-        .mul_f64(rand::random_range(0.75..1.25))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn retry_delay_grows_and_is_capped() {
-        for _ in 0..50 {
-            let first = retry_delay(1);
-            assert!(
-                first >= Duration::from_millis(750) && first <= Duration::from_millis(1250),
-                "{first:?}"
-            );
-            let fourth = retry_delay(4);
-            assert!(
-                fourth >= Duration::from_secs(6) && fourth <= Duration::from_secs(10),
-                "{fourth:?}"
-            );
-            assert!(retry_delay(u32::MAX) <= MAX_RETRY_DELAY.mul_f64(1.25));
-        }
-    }
+    crate::backoff::retry_delay(attempt, FIRST_RETRY_DELAY, MAX_RETRY_DELAY)
 }

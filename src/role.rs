@@ -48,6 +48,7 @@ pub struct Role {
     group: Option<String>,
     username_template: Option<String>,
     password_policy: Option<PasswordPolicy>,
+    max_leases: Option<u32>,
 }
 
 impl Default for Role {
@@ -68,6 +69,7 @@ impl Role {
             group: None,
             username_template: None,
             password_policy: None,
+            max_leases: None,
         }
     }
 
@@ -170,6 +172,25 @@ impl Role {
         self.password_policy.as_ref()
     }
 
+    /// Caps this role's leases in the lease table (at least 1; default: no cap but the broker's
+    /// [`max_leases`](crate::BrokerBuilder::max_leases)). Once `n` leases of the role are issued and not yet
+    /// dropped, [`creds`](crate::Broker::creds) fails with [`ErrorKind::LeaseCap`] and creates nothing. A
+    /// [`RolePool`](crate::RolePool) holds two leases of its role for a moment while it rotates.
+    ///
+    /// ```
+    /// let role = credbroker::Role::new().max_leases(100);
+    /// assert_eq!(role.get_max_leases(), Some(100));
+    /// ```
+    pub fn max_leases(mut self, n: u32) -> Role {
+        self.max_leases = Some(n);
+        self
+    }
+
+    /// The role's cap on live leases, if it has one.
+    pub fn get_max_leases(&self) -> Option<u32> {
+        self.max_leases
+    }
+
     /// The creation SQL template.
     pub fn get_creation_sql(&self) -> &str {
         &self.creation_sql
@@ -228,6 +249,14 @@ impl CompiledRole {
         };
         if let Some(policy) = &role.password_policy {
             policy.check(name)?;
+        }
+        if role.max_leases == Some(0) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "role {name:?}: max_leases is 0; give at least 1, or leave it unset for no cap"
+                ),
+            ));
         }
         use Placeholder::*;
         let creation = Template::parse(

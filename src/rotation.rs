@@ -10,7 +10,8 @@
 //!   renewals never wait behind it), or, if one is held longer, by the sweeper at the lease's end (which also ends
 //!   that connection's session).
 //!
-//! Failures (the database down, say) are logged and retried after 1 s, doubling up to 30 s; the pool keeps serving
+//! Failures (the database down, say) are logged and retried after 1 s, doubling up to 30 s, with equal jitter
+//! (half of each delay random, so that the pools of a fleet do not retry together after a restart); the pool keeps serving
 //! connections of the current credential meanwhile.
 
 use std::sync::Arc;
@@ -83,8 +84,7 @@ fn keep_valid(
             }
             None => {
                 failures += 1;
-                TICK.saturating_mul(1 << (failures - 1).min(5))
-                    .min(MAX_RETRY_DELAY)
+                crate::backoff::retry_delay(failures, TICK, MAX_RETRY_DELAY)
             }
         };
         for generation in take_drained(credentials) {

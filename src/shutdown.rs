@@ -85,9 +85,11 @@ fn revoke_until(shared: &Shared, deadline: Instant) -> usize {
             .filter(|r| r.is_ok())
             .count();
         if claimed.len() < limit && shared.leases.len() > 0 {
-            // Everything left just failed: give the cause a moment before the next round.
+            // Everything left just failed: give the cause a moment before the next round (jittered: a fleet
+            // shutting down together does not retry together).
             std::thread::sleep(
-                Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now())),
+                crate::backoff::equal_jitter(Duration::from_millis(200))
+                    .min(deadline.saturating_duration_since(Instant::now())),
             );
         }
     }

@@ -163,6 +163,17 @@ pub(crate) const MARKED_ROLES: &str = "SELECT r.rolname::text, \
      FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member \
      WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)";
 
+/// The orphan sweep's candidates: the members of the marker role `$1` whose `VALID UNTIL` passed at least `$2`
+/// seconds (a `float8`) ago by the server's clock, with the columns of [`MARKED_ROLES`]. The filter runs on the
+/// server, so a sweep of a catalog with many live credentials reads and sends only the expired ones (the members
+/// come from `pg_auth_members`' index on the marker; see the README's sizing section for the measurements).
+pub(crate) const ORPHAN_CANDIDATES: &str = "SELECT r.rolname::text, \
+     CASE WHEN isfinite(r.rolvaliduntil) THEN floor(extract(epoch FROM r.rolvaliduntil))::int8 END, \
+     shobj_description(r.oid, 'pg_authid') \
+     FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member \
+     WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1) \
+     AND r.rolvaliduntil <= now() - make_interval(secs => $2)";
+
 /// The reassign owner `$1`: whether it is a superuser, whether it is the admin, and whether the admin holds
 /// privilege `$2` (`MEMBER` or `USAGE`) on it. No row if the role does not exist.
 pub(crate) const OWNER_STATE: &str = "SELECT r.rolsuper, r.rolname = current_user, \

@@ -20,7 +20,9 @@ use crate::revoke::{revoke_leases_unflushed, BATCH};
 pub(crate) fn run(shared: Arc<Shared>) {
     log::debug!("sweeper started");
     // Recovery at build has just swept orphans.
-    let mut next_orphan_sweep = later(shared.orphan_interval);
+    // Spread ±25%: instances started together (a fleet after a restart) would otherwise all connect for the
+    // sweep's lock at the same moments.
+    let mut next_orphan_sweep = later(crate::backoff::spread(shared.orphan_interval));
     let mut next_probe = later(PROBE_INTERVAL);
     loop {
         let work = shared.leases.next_sweeper_work(
@@ -42,7 +44,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
                 Job::Probe
             }
             SweeperWork::Orphans => {
-                next_orphan_sweep = later(shared.orphan_interval);
+                next_orphan_sweep = later(crate::backoff::spread(shared.orphan_interval));
                 Job::Orphans
             }
         };

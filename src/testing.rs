@@ -102,6 +102,14 @@ pub struct TestPostgres {
     run_as: Option<(u32, u32)>,
 }
 
+/// The query recovery runs to read every marked role (parameter: the marker role), for measurements of its cost
+/// (`examples/catalog_cost.rs`).
+pub const MARKED_ROLES_QUERY: &str = crate::sql::MARKED_ROLES;
+
+/// The orphan sweep's query (parameters: the marker role, and the seconds a role must be expired as `float8`),
+/// for measurements of its cost (`examples/catalog_cost.rs`).
+pub const ORPHAN_CANDIDATES_QUERY: &str = crate::sql::ORPHAN_CANDIDATES;
+
 /// The superuser `initdb` creates.
 const ADMIN_USER: &str = "admin";
 

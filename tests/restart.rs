@@ -8,7 +8,12 @@ use credbroker::Role;
 
 #[test]
 fn calls_after_a_server_restart_succeed_on_fresh_connections() {
-    let env = common::start_with(|b| b.pool_size(4));
+    // min_idle = pool_size: the pool keeps all its slots open (checked every idle_timeout / 2 = 1 s).
+    let env = common::start_with(|b| {
+        b.pool_size(4)
+            .min_idle(4)
+            .idle_timeout(Duration::from_secs(2))
+    });
     env.broker.write_role("app", Role::new()).unwrap();
     let issued: Vec<_> = (0..4).map(|_| env.broker.creds("app").unwrap()).collect();
     // Let the pool fill all its slots, so that every one of them is broken by the restart.
