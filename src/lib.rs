@@ -90,6 +90,7 @@ mod recovery;
 mod revoke;
 mod role;
 mod rotation;
+mod runtime;
 mod shutdown;
 mod sql;
 mod sweeper;
