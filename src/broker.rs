@@ -971,7 +971,12 @@ impl Broker {
     /// [`creds`](Broker::creds) does, with [`ErrorKind::InvalidConfig`] for bad options, and with
     /// [`ErrorKind::Connection`] if the credential cannot log in.
     pub fn pool_with(&self, name: &str, options: PoolOptions) -> Result<RolePool, Error> {
-        off_runtime(|| RolePool::open(&self.shared, name, options, self.shutdown_mode))
+        off_runtime(|| self.pool_here(name, options))
+    }
+
+    /// [`pool_with`](Broker::pool_with), on this thread.
+    pub(crate) fn pool_here(&self, name: &str, options: PoolOptions) -> Result<RolePool, Error> {
+        RolePool::open(&self.shared, name, options, self.shutdown_mode)
     }
 
     /// Revokes every lease whose id starts with `prefix` (e.g. `postgresql/creds/production/`), in batches, and

@@ -47,6 +47,25 @@
 //! credential without closing a connection that is checked out. [`BrokerBuilder::event_handler`] receives every
 //! lease event, and [`Broker::stats`] counts them. `cargo run --example pool` shows a pool across rotations.
 //!
+//! # Async services
+//!
+//! Every method works inside a tokio runtime, blocking the calling worker thread for its round trip (see
+//! [`Broker`]). With feature `tokio`, `AsyncBroker` has the lifecycle as `async fn`s that leave the worker
+//! thread free:
+//!
+//! ```no_run
+//! # #[cfg(feature = "tokio")]
+//! # async fn example() -> Result<(), credbroker::Error> {
+//! let broker = credbroker::Broker::builder()
+//!     .connection("host=localhost user=username password=password")
+//!     .build_async()
+//!     .await?
+//!     .into_async(); // Clone: share it with every handler
+//! broker.write_role("web", credbroker::Role::new()).await?;
+//! let creds = broker.creds("web").await?;
+//! # Ok(()) }
+//! ```
+//!
 //! # What reaches PostgreSQL
 //!
 //! Passwords are 32 characters of `[A-Za-z0-9-]` (191 bits) from the operating system's CSPRNG. The broker sends
@@ -69,11 +88,14 @@
 //! - `preflight`: the admin rights `build()` checks. `shutdown`: keep or revoke leases when the broker stops.
 //! - `pool`: [`RolePool`], the application's connection pool on one role; `rotation`: its thread, where a
 //!   pool's lease is renewed and its credential rotated.
+//! - `runtime`: the blocking API inside a tokio runtime. `asynchronous` (feature `tokio`): `AsyncBroker`.
 //! - `events`: [`HandleEvent`], the events and the counters behind [`Stats`].
 //! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `template`: role SQL.
 //! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
 #![warn(missing_docs)]
 
+#[cfg(feature = "tokio")]
+mod asynchronous;
 mod broker;
 mod connection;
 mod credential;
@@ -98,6 +120,8 @@ mod template;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+#[cfg(feature = "tokio")]
+pub use asynchronous::AsyncBroker;
 pub use broker::{Broker, BrokerBuilder};
 pub use connection::SslMode;
 pub use credential::{Credential, DEFAULT_SCRAM_ITERATIONS};

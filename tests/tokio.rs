@@ -7,19 +7,11 @@ use std::time::{Duration, Instant};
 use credbroker::testing::TestPostgres;
 use credbroker::{Broker, ErrorKind, PoolOptions, Role, ShutdownMode};
 
-/// Runs `f` on a plain thread: the tests' own catalog checks use the blocking client too.
-fn blocking<T: Send>(f: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|s| s.spawn(f).join().expect("helper thread"))
-}
+mod common;
+use common::on_plain_thread as blocking;
 
 fn role_exists(pg: &TestPostgres, name: &str) -> bool {
-    blocking(|| {
-        pg.admin_client()
-            .expect("admin login")
-            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
-            .expect("query pg_roles")
-            .is_some()
-    })
+    blocking(|| common::role_exists_on(pg, name))
 }
 
 fn current_user(pg: &TestPostgres, user: &str, password: &str) -> String {
