@@ -27,8 +27,8 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind};
 use crate::events::{
-    Event, Events, ExpiredEvent, IssuedEvent, RenewedEvent, RevocationFailedEvent, RevokeCause,
-    RevokedEvent, RotatedEvent, Stats,
+    AdoptedEvent, Event, Events, ExpiredEvent, IssuedEvent, RenewedEvent, RevocationFailedEvent,
+    RevokeCause, RevokedEvent, RoleDroppedEvent, RotatedEvent, Stats,
 };
 use crate::lease::Lease;
 use crate::lease_table::{DueLease, LeaseTable};
@@ -207,11 +207,34 @@ impl Leases {
         self.flush();
     }
 
-    /// Puts a lease in the table without an event: one adopted at start, or a creation whose outcome was lost
-    /// (expired at once, so the sweeper makes sure its role is gone). Returns false if the table cannot hold it.
+    /// Puts a lease in the table without an event: a creation whose outcome was lost (expired at once, so the sweeper makes sure its role is gone). Returns false if the table cannot hold it.
     pub(crate) fn adopt(&self, lease: Lease, role: &Arc<CompiledRole>) -> bool {
         let mut state = self.state.lock();
         self.insert(&mut state, lease, role)
+    }
+
+    /// Puts a live lease of an earlier run in the table, with its event. Returns false if the table cannot
+    /// hold it (no event then).
+    pub(crate) fn adopted(&self, lease: Lease, role: &Arc<CompiledRole>) -> bool {
+        let event = Event::Adopted(AdoptedEvent {
+            lease: lease.clone(),
+        });
+        let inserted = {
+            let mut state = self.state.lock();
+            let inserted = self.insert(&mut state, lease, role);
+            if inserted {
+                self.queue(&mut state, event);
+            }
+            inserted
+        };
+        self.flush();
+        inserted
+    }
+
+    /// Reports a role dropped that no lease of the table held.
+    pub(crate) fn role_dropped(&self, event: RoleDroppedEvent) {
+        self.queue(&mut self.state.lock(), Event::RoleDropped(event));
+        self.flush();
     }
 
     /// Puts a lease whose role could not be dropped at start in the table as a failed revocation, retried at

@@ -127,8 +127,8 @@ pub use connection::SslMode;
 pub use credential::{Credential, DEFAULT_SCRAM_ITERATIONS};
 pub use error::{Error, ErrorKind};
 pub use events::{
-    ExpiredEvent, HandleEvent, IssuedEvent, NopEventHandler, RenewedEvent, RevocationFailedEvent,
-    RevokeCause, RevokedEvent, RotatedEvent, Stats,
+    AdoptedEvent, DropCause, ExpiredEvent, HandleEvent, IssuedEvent, NopEventHandler, RenewedEvent,
+    RevocationFailedEvent, RevokeCause, RevokedEvent, RoleDroppedEvent, RotatedEvent, Stats,
 };
 pub use lease::{Lease, MAX_LEASE};
 pub use marker::{admin_group, DEFAULT_MARKER_ROLE, MAX_INSTANCE_NAME_LEN};

@@ -279,4 +279,16 @@ impl credbroker::HandleEvent for Recorder {
     fn handle_revocation_failed(&self, e: credbroker::RevocationFailedEvent) {
         self.push("revocation failed", e.lease.id());
     }
+    fn handle_adopted(&self, e: credbroker::AdoptedEvent) {
+        self.push("adopted", e.lease.id());
+    }
+    fn handle_role_dropped(&self, e: credbroker::RoleDroppedEvent) {
+        let kind = match e.cause {
+            credbroker::DropCause::Ended => "dropped (ended)",
+            credbroker::DropCause::RevokeAll => "dropped (revoke all)",
+            credbroker::DropCause::Orphan => "dropped (orphan)",
+            _ => "dropped (other)",
+        };
+        self.push(kind, e.lease_id.as_deref().unwrap_or(&e.username));
+    }
 }
