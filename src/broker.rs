@@ -34,7 +34,7 @@ use crate::role::{check_role_name, CompiledRole, Role};
 use crate::runtime::{off_runtime, OffRuntime};
 use crate::shutdown::{revoke_all, ShutdownMode};
 use crate::template::{Placeholder, Values};
-use crate::{sql, sweeper};
+use crate::{sql, sweeper, telemetry};
 use postgres_protocol::escape::escape_identifier;
 
 type Manager = PostgresConnectionManager<MakeRustlsConnect>;
@@ -535,11 +535,14 @@ impl Shared {
 impl Shared {
     /// Revokes lease `id` now, or joins the revocation of it in flight; see [`Broker::revoke`].
     pub(crate) fn revoke(&self, id: &str, why: Why) -> Result<(), Error> {
-        match self.leases.claim(id, self.op_bound)? {
-            Claim::Claimed(lease) => revoke_lease(self, &lease, why),
-            Claim::Joined => Ok(()),
-            Claim::JoinedFailed(err) => Err(err),
-        }
+        let started = telemetry::start();
+        let result = match self.leases.claim(id, self.op_bound) {
+            Ok(Claim::Claimed(lease)) => revoke_lease(self, &lease, why),
+            Ok(Claim::Joined) => Ok(()),
+            Ok(Claim::JoinedFailed(err)) | Err(err) => Err(err),
+        };
+        telemetry::latency(telemetry::REVOKE, started, result.is_ok());
+        result
     }
 
     /// See [`Broker::write_role`].
@@ -634,6 +637,13 @@ impl Shared {
 
     /// See [`Broker::creds`].
     pub(crate) fn creds(&self, name: &str) -> Result<Credential, Error> {
+        let started = telemetry::start();
+        let result = self.issue(name);
+        telemetry::creds_latency(name, started, result.is_ok());
+        result
+    }
+
+    fn issue(&self, name: &str) -> Result<Credential, Error> {
         check_role_name(name)?;
         if self.leases.is_shut_down() {
             return Err(Error::new(
@@ -776,6 +786,13 @@ impl Shared {
 
     /// See [`Broker::renew`].
     pub(crate) fn renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
+        let started = telemetry::start();
+        let result = self.extend(id, increment);
+        telemetry::latency(telemetry::RENEW, started, result.is_ok());
+        result
+    }
+
+    fn extend(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
         let turn = self.leases.begin_renewal(id, self.op_bound)?;
         let now = SystemTime::now();
         let username = turn.username.clone();

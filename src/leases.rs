@@ -33,6 +33,7 @@ use crate::events::{
 use crate::lease::Lease;
 use crate::lease_table::{DueLease, LeaseTable};
 use crate::role::CompiledRole;
+use crate::telemetry::Gauges;
 
 /// Longest the sweeper sleeps: bounds how long a jump of the wall clock can delay a sweep.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -44,6 +45,7 @@ pub(crate) struct Leases {
     /// revocation worker done, shutdown.
     changed: Condvar,
     events: Events,
+    gauges: Gauges,
 }
 
 #[derive(Default)]
@@ -191,6 +193,7 @@ impl Leases {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             events,
+            gauges: Gauges::default(),
         }
     }
 
@@ -685,6 +688,15 @@ impl Leases {
             self.events.deliver(event);
             state = self.state.lock();
             state.delivering = false;
+        }
+        drop(state);
+        self.set_gauges();
+    }
+
+    /// Sets the metrics' gauges (feature `metrics`), with no lock held.
+    pub(crate) fn set_gauges(&self) {
+        if Gauges::ON {
+            self.gauges.set(&self.stats());
         }
     }
 }

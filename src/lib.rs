@@ -66,6 +66,30 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Metrics
+//!
+//! With feature `metrics`, the broker records through the [`metrics`](https://docs.rs/metrics/0.24) facade, so
+//! the recorder an application installs (`metrics-exporter-prometheus`, say) exports these without code:
+//!
+//! | name | kind | labels | what |
+//! |---|---|---|---|
+//! | `credbroker_issued_total` | counter | `role` | credentials issued |
+//! | `credbroker_renewed_total` | counter | `role` | renewals that succeeded |
+//! | `credbroker_rotated_total` | counter | `role` | pool rotations |
+//! | `credbroker_revoked_total` | counter | `role`, `cause` | leases revoked before their end |
+//! | `credbroker_expired_total` | counter | `role` | leases the sweeper revoked at their end |
+//! | `credbroker_revocation_failures_total` | counter | `role` | failed attempts to drop a role (each retried) |
+//! | `credbroker_adopted_total` | counter | `role` | leases of an earlier run adopted at start |
+//! | `credbroker_roles_dropped_total` | counter | `cause` | roles without a lease dropped at start or as orphans |
+//! | `credbroker_leases` | gauge | `role` | live leases |
+//! | `credbroker_sweeper_lag_seconds` | gauge | | how late the sweeper is |
+//! | `credbroker_creds_duration_seconds` | histogram | `role`, `outcome` | `creds` calls |
+//! | `credbroker_renew_duration_seconds` | histogram | `outcome` | `renew` calls (pools' included) |
+//! | `credbroker_revoke_duration_seconds` | histogram | `outcome` | `revoke` calls (pools' included) |
+//!
+//! `outcome` is `ok` or `error`; `cause` is a [`RevokeCause`] or a [`DropCause`], as displayed (`requested`,
+//! `orphan`, …). Lease ids are never labels. [`Broker::stats`] has the same counts without the feature.
+//!
 //! # What reaches PostgreSQL
 //!
 //! Passwords are 32 characters of `[A-Za-z0-9-]` (191 bits) from the operating system's CSPRNG. The broker sends
@@ -90,6 +114,7 @@
 //!   pool's lease is renewed and its credential rotated.
 //! - `runtime`: the blocking API inside a tokio runtime. `asynchronous` (feature `tokio`): `AsyncBroker`.
 //! - `events`: [`HandleEvent`], the events and the counters behind [`Stats`].
+//! - `telemetry`: the metrics (feature `metrics`).
 //! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `template`: role SQL.
 //! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
 #![warn(missing_docs)]
@@ -116,6 +141,7 @@ mod runtime;
 mod shutdown;
 mod sql;
 mod sweeper;
+mod telemetry;
 mod template;
 #[cfg(feature = "testing")]
 pub mod testing;

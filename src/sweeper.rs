@@ -20,6 +20,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
     // Recovery at build has just swept orphans.
     let mut next_orphan_sweep = later(shared.orphan_interval);
     loop {
+        shared.leases.set_gauges();
         let work =
             shared
                 .leases
