@@ -103,6 +103,20 @@ struct Run {
 }
 
 impl Run {
+    /// The figures of a run that started at `start`, with the process's CPU time at `cpu_before`.
+    fn of(mut all: Vec<Duration>, start: Instant, cpu_before: Duration) -> Run {
+        let elapsed = start.elapsed();
+        let cpu = process_cpu().saturating_sub(cpu_before);
+        all.sort();
+        Run {
+            per_sec: all.len() as f64 / elapsed.as_secs_f64(),
+            p50: percentile(&all, 0.5),
+            p99: percentile(&all, 0.99),
+            max: all.last().copied().unwrap_or_default(),
+            cpu: cpu / all.len().max(1) as u32,
+        }
+    }
+
     fn show(&self) -> String {
         format!(
             "{:.0}/s p50 {} p99 {} cpu {:.2} ms",
@@ -210,17 +224,11 @@ fn run<S: Send>(
             })
             .collect::<std::result::Result<_, String>>()
     })?;
-    let elapsed = start.elapsed();
-    let cpu = process_cpu().saturating_sub(cpu_before);
-    let mut all: Vec<Duration> = latencies.into_iter().flatten().collect();
-    all.sort();
-    Ok(Run {
-        per_sec: all.len() as f64 / elapsed.as_secs_f64(),
-        p50: percentile(&all, 0.5),
-        p99: percentile(&all, 0.99),
-        max: all.last().copied().unwrap_or_default(),
-        cpu: cpu / all.len().max(1) as u32,
-    })
+    Ok(Run::of(
+        latencies.into_iter().flatten().collect(),
+        start,
+        cpu_before,
+    ))
 }
 
 fn main() {
@@ -556,17 +564,7 @@ where
         }
         Ok::<_, String>(all)
     })?;
-    let elapsed = start.elapsed();
-    let cpu = process_cpu().saturating_sub(cpu_before);
-    let mut all: Vec<Duration> = latencies;
-    all.sort();
-    Ok(Run {
-        per_sec: all.len() as f64 / elapsed.as_secs_f64(),
-        p50: percentile(&all, 0.5),
-        p99: percentile(&all, 0.99),
-        max: all.last().copied().unwrap_or_default(),
-        cpu: cpu / all.len().max(1) as u32,
-    })
+    Ok(Run::of(latencies, start, cpu_before))
 }
 
 /// `creds()` called from async code: through the async API, and through the blocking API from a task (which
