@@ -4,6 +4,8 @@
 //! | measurement | baseline |
 //! |---|---|
 //! | `creds()` at 1, 2, 4, 8 threads, SCRAM 4096 and 1 | the identical SQL (creation, marker, comment, one round trip) on a `postgres::Client` per thread |
+//! | `AsyncBroker::creds()` (feature `tokio`), 1 and 4 tasks on a 2-worker runtime | `Broker::creds()` from as many plain threads, same broker |
+//! | `Broker::creds()` from 1 and 4 tasks on a 2-worker runtime (the blocking API's detour through a thread of its own) | `Broker::creds()` from as many plain threads |
 //! | `renew()` at 1, 2, 4, 8 threads | bare `ALTER ROLE … VALID UNTIL` per thread |
 //! | `revoke()`, one thread | bare `DROP ROLE`, one per transaction |
 //! | `pool.get()` + `SELECT 1` + return at 1, 2, 4 threads, 1 h lease (no rotation) | a bare `r2d2` pool of `r2d2_postgres` connections, same size, logged in with a credential of the same role; it pings (`simple_query("")`) at every checkout, ours only after 500 ms idle |
@@ -14,9 +16,11 @@
 //! | the sweeper's lateness with 100k live leases | — (target: p99 ≤ 50 ms) |
 //! | `stats()` with 100k live leases | — (target: p99 ≤ 1 ms, to poll it every second) |
 //!
-//! `cargo bench` runs it all (a few minutes); `CREDBROKER_BENCH_QUICK=1` runs smaller sizes,
+//! `cargo bench --features tokio` runs it all (a few minutes; without the feature, the async API's row is left
+//! out); `CREDBROKER_BENCH_QUICK=1` runs smaller sizes,
 //! `CREDBROKER_BENCH_TABLE_ONLY=1` only the lease table (no database, for profiling),
-//! `CREDBROKER_BENCH_FLEET_ONLY=1` the lease table and the fleet rows, and
+//! `CREDBROKER_BENCH_FLEET_ONLY=1` the lease table and the fleet rows,
+//! `CREDBROKER_BENCH_CREDS_ONLY=1` only the `creds()` rows (blocking and async), and
 //! `CREDBROKER_BENCH_POOL_ONLY=1` only the pool rows.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -103,6 +107,21 @@ struct Run {
 }
 
 impl Run {
+    /// The figures of a run that started at `start`, with the process's CPU time at `cpu_before`.
+    fn of(mut all: Vec<Duration>, start: Instant, cpu_before: Duration) -> Run {
+        let elapsed = start.elapsed();
+        let cpu = process_cpu().saturating_sub(cpu_before);
+        all.sort();
+        Run {
+            per_sec: all.len() as f64 / elapsed.as_secs_f64(),
+            p50: percentile(&all, 0.5),
+            p99: percentile(&all, 0.99),
+            max: all.last().copied().unwrap_or_default(),
+            cpu: cpu / all.len().max(1) as u32,
+            elapsed,
+        }
+    }
+
     fn show(&self) -> String {
         format!(
             "{:.0}/s p50 {} p99 {} cpu {:.2} ms",
@@ -210,18 +229,11 @@ fn run<S: Send>(
             })
             .collect::<std::result::Result<_, String>>()
     })?;
-    let elapsed = start.elapsed();
-    let cpu = process_cpu().saturating_sub(cpu_before);
-    let mut all: Vec<Duration> = latencies.into_iter().flatten().collect();
-    all.sort();
-    Ok(Run {
-        per_sec: all.len() as f64 / elapsed.as_secs_f64(),
-        p50: percentile(&all, 0.5),
-        p99: percentile(&all, 0.99),
-        max: all.last().copied().unwrap_or_default(),
-        cpu: cpu / all.len().max(1) as u32,
-        elapsed,
-    })
+    Ok(Run::of(
+        latencies.into_iter().flatten().collect(),
+        start,
+        cpu_before,
+    ))
 }
 
 fn main() {
@@ -282,9 +294,16 @@ fn bench() -> Result<()> {
     let pg = TestPostgres::start()?;
     let mut admin = pg.admin_client()?;
     admin.batch_execute(&format!("CREATE ROLE {DEFAULT_MARKER_ROLE} NOLOGIN"))?;
+    if std::env::var_os("CREDBROKER_BENCH_CREDS_ONLY").is_some() {
+        let ops = if quick { 200 } else { 800 };
+        creds(&pg, &mut rows, ops)?;
+        creds_in_runtime(&pg, &mut rows, ops)?;
+        return print(rows);
+    }
     if !pool_only {
         let ops = if quick { 200 } else { 800 };
         creds(&pg, &mut rows, ops)?;
+        creds_in_runtime(&pg, &mut rows, ops)?;
         renew(&pg, &mut rows, if quick { 400 } else { 4000 })?;
         revoke(&pg, &mut rows, if quick { 200 } else { 1000 })?;
     }
@@ -522,6 +541,104 @@ fn creds(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
              EXECUTE format('DROP ROLE %I', r); END LOOP; END $$",
         )?;
     }
+}
+
+/// `ops` operations split over `tasks` tasks on `runtime`, each awaiting `op` one call after another.
+fn run_tasks<F>(
+    runtime: &tokio::runtime::Runtime,
+    tasks: usize,
+    ops: usize,
+    op: impl Fn() -> F + Send + Sync + Clone + 'static,
+) -> Result<Run>
+where
+    F: std::future::Future<Output = Result<()>> + Send,
+{
+    let cpu_before = process_cpu();
+    let start = Instant::now();
+    let latencies = runtime.block_on(async {
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let op = op.clone();
+                tokio::spawn(async move {
+                    let mut latencies = Vec::with_capacity(ops / tasks);
+                    for _ in 0..ops / tasks {
+                        let began = Instant::now();
+                        op().await.map_err(|e| chain(&*e))?;
+                        latencies.push(began.elapsed());
+                    }
+                    Ok::<_, String>(latencies)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for handle in handles {
+            all.extend(handle.await.map_err(|e| e.to_string())??);
+        }
+        Ok::<_, String>(all)
+    })?;
+    Ok(Run::of(latencies, start, cpu_before))
+}
+
+/// `creds()` called from async code: through the async API, and through the blocking API from a task (which
+/// takes a detour through a thread of its own), each against the blocking API from plain threads, on the same
+/// broker.
+fn creds_in_runtime(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    for threads in [1, 4] {
+        let broker = std::sync::Arc::new(broker(pg, threads as u32 + 1, 4096)?);
+        broker.creds("bench")?;
+        let plain = || {
+            run(
+                threads,
+                Work::Ops(ops),
+                |_| Ok(()),
+                |_, _| Ok(broker.creds("bench").map(drop)?),
+            )
+        };
+        #[cfg(feature = "tokio")]
+        {
+            let handle = credbroker::AsyncBroker::from(broker.clone());
+            let (base, ours) = compare(plain, || {
+                let handle = handle.clone();
+                run_tasks(&runtime, threads, ops, move || {
+                    let handle = handle.clone();
+                    async move { Ok(handle.creds("bench").await.map(drop)?) }
+                })
+            })?;
+            let ratio = ours.per_sec / base.per_sec;
+            rows.push(
+                Row::new(
+                    format!("AsyncBroker::creds() / sync, {threads} tasks / threads"),
+                    ours.show(),
+                )
+                .against(base.show(), ratio)
+                .target("≥ 0.95× sync", ratio >= 0.95),
+            );
+        }
+        let (base, ours) = compare(plain, || {
+            let broker = broker.clone();
+            run_tasks(&runtime, threads, ops, move || {
+                let broker = broker.clone();
+                async move { Ok(broker.creds("bench").map(drop)?) }
+            })
+        })?;
+        let ratio = ours.per_sec / base.per_sec;
+        rows.push(
+            Row::new(
+                format!("creds() in tasks / plain threads, {threads}"),
+                ours.show(),
+            )
+            .against(base.show(), ratio),
+        );
+        match std::sync::Arc::try_unwrap(broker) {
+            Ok(broker) => revoke_all(broker)?,
+            Err(_) => return Err("the bench's broker is still shared".into()),
+        }
+    }
+    Ok(())
 }
 
 fn renew(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use postgres::error::SqlState;
 use postgres::Client;
 use r2d2::{Pool, PooledConnection};
@@ -28,9 +28,10 @@ use crate::preflight::{self, Needs, Reserved};
 use crate::recovery::{self, RecoveryMode, DEFAULT_ORPHAN_INTERVAL};
 use crate::revoke::{revoke_lease, revoke_leases, RevokeSettings, BATCH};
 use crate::role::{check_role_name, CompiledRole, Role};
+use crate::runtime::{off_runtime, OffRuntime};
 use crate::shutdown::{revoke_all, ShutdownMode};
 use crate::template::{Placeholder, Values};
-use crate::{sql, sweeper};
+use crate::{sql, sweeper, telemetry};
 use postgres_protocol::escape::escape_identifier;
 
 type Manager = AdminManager;
@@ -381,7 +382,15 @@ impl BrokerBuilder {
     /// required but the server has no SSL, [`ErrorKind::Tls`] when the certificate check fails,
     /// [`ErrorKind::Connection`] when the server cannot be reached or refuses the login, and
     /// [`ErrorKind::Permission`] listing every right the admin user lacks, each with the `GRANT` that fixes it.
+    ///
+    /// Inside a tokio runtime it works too, blocking the calling worker thread until the broker is ready (see
+    /// the README's "Async services"); with feature `tokio`, `build_async` does not block it.
     pub fn build(self) -> Result<Broker, Error> {
+        off_runtime(|| self.build_here())
+    }
+
+    /// [`build`](BrokerBuilder::build), on this thread.
+    pub(crate) fn build_here(self) -> Result<Broker, Error> {
         let source = self.connection.ok_or_else(|| {
             Error::new(
                 ErrorKind::InvalidConfig,
@@ -537,7 +546,7 @@ impl BrokerBuilder {
 
         let ssl_mode = connection.ssl_mode;
         let shared = Arc::new(Shared {
-            pool,
+            pool: OffRuntime::new(pool),
             leases: Leases::new(Events::new(self.event_handler)),
             roles: RwLock::new(BTreeMap::new()),
             policy,
@@ -589,7 +598,7 @@ impl BrokerBuilder {
         };
         Ok(Broker {
             shared,
-            sweeper: Some(sweeper),
+            sweeper: Mutex::new(Some(sweeper)),
             shutdown_mode: self.shutdown_mode,
         })
     }
@@ -630,7 +639,8 @@ pub(crate) const KEEP_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 
 /// State the sweeper and the callers share.
 pub(crate) struct Shared {
-    pool: Pool<Manager>,
+    /// Dropped off any tokio runtime: dropping it closes its idle connections.
+    pool: OffRuntime<Pool<Manager>>,
     /// The lease table and every rule about changing it.
     pub(crate) leases: Leases,
     roles: RwLock<BTreeMap<String, Arc<CompiledRole>>>,
@@ -762,19 +772,141 @@ impl Shared {
 impl Shared {
     /// Revokes lease `id` now, or joins the revocation of it in flight; see [`Broker::revoke`].
     pub(crate) fn revoke(&self, id: &str, why: Why) -> Result<(), Error> {
-        match self
+        let started = telemetry::start();
+        let result = match self
             .leases
             .claim(id, self.op_bound)
-            .map_err(|e| self.lost(id, e))?
+            .map_err(|e| self.lost(id, e))
         {
-            Claim::Claimed(lease) => revoke_lease(self, &lease, why),
-            Claim::Joined => Ok(()),
-            Claim::JoinedFailed(err) => Err(err),
+            Ok(Claim::Claimed(lease)) => revoke_lease(self, &lease, why),
+            Ok(Claim::Joined) => Ok(()),
+            Ok(Claim::JoinedFailed(err)) | Err(err) => Err(err),
+        };
+        telemetry::latency(telemetry::REVOKE, started, result.is_ok());
+        result
+    }
+
+    /// See [`Broker::write_role`].
+    pub(crate) fn write_role(&self, name: &str, role: Role) -> Result<(), Error> {
+        let compiled = CompiledRole::compile(name, role, self.policy)?;
+        compiled.check_for_instance(&self.instance)?;
+        let reserved = Reserved {
+            marker: &self.marker,
+            owner: &self.revoke_settings.owner,
+        };
+        self.with_client(|client| {
+            let group = compiled.role.get_group();
+            let group_exists = match group {
+                Some(group) => preflight::check_credentials_group(client, name, group, &reserved)?,
+                None => true,
+            };
+            compiled.try_on_server(client, &self.revoke_settings, &self.instance, group_exists)?;
+            match group {
+                Some(group) => preflight::ensure_credentials_group(
+                    client,
+                    name,
+                    group,
+                    group_exists,
+                    &reserved,
+                ),
+                None => Ok(()),
+            }
+        })??;
+        self.roles
+            .write()
+            .insert(name.to_owned(), Arc::new(compiled));
+        log::info!("wrote role {name}");
+        Ok(())
+    }
+
+    /// See [`Broker::revoke_prefix`].
+    pub(crate) fn revoke_prefix(&self, prefix: &str) -> Result<usize, Error> {
+        let ids = self.leases.ids_with_prefix(prefix);
+        let mut revoked = 0;
+        let mut failures = Vec::new();
+        // As many batches at once as revocation may use connections.
+        for chunk in ids.chunks(BATCH * self.revocation_workers()) {
+            // Leases already being revoked (by the sweeper, another thread) are joined one by one below.
+            let mut claimed = Vec::new();
+            let mut joined = Vec::new();
+            for id in chunk {
+                match self.leases.try_claim(id) {
+                    Some(Ok(lease)) => claimed.push(lease),
+                    Some(Err(())) => joined.push(id),
+                    None => {}
+                }
+            }
+            let why = Why::Revoke(RevokeCause::Requested);
+            for result in revoke_leases(self, &claimed, why) {
+                match result {
+                    Ok(()) => revoked += 1,
+                    Err(e) => failures.push(e),
+                }
+            }
+            for id in joined {
+                match self.revoke(id, why) {
+                    Ok(()) => revoked += 1,
+                    Err(e) if e.kind() == ErrorKind::UnknownLease => {}
+                    Err(e) => failures.push(e),
+                }
+            }
         }
+        match failures.first() {
+            None => {
+                log::info!("revoked {revoked} leases under prefix {prefix}");
+                Ok(revoked)
+            }
+            Some(first) => Err(Error::new(
+                ErrorKind::Revocation,
+                format!(
+                    "revoked {revoked} of {} leases under prefix {prefix}; {} failed and stay in the lease table to be \
+                     retried; first failure: {first}",
+                    ids.len(),
+                    failures.len()
+                ),
+            )),
+        }
+    }
+
+    /// See [`Broker::revoke_force`].
+    pub(crate) fn revoke_force(&self, id: &str) -> Result<(), Error> {
+        let why = Why::Revoke(RevokeCause::Forced);
+        let lease = loop {
+            match self.leases.claim(id, self.op_bound)? {
+                Claim::Claimed(lease) => break lease,
+                Claim::Joined => return Ok(()),
+                // Claim it now that the other revocation has let go, and force it.
+                Claim::JoinedFailed(_) => {}
+            }
+        };
+        let Err(err) = revoke_lease(self, &lease, why) else {
+            return Ok(());
+        };
+        // `settle` has taken the lease out of the table; now the marker, so that recovery leaves the role alone.
+        let unmark = sql::unmark(&self.marker, &lease.username);
+        let unmarked = match self.with_client(|client| client.batch_execute(&unmark)) {
+            Ok(Ok(())) => "the marker was taken away".to_owned(),
+            Ok(Err(e)) => format!("the marker could not be taken away ({})", describe(&e)),
+            Err(e) => format!("the marker could not be taken away ({e})"),
+        };
+        log::warn!(
+            "forced revocation: forgot lease {id}, whose role {} could not be dropped: {err}; {unmarked}. \
+             The role is NOLOGIN if revocation got that far; drop it by hand (DROP OWNED BY / DROP ROLE {})",
+            lease.username,
+            escape_identifier(&lease.username)
+        );
+        Ok(())
     }
 
     /// See [`Broker::creds`].
     pub(crate) fn creds(&self, name: &str) -> Result<Credential, Error> {
+        let started = telemetry::start();
+        let result = self.issue(name);
+        telemetry::creds_latency(name, started, result.is_ok());
+        result
+    }
+
+    fn issue(&self, name: &str) -> Result<Credential, Error> {
         check_role_name(name)?;
         if self.leases.is_shut_down() {
             return Err(Error::new(
@@ -923,6 +1055,13 @@ impl Shared {
 
     /// See [`Broker::renew`].
     pub(crate) fn renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
+        let started = telemetry::start();
+        let result = self.extend(id, increment);
+        telemetry::latency(telemetry::RENEW, started, result.is_ok());
+        result
+    }
+
+    fn extend(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
         let turn = self
             .leases
             .begin_renewal(id, self.op_bound)
@@ -981,9 +1120,19 @@ impl Shared {
 /// them. Dropping returns within 2 seconds with [`ShutdownMode::Keep`] (waiting that long at most for
 /// revocations in flight, which then finish in the background), and within the timeout with
 /// [`ShutdownMode::Revoke`], whatever state the server is in.
+///
+/// # Inside a tokio runtime
+///
+/// Every method may be called from async code, in either runtime flavour. The methods that reach PostgreSQL
+/// (`build`, `write_role`, `creds`, `renew`, the revocations, `pool`, `shutdown`, and dropping the broker) then
+/// run their database work on a thread of their own and block the calling worker thread until it is done: one
+/// round trip for `creds` or `renew`, plus a thread's start (tens of microseconds). That is fine at startup or
+/// now and then; a service that issues credentials on its request path should use the async API (feature
+/// `tokio`), which waits without holding a worker thread.
 pub struct Broker {
-    shared: Arc<Shared>,
-    sweeper: Option<JoinHandle<()>>,
+    pub(crate) shared: Arc<Shared>,
+    /// Taken by the first stop.
+    sweeper: Mutex<Option<JoinHandle<()>>>,
     shutdown_mode: ShutdownMode,
 }
 
@@ -1015,41 +1164,7 @@ impl Broker {
     /// (and created if missing) here too. Leases already issued under an earlier definition of the role are
     /// renewed and revoked with the new one.
     pub fn write_role(&self, name: &str, role: Role) -> Result<(), Error> {
-        let compiled = CompiledRole::compile(name, role, self.shared.policy)?;
-        compiled.check_for_instance(&self.shared.instance)?;
-        let reserved = Reserved {
-            marker: &self.shared.marker,
-            owner: &self.shared.revoke_settings.owner,
-        };
-        self.shared.with_client(|client| {
-            let group = compiled.role.get_group();
-            let group_exists = match group {
-                Some(group) => preflight::check_credentials_group(client, name, group, &reserved)?,
-                None => true,
-            };
-            compiled.try_on_server(
-                client,
-                &self.shared.revoke_settings,
-                &self.shared.instance,
-                group_exists,
-            )?;
-            match group {
-                Some(group) => preflight::ensure_credentials_group(
-                    client,
-                    name,
-                    group,
-                    group_exists,
-                    &reserved,
-                ),
-                None => Ok(()),
-            }
-        })??;
-        self.shared
-            .roles
-            .write()
-            .insert(name.to_owned(), Arc::new(compiled));
-        log::info!("wrote role {name}");
-        Ok(())
+        off_runtime(|| self.shared.write_role(name, role))
     }
 
     /// The definition of role `name`, if defined.
@@ -1085,7 +1200,7 @@ impl Broker {
     /// is lost while the transaction commits, the outcome is unknown: the broker then records the attempt as an
     /// expired lease, so the sweeper makes sure its role is gone.)
     pub fn creds(&self, name: &str) -> Result<Credential, Error> {
-        self.shared.creds(name)
+        off_runtime(|| self.shared.creds(name))
     }
 
     /// Renews lease `id`: its new end is now plus `increment` (`None`: the role's default lease), capped at the
@@ -1094,7 +1209,7 @@ impl Broker {
     /// Fails with [`ErrorKind::UnknownLease`] for an id not in the table and [`ErrorKind::LeaseExpired`] for a
     /// lease past its end or being revoked.
     pub fn renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
-        self.shared.renew(id, increment)
+        off_runtime(|| self.shared.renew(id, increment))
     }
 
     /// The lease `id`, if it is in the table (issued, and its role not yet dropped).
@@ -1129,7 +1244,7 @@ impl Broker {
     /// revocation and returns its outcome; if a renewal of it is running, it waits for the renewal first. Once
     /// the lease has left the table, it fails with [`ErrorKind::UnknownLease`].
     pub fn revoke(&self, id: &str) -> Result<(), Error> {
-        self.shared.revoke(id, Why::Revoke(RevokeCause::Requested))
+        off_runtime(|| self.shared.revoke(id, Why::Revoke(RevokeCause::Requested)))
     }
 
     /// A pool of connections for role `name` with the default [`PoolOptions`]: see
@@ -1148,6 +1263,11 @@ impl Broker {
     /// [`creds`](Broker::creds) does, with [`ErrorKind::InvalidConfig`] for bad options, and with
     /// [`ErrorKind::Connection`] if the credential cannot log in.
     pub fn pool_with(&self, name: &str, options: PoolOptions) -> Result<RolePool, Error> {
+        off_runtime(|| self.pool_here(name, options))
+    }
+
+    /// [`pool_with`](Broker::pool_with), on this thread.
+    pub(crate) fn pool_here(&self, name: &str, options: PoolOptions) -> Result<RolePool, Error> {
         RolePool::open(&self.shared, name, options, self.shutdown_mode)
     }
 
@@ -1155,51 +1275,7 @@ impl Broker {
     /// returns how many were revoked. If any fails, the others are still revoked, the failed ones stay in the
     /// table to be retried, and the error says how many failed.
     pub fn revoke_prefix(&self, prefix: &str) -> Result<usize, Error> {
-        let ids = self.shared.leases.ids_with_prefix(prefix);
-        let mut revoked = 0;
-        let mut failures = Vec::new();
-        // As many batches at once as revocation may use connections.
-        for chunk in ids.chunks(BATCH * self.shared.revocation_workers()) {
-            // Leases already being revoked (by the sweeper, another thread) are joined one by one below.
-            let mut claimed = Vec::new();
-            let mut joined = Vec::new();
-            for id in chunk {
-                match self.shared.leases.try_claim(id) {
-                    Some(Ok(lease)) => claimed.push(lease),
-                    Some(Err(())) => joined.push(id),
-                    None => {}
-                }
-            }
-            let why = Why::Revoke(RevokeCause::Requested);
-            for result in revoke_leases(&self.shared, &claimed, why) {
-                match result {
-                    Ok(()) => revoked += 1,
-                    Err(e) => failures.push(e),
-                }
-            }
-            for id in joined {
-                match self.shared.revoke(id, why) {
-                    Ok(()) => revoked += 1,
-                    Err(e) if e.kind() == ErrorKind::UnknownLease => {}
-                    Err(e) => failures.push(e),
-                }
-            }
-        }
-        match failures.first() {
-            None => {
-                log::info!("revoked {revoked} leases under prefix {prefix}");
-                Ok(revoked)
-            }
-            Some(first) => Err(Error::new(
-                ErrorKind::Revocation,
-                format!(
-                    "revoked {revoked} of {} leases under prefix {prefix}; {} failed and stay in the lease table to be \
-                     retried; first failure: {first}",
-                    ids.len(),
-                    failures.len()
-                ),
-            )),
-        }
+        off_runtime(|| self.shared.revoke_prefix(prefix))
     }
 
     /// Revokes lease `id`, and if its role cannot be dropped, forgets the lease anyway: it leaves the table, the
@@ -1211,47 +1287,20 @@ impl Broker {
     /// lease is still running after the bound on one operation (`connect_timeout` plus four statement
     /// timeouts).
     pub fn revoke_force(&self, id: &str) -> Result<(), Error> {
-        let why = Why::Revoke(RevokeCause::Forced);
-        let lease = loop {
-            match self.shared.leases.claim(id, self.shared.op_bound)? {
-                Claim::Claimed(lease) => break lease,
-                Claim::Joined => return Ok(()),
-                // Claim it now that the other revocation has let go, and force it.
-                Claim::JoinedFailed(_) => {}
-            }
-        };
-        let Err(err) = revoke_lease(&self.shared, &lease, why) else {
-            return Ok(());
-        };
-        // `settle` has taken the lease out of the table; now the marker, so that recovery leaves the role alone.
-        let unmark = sql::unmark(&self.shared.marker, &lease.username);
-        let unmarked = match self
-            .shared
-            .with_client(|client| client.batch_execute(&unmark))
-        {
-            Ok(Ok(())) => "the marker was taken away".to_owned(),
-            Ok(Err(e)) => format!("the marker could not be taken away ({})", describe(&e)),
-            Err(e) => format!("the marker could not be taken away ({e})"),
-        };
-        log::warn!(
-            "forced revocation: forgot lease {id}, whose role {} could not be dropped: {err}; {unmarked}. \
-             The role is NOLOGIN if revocation got that far; drop it by hand (DROP OWNED BY / DROP ROLE {})",
-            lease.username,
-            escape_identifier(&lease.username)
-        );
-        Ok(())
+        off_runtime(|| self.shared.revoke_force(id))
     }
 
     /// Stops the broker: stops and joins the sweeper, then keeps or revokes the leases still in the table as
     /// `mode` says. With [`ShutdownMode::Revoke`], fails with [`ErrorKind::Revocation`] if some leases could not
     /// be revoked within the timeout (their roles stay fenced by `VALID UNTIL`, for the next start or another
     /// instance to drop).
-    pub fn shutdown(mut self, mode: ShutdownMode) -> Result<(), Error> {
-        self.stop(mode)
+    pub fn shutdown(self, mode: ShutdownMode) -> Result<(), Error> {
+        off_runtime(|| self.stop(mode))
     }
 
-    fn stop(&mut self, mode: ShutdownMode) -> Result<(), Error> {
-        let Some(sweeper) = self.sweeper.take() else {
+    /// Stops the broker, on this thread; the calls after the first return `Ok` at once.
+    pub(crate) fn stop(&self, mode: ShutdownMode) -> Result<(), Error> {
+        let Some(sweeper) = self.sweeper.lock().take() else {
             return Ok(());
         };
         let deadline = match mode {
@@ -1289,7 +1338,7 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        if let Err(err) = self.stop(self.shutdown_mode) {
+        if let Err(err) = off_runtime(|| self.stop(self.shutdown_mode)) {
             log::error!("{err}");
         }
     }

@@ -1,5 +1,6 @@
 //! Events: the audit hook. Every change of a lease (issued, renewed, rotated, revoked, expired, a failed
-//! revocation) is counted for [`Broker::stats`](crate::Broker::stats) and passed to the [`HandleEvent`] given to
+//! revocation, adopted at start) and every role dropped without a lease (at start, by the orphan sweep) is
+//! counted for [`Broker::stats`](crate::Broker::stats) and passed to the [`HandleEvent`] given to
 //! [`BrokerBuilder::event_handler`](crate::BrokerBuilder::event_handler), in the style of r2d2's `HandleEvent`.
 //!
 //! Events carry the [`Lease`] (id, role, username, times) and never a password. They are delivered after the
@@ -63,6 +64,19 @@ pub trait HandleEvent: fmt::Debug + Send + Sync + 'static {
     /// Dropping a lease's role failed; the lease stays in the table and is retried at
     /// [`RevocationFailedEvent::retry_at`].
     fn handle_revocation_failed(&self, event: RevocationFailedEvent) {
+        let _ = event;
+    }
+
+    /// [`build`](crate::BrokerBuilder::build) put a live lease that an earlier run of this instance issued back
+    /// in the table ([`RecoveryMode::Adopt`](crate::RecoveryMode::Adopt)); its end is later a revoked or expired
+    /// event like any other lease's.
+    fn handle_adopted(&self, event: AdoptedEvent) {
+        let _ = event;
+    }
+
+    /// The broker dropped a credential role that no lease of its table held: one an earlier run of this
+    /// instance left, at [`build`](crate::BrokerBuilder::build), or an orphan (see [`DropCause`]).
+    fn handle_role_dropped(&self, event: RoleDroppedEvent) {
         let _ = event;
     }
 }
@@ -162,6 +176,58 @@ pub struct LostEvent {
     pub detected_at: SystemTime,
 }
 
+/// See [`HandleEvent::handle_adopted`].
+#[derive(Debug, Clone)]
+pub struct AdoptedEvent {
+    /// The lease, as read back from its role (`VALID UNTIL` and the broker's comment).
+    pub lease: Lease,
+}
+
+/// Why the broker dropped a role no lease of its table held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DropCause {
+    /// At [`build`](crate::BrokerBuilder::build): a role of an earlier run of this instance whose lease ended
+    /// while no broker of the instance was running.
+    Ended,
+    /// At [`build`](crate::BrokerBuilder::build) with [`RecoveryMode::RevokeAll`](crate::RecoveryMode::RevokeAll):
+    /// a live role of an earlier run of this instance.
+    RevokeAll,
+    /// The orphan sweep (at `build` and every [`orphan_sweep_interval`](crate::BrokerBuilder::orphan_sweep_interval)):
+    /// a marked role of any instance, in no lease table here, whose lease ended at least one interval ago.
+    Orphan,
+}
+
+impl fmt::Display for DropCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DropCause::Ended => "ended",
+            DropCause::RevokeAll => "revoke all",
+            DropCause::Orphan => "orphan",
+        })
+    }
+}
+
+/// See [`HandleEvent::handle_role_dropped`].
+#[derive(Debug, Clone)]
+pub struct RoleDroppedEvent {
+    /// The PostgreSQL role dropped.
+    pub username: String,
+    /// Its lease id, broker role and issuing instance, as its comment recorded them (`None` if it had none the
+    /// broker could read).
+    pub lease_id: Option<String>,
+    /// See [`lease_id`](RoleDroppedEvent::lease_id).
+    pub role: Option<String>,
+    /// See [`lease_id`](RoleDroppedEvent::lease_id).
+    pub instance: Option<String>,
+    /// Its lease's end (`VALID UNTIL`), if it had one.
+    pub expires_at: Option<SystemTime>,
+    /// Why it was dropped.
+    pub cause: DropCause,
+    /// When.
+    pub dropped_at: SystemTime,
+}
+
 /// See [`HandleEvent::handle_revocation_failed`].
 #[derive(Debug, Clone)]
 pub struct RevocationFailedEvent {
@@ -194,6 +260,10 @@ pub struct Stats {
     pub lost: u64,
     /// Failovers the broker noticed and reconciled (see `BrokerBuilder::failover_window`).
     pub failovers: u64,
+    /// Leases of an earlier run adopted at start.
+    pub adopted: u64,
+    /// Roles dropped that no lease of the table held: an earlier run's at start, and orphans.
+    pub roles_dropped: u64,
     /// Leases whose revocation has failed and that wait for a retry now.
     pub failing: usize,
     /// How late the sweeper is: how long ago the most overdue lease was due (its end, or its retry time), or zero
@@ -212,6 +282,8 @@ pub(crate) enum Event {
     Expired(ExpiredEvent),
     Lost(LostEvent),
     RevocationFailed(RevocationFailedEvent),
+    Adopted(AdoptedEvent),
+    RoleDropped(RoleDroppedEvent),
 }
 
 /// The counters behind [`Stats`] and the handler; one per broker.
@@ -224,6 +296,8 @@ pub(crate) struct Events {
     expired: AtomicU64,
     lost: AtomicU64,
     revocation_failures: AtomicU64,
+    adopted: AtomicU64,
+    roles_dropped: AtomicU64,
 }
 
 impl Events {
@@ -237,6 +311,8 @@ impl Events {
             expired: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             revocation_failures: AtomicU64::new(0),
+            adopted: AtomicU64::new(0),
+            roles_dropped: AtomicU64::new(0),
         }
     }
 
@@ -250,6 +326,8 @@ impl Events {
             Event::Expired(_) => &self.expired,
             Event::Lost(_) => &self.lost,
             Event::RevocationFailed(_) => &self.revocation_failures,
+            Event::Adopted(_) => &self.adopted,
+            Event::RoleDropped(_) => &self.roles_dropped,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -264,10 +342,13 @@ impl Events {
         stats.expired = get(&self.expired);
         stats.lost = get(&self.lost);
         stats.revocation_failures = get(&self.revocation_failures);
+        stats.adopted = get(&self.adopted);
+        stats.roles_dropped = get(&self.roles_dropped);
     }
 
     /// Calls the handler; a panic in it is logged, never passed on (the sweeper must not die of it).
     pub(crate) fn deliver(&self, event: Event) {
+        crate::telemetry::event(&event);
         let handler = &*self.handler;
         let what = match &event {
             Event::Issued(_) => "issued",
@@ -277,6 +358,8 @@ impl Events {
             Event::Expired(_) => "expired",
             Event::Lost(_) => "lost",
             Event::RevocationFailed(_) => "revocation failed",
+            Event::Adopted(_) => "adopted",
+            Event::RoleDropped(_) => "role dropped",
         };
         let call = || match event {
             Event::Issued(e) => handler.handle_issued(e),
@@ -286,6 +369,8 @@ impl Events {
             Event::Expired(e) => handler.handle_expired(e),
             Event::Lost(e) => handler.handle_lost(e),
             Event::RevocationFailed(e) => handler.handle_revocation_failed(e),
+            Event::Adopted(e) => handler.handle_adopted(e),
+            Event::RoleDropped(e) => handler.handle_role_dropped(e),
         };
         if catch_unwind(AssertUnwindSafe(call)).is_err() {
             log::error!("the event handler panicked on a {what} event; the broker carries on");

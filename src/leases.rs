@@ -27,12 +27,13 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind};
 use crate::events::{
-    Event, Events, ExpiredEvent, IssuedEvent, LostEvent, RenewedEvent, RevocationFailedEvent,
-    RevokeCause, RevokedEvent, RotatedEvent, Stats,
+    AdoptedEvent, Event, Events, ExpiredEvent, IssuedEvent, LostEvent, RenewedEvent,
+    RevocationFailedEvent, RevokeCause, RevokedEvent, RoleDroppedEvent, RotatedEvent, Stats,
 };
 use crate::lease::Lease;
 use crate::lease_table::{DueLease, LeaseTable};
 use crate::role::CompiledRole;
+use crate::telemetry::Gauges;
 
 /// Longest the sweeper sleeps: bounds how long a jump of the wall clock can delay a sweep.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -44,6 +45,7 @@ pub(crate) struct Leases {
     /// revocation worker done, shutdown.
     changed: Condvar,
     events: Events,
+    gauges: Gauges,
 }
 
 #[derive(Default)]
@@ -244,6 +246,7 @@ impl Leases {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             events,
+            gauges: Gauges::default(),
         }
     }
 
@@ -293,11 +296,34 @@ impl Leases {
         })
     }
 
-    /// Puts a lease in the table without an event: one adopted at start, or a creation whose outcome was lost
-    /// (expired at once, so the sweeper makes sure its role is gone). Returns false if the table cannot hold it.
+    /// Puts a lease in the table without an event: a creation whose outcome was lost (expired at once, so the sweeper makes sure its role is gone). Returns false if the table cannot hold it.
     pub(crate) fn adopt(&self, lease: Lease, role: &Arc<CompiledRole>) -> bool {
         let mut state = self.state.lock();
         self.insert(&mut state, lease, role)
+    }
+
+    /// Puts a live lease of an earlier run in the table, with its event. Returns false if the table cannot
+    /// hold it (no event then).
+    pub(crate) fn adopted(&self, lease: Lease, role: &Arc<CompiledRole>) -> bool {
+        let event = Event::Adopted(AdoptedEvent {
+            lease: lease.clone(),
+        });
+        let inserted = {
+            let mut state = self.state.lock();
+            let inserted = self.insert(&mut state, lease, role);
+            if inserted {
+                self.queue(&mut state, event);
+            }
+            inserted
+        };
+        self.flush();
+        inserted
+    }
+
+    /// Reports a role dropped that no lease of the table held.
+    pub(crate) fn role_dropped(&self, event: RoleDroppedEvent) {
+        self.queue(&mut self.state.lock(), Event::RoleDropped(event));
+        self.flush();
     }
 
     /// Puts a lease whose role could not be dropped at start in the table as a failed revocation, retried at
@@ -802,6 +828,15 @@ impl Leases {
             self.events.deliver(event);
             state = self.state.lock();
             state.delivering = false;
+        }
+        drop(state);
+        self.set_gauges();
+    }
+
+    /// Sets the metrics' gauges (feature `metrics`), with no lock held.
+    pub(crate) fn set_gauges(&self) {
+        if Gauges::ON {
+            self.gauges.set(&self.stats());
         }
     }
 }

@@ -47,6 +47,50 @@
 //! credential without closing a connection that is checked out. [`BrokerBuilder::event_handler`] receives every
 //! lease event, and [`Broker::stats`] counts them. `cargo run --example pool` shows a pool across rotations.
 //!
+//! # Async services
+//!
+//! Every method works inside a tokio runtime, blocking the calling worker thread for its round trip (see
+//! [`Broker`]). With feature `tokio`, `AsyncBroker` has the lifecycle as `async fn`s that leave the worker
+//! thread free:
+//!
+//! ```no_run
+//! # #[cfg(feature = "tokio")]
+//! # async fn example() -> Result<(), credbroker::Error> {
+//! let broker = credbroker::Broker::builder()
+//!     .connection("host=localhost user=username password=password")
+//!     .build_async()
+//!     .await?
+//!     .into_async(); // Clone: share it with every handler
+//! broker.write_role("web", credbroker::Role::new()).await?;
+//! let creds = broker.creds("web").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Metrics
+//!
+//! With feature `metrics`, the broker records through the [`metrics`](https://docs.rs/metrics/0.24) facade, so
+//! the recorder an application installs (`metrics-exporter-prometheus`, say) exports these without code:
+//!
+//! | name | kind | labels | what |
+//! |---|---|---|---|
+//! | `credbroker_issued_total` | counter | `role` | credentials issued |
+//! | `credbroker_renewed_total` | counter | `role` | renewals that succeeded |
+//! | `credbroker_rotated_total` | counter | `role` | pool rotations |
+//! | `credbroker_revoked_total` | counter | `role`, `cause` | leases revoked before their end |
+//! | `credbroker_expired_total` | counter | `role` | leases the sweeper revoked at their end |
+//! | `credbroker_revocation_failures_total` | counter | `role` | failed attempts to drop a role (each retried) |
+//! | `credbroker_adopted_total` | counter | `role` | leases of an earlier run adopted at start |
+//! | `credbroker_roles_dropped_total` | counter | `cause` | roles without a lease dropped at start or as orphans |
+//! | `credbroker_lost_total` | counter | `role` | leases whose role a failover lost (see `HandleEvent::handle_lost`) |
+//! | `credbroker_leases` | gauge | `role` | live leases |
+//! | `credbroker_sweeper_lag_seconds` | gauge | | how late the sweeper is |
+//! | `credbroker_creds_duration_seconds` | histogram | `role`, `outcome` | `creds` calls |
+//! | `credbroker_renew_duration_seconds` | histogram | `outcome` | `renew` calls (pools' included) |
+//! | `credbroker_revoke_duration_seconds` | histogram | `outcome` | `revoke` calls (pools' included) |
+//!
+//! `outcome` is `ok` or `error`; `cause` is a [`RevokeCause`] or a [`DropCause`], as displayed (`requested`,
+//! `orphan`, …). Lease ids are never labels. [`Broker::stats`] has the same counts without the feature.
+//!
 //! # What reaches PostgreSQL
 //!
 //! Passwords are 32 characters of `[A-Za-z0-9-]` (191 bits) from the operating system's CSPRNG. The broker sends
@@ -70,11 +114,15 @@
 //! - `preflight`: the admin rights `build()` checks. `shutdown`: keep or revoke leases when the broker stops.
 //! - `pool`: [`RolePool`], the application's connection pool on one role; `rotation`: its thread, where a
 //!   pool's lease is renewed and its credential rotated.
+//! - `runtime`: the blocking API inside a tokio runtime. `asynchronous` (feature `tokio`): `AsyncBroker`.
 //! - `events`: [`HandleEvent`], the events and the counters behind [`Stats`].
+//! - `telemetry`: the metrics (feature `metrics`).
 //! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `template`: role SQL.
 //! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
 #![warn(missing_docs)]
 
+#[cfg(feature = "tokio")]
+mod asynchronous;
 mod backoff;
 mod broker;
 mod connection;
@@ -94,21 +142,26 @@ mod recovery;
 mod revoke;
 mod role;
 mod rotation;
+mod runtime;
 mod shutdown;
 mod sql;
 mod sweeper;
+mod telemetry;
 mod template;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod username;
 
+#[cfg(feature = "tokio")]
+pub use asynchronous::AsyncBroker;
 pub use broker::{Broker, BrokerBuilder};
 pub use connection::SslMode;
 pub use credential::{Credential, DEFAULT_SCRAM_ITERATIONS};
 pub use error::{Error, ErrorKind};
 pub use events::{
-    ExpiredEvent, HandleEvent, IssuedEvent, LostEvent, NopEventHandler, RenewedEvent,
-    RevocationFailedEvent, RevokeCause, RevokedEvent, RotatedEvent, Stats,
+    AdoptedEvent, DropCause, ExpiredEvent, HandleEvent, IssuedEvent, LostEvent, NopEventHandler,
+    RenewedEvent, RevocationFailedEvent, RevokeCause, RevokedEvent, RoleDroppedEvent, RotatedEvent,
+    Stats,
 };
 pub use lease::{Lease, MAX_LEASE};
 pub use marker::{admin_group, DEFAULT_MARKER_ROLE, MAX_INSTANCE_NAME_LEN};

@@ -27,6 +27,7 @@ use crate::events::RevokeCause;
 use crate::lease::Lease;
 use crate::leases::Why;
 use crate::rotation;
+use crate::runtime::{off_runtime, OffRuntime};
 use crate::shutdown::ShutdownMode;
 
 /// What [`LeaseManager::is_valid`] says of a retired connection; [`PoolErrors`] logs it at debug level.
@@ -274,7 +275,8 @@ pub(crate) struct LeaseManager {
 
 /// A pooled connection and the generation it belongs to.
 pub(crate) struct LeaseConnection {
-    client: Client,
+    /// Closed off any tokio runtime: a `PooledClient` of a retired generation may be returned on one.
+    client: OffRuntime<Client>,
     generation: Arc<Generation>,
     credentials: Arc<Credentials>,
     /// When it was last returned to the pool (or opened).
@@ -309,7 +311,7 @@ impl r2d2::ManageConnection for LeaseManager {
         };
         match generation.config.connect(self.tls.clone()) {
             Ok(client) => Ok(LeaseConnection {
-                client,
+                client: OffRuntime::new(client),
                 generation,
                 credentials: self.credentials.clone(),
                 returned: Instant::now(),
@@ -398,7 +400,7 @@ pub struct RolePool {
 }
 
 struct PoolHandle {
-    pool: r2d2::Pool<LeaseManager>,
+    pool: OffRuntime<r2d2::Pool<LeaseManager>>,
     credentials: Arc<Credentials>,
     shared: Arc<Shared>,
     rotation: Mutex<Option<JoinHandle<()>>>,
@@ -488,7 +490,7 @@ impl RolePool {
         );
         Ok(RolePool {
             handle: Arc::new(PoolHandle {
-                pool,
+                pool: OffRuntime::new(pool),
                 credentials,
                 shared: shared.clone(),
                 rotation: Mutex::new(Some(rotation)),
@@ -500,7 +502,15 @@ impl RolePool {
     /// A connection, waiting up to the pool's connection timeout for one to be free or opened. It returns to
     /// the pool when dropped. Fails with [`ErrorKind::Connection`] if none could be had in time (the error
     /// says why the last login failed), or [`ErrorKind::ShutDown`] if that happened after the broker shut down.
+    ///
+    /// Inside a tokio runtime it works too, blocking the calling worker thread while it waits; but the
+    /// [`postgres::Client`] it hands out blocks on every query, and the `postgres` crate panics when a query
+    /// runs on a runtime's worker thread: use it inside `tokio::task::spawn_blocking`.
     pub fn get(&self) -> Result<PooledClient, Error> {
+        off_runtime(|| self.get_here())
+    }
+
+    fn get_here(&self) -> Result<PooledClient, Error> {
         let pool = &self.handle.pool;
         pool.get()
             .map(|conn| PooledClient { conn })
@@ -562,6 +572,21 @@ impl fmt::Debug for RolePool {
 
 impl Drop for PoolHandle {
     fn drop(&mut self) {
+        if let Err(e) = off_runtime(|| {
+            self.close();
+            Ok(())
+        }) {
+            log::error!(
+                "pool of role {}: {e}; its leases are left to expire",
+                self.credentials.role
+            );
+        }
+    }
+}
+
+impl PoolHandle {
+    /// Stops the rotation thread and keeps or revokes the pool's leases.
+    fn close(&self) {
         {
             self.credentials.signal.lock().stop = true;
             self.credentials.wake.notify_all();

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::broker::Shared;
 use crate::error::{Error, ErrorKind};
+use crate::events::{DropCause, RoleDroppedEvent};
 use crate::lease::Lease;
 use crate::marker::{expired_marked_roles, marked_roles, server_now, MarkedRole};
 use crate::revoke::{drop_roles, retry_delay, Target};
@@ -57,12 +58,12 @@ pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, 
         })?;
     let now = SystemTime::now();
     let mut recovered = Recovered::default();
-    let mut to_drop: Vec<&MarkedRole> = Vec::new();
+    let mut to_drop: Vec<(&MarkedRole, DropCause)> = Vec::new();
     for role in marked.iter().filter(|r| r.belongs_to(&shared.instance)) {
         match (mode, adoptable(shared, role, server_now)) {
             (RecoveryMode::Adopt, Some((lease, definition))) => {
                 let (id, expires_at) = (lease.id.clone(), lease.expires_at);
-                if shared.leases.adopt(lease, &definition) {
+                if shared.leases.adopted(lease, &definition) {
                     log::info!(
                         "adopted lease {id} (role {}), valid until {}",
                         role.username,
@@ -73,20 +74,22 @@ pub(crate) fn recover(shared: &Shared, mode: RecoveryMode) -> Result<Recovered, 
                     log::warn!("recovery: role {} has a lease id or name credbroker does not make; left to the orphan sweep", role.username);
                 }
             }
-            _ => to_drop.push(role),
+            (RecoveryMode::RevokeAll, Some(_)) => to_drop.push((role, DropCause::RevokeAll)),
+            _ => to_drop.push((role, DropCause::Ended)),
         }
     }
     let targets: Vec<Target<'_>> = to_drop
         .iter()
-        .map(|r| Target {
+        .map(|(r, _)| Target {
             username: &r.username,
             revocation: None,
         })
         .collect();
-    for (role, result) in to_drop.iter().zip(drop_roles(shared, &targets)) {
+    for (&(role, cause), result) in to_drop.iter().zip(drop_roles(shared, &targets)) {
         match result {
             Ok(()) => {
                 recovered.dropped += 1;
+                shared.leases.role_dropped(dropped_event(role, cause));
                 log::info!(
                     "recovery: dropped role {} of an earlier run of this instance (lease {})",
                     role.username,
@@ -144,6 +147,20 @@ fn adoptable(
         last_error: None,
     };
     Some((lease, definition))
+}
+
+/// The event of `role`, dropped now.
+fn dropped_event(role: &MarkedRole, cause: DropCause) -> RoleDroppedEvent {
+    let mark = role.mark.as_ref();
+    RoleDroppedEvent {
+        username: role.username.clone(),
+        lease_id: mark.map(|m| m.lease_id.clone()),
+        role: mark.map(|m| m.role.clone()),
+        instance: mark.map(|m| m.instance.clone()),
+        expires_at: role.expires_at(),
+        cause,
+        dropped_at: SystemTime::now(),
+    }
 }
 
 fn lease_id(role: &MarkedRole) -> &str {
@@ -217,6 +234,9 @@ fn try_sweep_orphans(shared: &Shared) -> Result<usize, Error> {
         match result {
             Ok(()) => {
                 dropped += 1;
+                shared
+                    .leases
+                    .role_dropped(dropped_event(role, DropCause::Orphan));
                 log::info!(
                     "orphan sweep: dropped expired role {} of instance {instance} (lease {})",
                     role.username,

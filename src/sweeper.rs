@@ -25,6 +25,7 @@ pub(crate) fn run(shared: Arc<Shared>) {
     let mut next_orphan_sweep = later(crate::backoff::spread(shared.orphan_interval));
     let mut next_probe = later(PROBE_INTERVAL);
     loop {
+        shared.leases.set_gauges();
         let work = shared.leases.next_sweeper_work(
             BATCH,
             shared.revocation_workers(),

@@ -135,3 +135,85 @@ fn sweeper_lag_shows_leases_waiting_while_the_database_is_down() {
     }
     assert_eq!(env.broker.stats().sweeper_lag, Duration::ZERO);
 }
+
+/// Recovery at start and the orphan sweep report every role they adopt or drop, so an audit log sees each role
+/// the broker creates and drops, across restarts.
+#[test]
+fn roles_adopted_and_dropped_at_start_are_events() {
+    use credbroker::testing::TestPostgres;
+    use credbroker::{Broker, BrokerBuilder, RecoveryMode};
+
+    let pg = TestPostgres::start().expect("start PostgreSQL");
+    let builder = |instance: &str| -> BrokerBuilder {
+        Broker::builder()
+            .connection(pg.connection_string())
+            .instance_name(instance)
+            .orphan_sweep_interval(Duration::from_secs(1))
+    };
+    let short = Role::new().lease(Duration::from_secs(1), Duration::from_secs(10));
+    // An earlier run of instance "a" leaves a live lease and one that ends while no broker runs; instance "b"
+    // dies leaving a role that becomes an orphan.
+    let earlier = builder("a").build().expect("build a");
+    earlier
+        .write_role(
+            "live",
+            Role::new().lease(Duration::from_secs(600), Duration::from_secs(3600)),
+        )
+        .unwrap();
+    earlier.write_role("short", short.clone()).unwrap();
+    let live = earlier.creds("live").unwrap();
+    let ended = earlier.creds("short").unwrap();
+    let dead = builder("b").build().expect("build b");
+    dead.write_role("short", short).unwrap();
+    let orphan = dead.creds("short").unwrap();
+    drop(earlier);
+    drop(dead);
+    // Past the orphan's end plus the orphan interval, by the server's clock.
+    let mut admin = pg.admin_client().unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            admin
+            .query_one(
+                "SELECT now() > rolvaliduntil + interval '1.5 seconds' FROM pg_roles WHERE rolname = $1",
+                &[&orphan.username()],
+            )
+            .unwrap()
+            .get::<_, bool>(0)
+        }),
+        "the orphan's lease never ended"
+    );
+
+    let events = Recorder::default();
+    let broker = builder("a")
+        .event_handler(events.clone())
+        .build()
+        .expect("restart a");
+    assert_eq!(events.of(live.lease_id()), ["adopted"]);
+    assert_eq!(events.of(ended.lease_id()), ["dropped (ended)"]);
+    assert_eq!(events.of(orphan.lease_id()), ["dropped (orphan)"]);
+    assert_eq!(events.all().len(), 3, "{:?}", events.all());
+    let stats = broker.stats();
+    assert_eq!((stats.adopted, stats.roles_dropped), (1, 2));
+    drop(broker);
+
+    let events = Recorder::default();
+    let broker = builder("a")
+        .recovery(RecoveryMode::RevokeAll)
+        .event_handler(events.clone())
+        .build()
+        .expect("restart a, revoking all");
+    assert_eq!(
+        events.all(),
+        [("dropped (revoke all)", live.lease_id().to_owned())]
+    );
+    assert_eq!(broker.stats().roles_dropped, 1);
+    for username in [live.username(), ended.username(), orphan.username()] {
+        assert!(
+            admin
+                .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&username])
+                .unwrap()
+                .is_none(),
+            "{username} is still there"
+        );
+    }
+}

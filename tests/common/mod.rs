@@ -45,10 +45,7 @@ impl Env {
 
     /// Whether a role of that name exists in the catalog.
     pub fn role_exists(&self, name: &str) -> bool {
-        self.admin()
-            .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
-            .expect("query pg_roles")
-            .is_some()
+        role_exists_on(&self.pg, name)
     }
 
     /// `pg_roles.rolvaliduntil` of a role.
@@ -66,6 +63,21 @@ impl Env {
     pub fn roles_with_prefix(&self, prefix: &str) -> Vec<String> {
         roles_with_prefix(&self.pg, prefix)
     }
+}
+
+/// Whether a role of that name exists on `pg`.
+pub fn role_exists_on(pg: &TestPostgres, name: &str) -> bool {
+    pg.admin_client()
+        .expect("admin login")
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&name])
+        .expect("query pg_roles")
+        .is_some()
+}
+
+/// Runs `f` on a plain thread and returns its result: async tests check the catalog with the blocking client,
+/// which panics on a tokio runtime's threads.
+pub fn on_plain_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| s.spawn(f).join().expect("helper thread"))
 }
 
 /// Names of roles on `pg` whose name starts with `prefix`, sorted.
@@ -266,5 +278,17 @@ impl credbroker::HandleEvent for Recorder {
     }
     fn handle_revocation_failed(&self, e: credbroker::RevocationFailedEvent) {
         self.push("revocation failed", e.lease.id());
+    }
+    fn handle_adopted(&self, e: credbroker::AdoptedEvent) {
+        self.push("adopted", e.lease.id());
+    }
+    fn handle_role_dropped(&self, e: credbroker::RoleDroppedEvent) {
+        let kind = match e.cause {
+            credbroker::DropCause::Ended => "dropped (ended)",
+            credbroker::DropCause::RevokeAll => "dropped (revoke all)",
+            credbroker::DropCause::Orphan => "dropped (orphan)",
+            _ => "dropped (other)",
+        };
+        self.push(kind, e.lease_id.as_deref().unwrap_or(&e.username));
     }
 }

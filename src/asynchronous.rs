@@ -1,0 +1,369 @@
+//! The async API (feature `tokio`): [`AsyncBroker`], a cheap handle on a [`Broker`] whose lifecycle methods are
+//! `async fn`s, and [`BrokerBuilder::build_async`].
+//!
+//! The broker's core stays synchronous (the `postgres` crate and r2d2). Each async method hands its database work
+//! to tokio's blocking threads (`spawn_blocking`) and awaits the result over a oneshot channel, so a runtime's
+//! worker thread never waits for PostgreSQL. Outside a tokio runtime (another executor) the work runs on a
+//! thread of its own.
+
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::broker::Shared;
+use crate::error::{Error, ErrorKind};
+use crate::events::RevokeCause;
+use crate::leases::Why;
+use crate::{
+    Broker, BrokerBuilder, Credential, Lease, PoolOptions, Role, RolePool, ShutdownMode, Stats,
+};
+
+/// What the blocking thread sends back: the result, or the panic to continue in the caller.
+type Outcome<T> = Result<Result<T, Error>, Box<dyn Any + Send>>;
+
+/// Runs `work` on a blocking thread and waits for it without blocking. Should the caller stop waiting (its future
+/// dropped, by a timeout or a cancelled request) once `work` has succeeded, `unclaimed` gets the value nobody
+/// received: `creds` revokes the credential, so that no role outlives the call that wanted it.
+async fn off_worker<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, Error> + Send + 'static,
+    unclaimed: impl FnOnce(T) + Send + 'static,
+) -> Result<T, Error> {
+    let (sender, receiver) = oneshot::channel::<Outcome<T>>();
+    let job = move || {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(work));
+        if let Err(Ok(Ok(value))) = sender.send(outcome) {
+            unclaimed(value);
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(job)),
+        Err(_) => {
+            std::thread::Builder::new()
+                .name("credbroker-async".into())
+                .spawn(job)
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Connection,
+                        "could not start a thread for the database work of an async call",
+                    )
+                    .with_source(e)
+                })?;
+        }
+    }
+    match receiver.await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => Err(Error::new(
+            ErrorKind::ShutDown,
+            "the tokio runtime shut down before the broker's work ran; nothing was done",
+        )),
+    }
+}
+
+/// [`off_worker`] for work whose result can simply be dropped when nobody waits for it.
+async fn off_worker_with<T: Send + 'static>(
+    shared: &Arc<Shared>,
+    work: impl FnOnce(&Shared) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    let shared = shared.clone();
+    off_worker(move || work(&shared), drop).await
+}
+
+impl BrokerBuilder {
+    /// [`build`](BrokerBuilder::build) for async code: connects, checks, recovers and starts the sweeper on a
+    /// blocking thread, without holding a runtime worker thread. Turn the broker into an [`AsyncBroker`] with
+    /// [`Broker::into_async`].
+    ///
+    /// ```no_run
+    /// # async fn example() -> Result<(), credbroker::Error> {
+    /// let broker = credbroker::Broker::builder()
+    ///     .connection("host=localhost user=username password=password")
+    ///     .build_async()
+    ///     .await?
+    ///     .into_async();
+    /// # Ok(()) }
+    /// ```
+    pub async fn build_async(self) -> Result<Broker, Error> {
+        off_worker(move || self.build_here(), drop).await
+    }
+}
+
+impl Broker {
+    /// This broker as an [`AsyncBroker`]: the same broker (its lease table, roles and sweeper), with async
+    /// lifecycle methods.
+    pub fn into_async(self) -> AsyncBroker {
+        AsyncBroker::from(self)
+    }
+}
+
+/// A handle on a [`Broker`] for async code: the same lifecycle as `async fn`s that never block a runtime worker
+/// thread for a database round trip (feature `tokio`).
+///
+/// Cloning is cheap (an `Arc`), and every clone is the same broker: one lease table, one sweeper. The broker
+/// stops when the last handle is dropped (as a dropped [`Broker`] does), or at
+/// [`shutdown`](AsyncBroker::shutdown). [`broker`](AsyncBroker::broker) gives the blocking API, for a
+/// [`RolePool`]'s handle or code that runs on its own threads.
+///
+/// Each database call runs on tokio's blocking threads (`spawn_blocking`), at the cost of a hand-over there and
+/// back. If the future of a call is dropped before it finishes (a timeout, a cancelled request), the call still
+/// completes on its blocking thread; a credential that `creds` issued for a dropped future is revoked at once.
+///
+/// ```no_run
+/// use credbroker::{Broker, Role};
+/// use std::time::Duration;
+///
+/// # async fn example() -> Result<(), credbroker::Error> {
+/// let broker = Broker::builder()
+///     .connection("host=localhost user=username password=password")
+///     .build_async()
+///     .await?
+///     .into_async();
+/// broker.write_role("web", Role::new()).await?;
+///
+/// let creds = broker.creds("web").await?;
+/// // Connect with creds.username() and creds.password(), then:
+/// broker.renew(creds.lease_id(), Some(Duration::from_secs(1800))).await?;
+/// broker.revoke(creds.lease_id()).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AsyncBroker {
+    broker: Arc<Broker>,
+}
+
+impl From<Broker> for AsyncBroker {
+    fn from(broker: Broker) -> AsyncBroker {
+        AsyncBroker {
+            broker: Arc::new(broker),
+        }
+    }
+}
+
+impl From<Arc<Broker>> for AsyncBroker {
+    /// A handle on a broker already shared in an `Arc`; the broker stops when the last `Arc` and handle are gone.
+    fn from(broker: Arc<Broker>) -> AsyncBroker {
+        AsyncBroker { broker }
+    }
+}
+
+impl std::fmt::Debug for AsyncBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AsyncBroker").field(&*self.broker).finish()
+    }
+}
+
+impl AsyncBroker {
+    /// The broker itself, for its blocking API.
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.broker.shared
+    }
+
+    /// [`Broker::write_role`]: creates or replaces role `name`, after trying its SQL on the server.
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
+    /// use credbroker::Role;
+    /// broker
+    ///     .write_role("readonly", Role::new().creation_sql(
+    ///         "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}};
+    ///          GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}};",
+    ///     ))
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn write_role(&self, name: &str, role: Role) -> Result<(), Error> {
+        let name = name.to_owned();
+        off_worker_with(self.shared(), move |shared| shared.write_role(&name, role)).await
+    }
+
+    /// [`Broker::delete_role`]: no new credentials for role `name`. (No database work: it returns at once.)
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
+    /// broker.delete_role("readonly").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn delete_role(&self, name: &str) -> Result<(), Error> {
+        self.broker.delete_role(name)
+    }
+
+    /// [`Broker::role`]: the definition of role `name`, if defined.
+    pub fn role(&self, name: &str) -> Option<Role> {
+        self.broker.role(name)
+    }
+
+    /// [`Broker::roles`]: the names of the defined roles, sorted.
+    pub fn roles(&self) -> Vec<String> {
+        self.broker.roles()
+    }
+
+    /// [`Broker::creds`]: issues a credential for role `name`. Should this future be dropped before the
+    /// credential reaches it, the credential is revoked.
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
+    /// let creds = broker.creds("readonly").await?;
+    /// println!("{} until its lease ends in {:?}", creds.username(), creds.lease_duration());
+    /// # Ok(()) }
+    /// ```
+    pub async fn creds(&self, name: &str) -> Result<Credential, Error> {
+        let name = name.to_owned();
+        let shared = self.shared().clone();
+        let undo = shared.clone();
+        off_worker(
+            move || shared.creds(&name),
+            move |credential: Credential| {
+                let id = credential.lease_id();
+                match undo.revoke(id, Why::Revoke(RevokeCause::Requested)) {
+                    Ok(()) => log::info!(
+                        "revoked lease {id}: the async creds call that issued it was dropped before it finished"
+                    ),
+                    Err(e) => log::warn!(
+                        "lease {id} was issued for an async creds call dropped before it finished, and could not \
+                         be revoked now ({e}); the sweeper revokes it"
+                    ),
+                }
+            },
+        )
+        .await
+    }
+
+    /// [`Broker::renew`]: moves lease `id`'s end to now plus `increment` (`None`: the role's default lease).
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker, id: &str) -> Result<(), credbroker::Error> {
+    /// let lease = broker.renew(id, Some(std::time::Duration::from_secs(1800))).await?;
+    /// println!("valid until {:?}", lease.expires_at());
+    /// # Ok(()) }
+    /// ```
+    pub async fn renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
+        let id = id.to_owned();
+        off_worker_with(self.shared(), move |shared| shared.renew(&id, increment)).await
+    }
+
+    /// [`Broker::revoke`]: revokes lease `id` now (ends its sessions, drops its role).
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker, id: &str) -> Result<(), credbroker::Error> {
+    /// broker.revoke(id).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn revoke(&self, id: &str) -> Result<(), Error> {
+        let id = id.to_owned();
+        off_worker_with(self.shared(), move |shared| {
+            shared.revoke(&id, Why::Revoke(RevokeCause::Requested))
+        })
+        .await
+    }
+
+    /// [`Broker::revoke_prefix`]: revokes every lease whose id starts with `prefix`; returns how many.
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
+    /// let revoked = broker.revoke_prefix("postgresql/creds/readonly/").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn revoke_prefix(&self, prefix: &str) -> Result<usize, Error> {
+        let prefix = prefix.to_owned();
+        off_worker_with(self.shared(), move |shared| shared.revoke_prefix(&prefix)).await
+    }
+
+    /// [`Broker::revoke_force`]: revokes lease `id`, and forgets it even if its role cannot be dropped.
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker, id: &str) -> Result<(), credbroker::Error> {
+    /// broker.revoke_force(id).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn revoke_force(&self, id: &str) -> Result<(), Error> {
+        let id = id.to_owned();
+        off_worker_with(self.shared(), move |shared| shared.revoke_force(&id)).await
+    }
+
+    /// [`Broker::lease`]: the lease `id`, if in the table. Reads memory only, so it is not `async`.
+    pub fn lease(&self, id: &str) -> Option<Lease> {
+        self.broker.lease(id)
+    }
+
+    /// [`Broker::leases`]: every lease in the table, sorted by id.
+    pub fn leases(&self) -> Vec<Lease> {
+        self.broker.leases()
+    }
+
+    /// [`Broker::failed_leases`]: leases whose revocation has failed at least once.
+    pub fn failed_leases(&self) -> Vec<Lease> {
+        self.broker.failed_leases()
+    }
+
+    /// [`Broker::stats`]: counts of what the broker did, live leases per role, sweeper lag.
+    pub fn stats(&self) -> Stats {
+        self.broker.stats()
+    }
+
+    /// [`Broker::pool`]: a [`RolePool`] for role `name` with the default [`PoolOptions`]; see
+    /// [`pool_with`](AsyncBroker::pool_with).
+    pub async fn pool(&self, name: &str) -> Result<RolePool, Error> {
+        self.pool_with(name, PoolOptions::new()).await
+    }
+
+    /// [`Broker::pool_with`]: a [`RolePool`] for role `name`, opened (one credential issued, one login tried)
+    /// on a blocking thread. Its connections are blocking `postgres::Client`s: query them inside
+    /// `tokio::task::spawn_blocking`.
+    pub async fn pool_with(&self, name: &str, options: PoolOptions) -> Result<RolePool, Error> {
+        let name = name.to_owned();
+        let broker = self.broker.clone();
+        off_worker(move || broker.pool_here(&name, options), drop).await
+    }
+
+    /// Stops the broker for every handle, as [`Broker::shutdown`] does: stops the sweeper, then keeps or
+    /// revokes the leases as `mode` says. Calls of other handles then fail with [`ErrorKind::ShutDown`]; a
+    /// second `shutdown` returns `Ok` at once.
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
+    /// use credbroker::ShutdownMode;
+    /// use std::time::Duration;
+    /// broker.shutdown(ShutdownMode::Revoke { timeout: Duration::from_secs(10) }).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn shutdown(&self, mode: ShutdownMode) -> Result<(), Error> {
+        let broker = self.broker.clone();
+        off_worker(move || broker.stop(mode), drop).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send<T: Send>(_: T) {}
+
+    #[test]
+    fn handles_are_send_sync_and_clone() {
+        fn check<T: Send + Sync + Clone + 'static>() {}
+        check::<AsyncBroker>();
+    }
+
+    /// Never called: it compiles only if every future is `Send` (axum and tonic need that).
+    #[allow(dead_code)]
+    fn futures_are_send(broker: &AsyncBroker) {
+        send(broker.creds("r"));
+        send(broker.renew("id", None));
+        send(broker.revoke("id"));
+        send(broker.revoke_prefix("p"));
+        send(broker.revoke_force("id"));
+        send(broker.write_role("r", Role::new()));
+        send(broker.delete_role("r"));
+        send(broker.pool("r"));
+        send(broker.pool_with("r", PoolOptions::new()));
+        send(broker.shutdown(ShutdownMode::Keep));
+        send(Broker::builder().build_async());
+    }
+}
