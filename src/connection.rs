@@ -140,6 +140,9 @@ pub(crate) struct Connection {
     /// Whether channel binding is the broker's default here (TLS without a checked certificate, and the string
     /// does not say): a password provider then turns it on.
     bind_channel: bool,
+    /// Whether the admin logs in by client certificate alone (no password in the string): only the admin's
+    /// own login then drops the channel-binding requirement, never `config`, which pools copy.
+    certificate_only: bool,
     pub ssl_mode: SslMode,
     /// `-c statement_timeout=… -c lock_timeout=…`, sent in the startup packet of admin sessions only: they are
     /// the sessions' defaults, so `RESET ALL` after a template keeps them.
@@ -251,7 +254,8 @@ impl Connection {
         // `disable` is an explicit choice of plaintext; with it, channel binding could never be had anyway.
         let bind_channel = !verified && ssl_mode != SslMode::Disable && !keys.channel_binding;
         let certificate_only = client_cert.is_some() && config.get_password().is_none();
-        if bind_channel && !certificate_only {
+        // Required on the shared config even for a certificate-only admin: RolePools copy it and send passwords.
+        if bind_channel {
             config.channel_binding(ChannelBinding::Require);
         }
         if config.get_connect_timeout().is_none() {
@@ -281,6 +285,7 @@ impl Connection {
             admin_tls,
             password_provider: None,
             bind_channel,
+            certificate_only,
             ssl_mode,
             admin_options: None,
         })
@@ -373,6 +378,10 @@ impl Connection {
                 .with_boxed_source(e)
             })?);
             config.password(password.as_bytes());
+        } else if self.certificate_only {
+            // The certificate is the only credential: no password is sent for channel binding to protect, and
+            // `cert` authentication has no SCRAM exchange that could bind the channel.
+            config.channel_binding(ChannelBinding::Prefer);
         }
         config
             .connect(self.admin_tls.clone())

@@ -164,13 +164,11 @@ fn an_admin_logs_in_with_a_client_certificate() {
     assert_eq!(session_user, creds.username());
     // The pool logs in with issued credentials (password authentication), not with the admin's certificate.
     let pool = broker.pool("app").unwrap();
-    let who: String = pool
-        .get()
-        .unwrap()
-        .query_one("SELECT current_user::text", &[])
-        .unwrap()
-        .get(0);
-    assert_ne!(who, "certadmin");
+    let client_dn = pool_client_dn(&pool);
+    assert_eq!(
+        client_dn, None,
+        "a pool session presented a client certificate"
+    );
     drop(pool);
     broker.revoke(creds.lease_id()).unwrap();
     assert!(common::roles_with_prefix(&pg, creds.username()).is_empty());
@@ -199,6 +197,102 @@ fn an_admin_logs_in_with_a_client_certificate() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
     assert!(err.to_string().contains("give both"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The client certificate's subject that the pool's session presented (`None`: no certificate), checking
+/// that the session is the pool's credential and is encrypted.
+fn pool_client_dn(pool: &credbroker::RolePool) -> Option<String> {
+    let row = pool
+        .get()
+        .unwrap()
+        .query_one(
+            "SELECT ssl, client_dn, current_user::text FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the pool session is not encrypted");
+    assert_ne!(row.get::<_, String>(2), "certadmin");
+    row.get(1)
+}
+
+/// Writes pg_hba.conf: `certadmin` by certificate only, every other TCP login over TLS with `method`, then the
+/// server's own `rules`; and reloads.
+fn hba_with_certadmin(admin: &mut postgres::Client, rules: &str, method: &str) {
+    let hba: String = admin.query_one("SHOW hba_file", &[]).unwrap().get(0);
+    std::fs::write(
+        &hba,
+        format!(
+            "hostssl all certadmin 127.0.0.1/32 cert\nhost all certadmin 0.0.0.0/0 reject\n\
+             hostssl all all 127.0.0.1/32 {method}\n{rules}"
+        ),
+    )
+    .unwrap();
+    admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+}
+
+#[test]
+fn a_certificate_admin_without_a_checked_server_keeps_channel_binding_for_pools() {
+    let pg = TestPostgres::builder().tls(true).start().unwrap();
+    let dir = scratch("binding");
+    let (client_ca, crt, key) = client_certificate(&dir, "certadmin");
+    let mut admin = pg.admin_client().unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET ssl_ca_file = '{}'",
+            client_ca.display()
+        ))
+        .unwrap();
+    admin
+        .batch_execute(
+            "CREATE ROLE certadmin LOGIN CREATEROLE; GRANT pg_signal_backend TO certadmin;",
+        )
+        .unwrap();
+    let hba: String = admin.query_one("SHOW hba_file", &[]).unwrap().get(0);
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    hba_with_certadmin(&mut admin, &rules, "scram-sha-256");
+    // sslmode=require without sslrootcert: the server's certificate is not checked, so a password may only
+    // travel inside SCRAM with channel binding.
+    let conn = format!(
+        "host=127.0.0.1 port={} user=certadmin dbname=postgres sslmode=require sslcert={} sslkey={}",
+        pg.port(),
+        crt.display(),
+        key.display()
+    );
+    let mut broker = None;
+    common::eventually(Duration::from_secs(20), || {
+        broker = Broker::builder().connection(&conn).build().ok();
+        broker.is_some()
+    });
+    let broker = broker.expect("the admin logs in by certificate alone");
+    broker.write_role("app", Role::new()).unwrap();
+    let pool = broker.pool("app").unwrap();
+    assert_eq!(
+        pool_client_dn(&pool),
+        None,
+        "a pool session presented the admin's client certificate"
+    );
+    drop(pool);
+
+    // The pool roles' method becomes a cleartext password: the pool must refuse to send it.
+    hba_with_certadmin(&mut admin, &rules, "password");
+    let mut last = None;
+    let refused = common::eventually(Duration::from_secs(20), || match broker.pool("app") {
+        Ok(_) => {
+            last = Some("the pool logged in with a cleartext password".to_owned());
+            false
+        }
+        Err(e) => {
+            let refused = e.kind() == ErrorKind::Tls && e.to_string().contains("channel binding");
+            last = Some(e.to_string());
+            refused
+        }
+    });
+    assert!(refused, "{last:?}");
+    // The admin itself still logs in by certificate (no password, nothing to bind).
+    let creds = broker.creds("app").unwrap();
+    broker.revoke(creds.lease_id()).unwrap();
+    drop(broker);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
