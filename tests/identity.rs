@@ -145,6 +145,20 @@ fn row_level_security_on_the_group_applies_to_every_credential() {
     );
 }
 
+/// Each `(group, why)`: `write_role` with that group is refused as bad configuration, saying `why`, and
+/// writes nothing.
+fn refused_groups(env: &common::Env, cases: &[(&str, &str)]) {
+    for &(group, why) in cases {
+        let err = env
+            .broker
+            .write_role("app", Role::new().group(group))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{group}: {err}");
+        assert!(err.to_string().contains(why), "{group}: {err}");
+        assert!(env.broker.role("app").is_none());
+    }
+}
+
 #[test]
 fn groups_that_log_in_or_are_superusers_or_the_brokers_own_are_refused() {
     let env = common::start();
@@ -161,14 +175,7 @@ fn groups_that_log_in_or_are_superusers_or_the_brokers_own_are_refused() {
         (DEFAULT_OWNER_ROLE, "reassign_owned_to"),
         (env.pg.admin_user(), "it is a superuser"),
     ];
-    for (group, why) in cases {
-        let err = env
-            .broker
-            .write_role("app", Role::new().group(group))
-            .unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{group}: {err}");
-        assert!(err.to_string().contains(why), "{group}: {err}");
-    }
+    refused_groups(&env, &cases);
     let err = env
         .broker
         .write_role("app", Role::new().group("x".repeat(64)))
@@ -189,6 +196,48 @@ fn groups_that_log_in_or_are_superusers_or_the_brokers_own_are_refused() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TemplateRejected, "{err}");
     assert!(!env.role_exists("never_made"));
+}
+
+#[test]
+fn groups_with_rights_every_credential_would_hold_are_refused() {
+    let env = common::start();
+    let admin = env.pg.admin_user().to_owned();
+    env.admin()
+        .batch_execute(&format!(
+            "CREATE ROLE maker NOLOGIN CREATEROLE; CREATE ROLE bypasser NOLOGIN BYPASSRLS;
+             CREATE ROLE replicator NOLOGIN REPLICATION;
+             CREATE ROLE in_admin NOLOGIN; GRANT \"{admin}\" TO in_admin;
+             CREATE ROLE in_marker NOLOGIN; GRANT {DEFAULT_MARKER_ROLE} TO in_marker;
+             CREATE ROLE in_owner NOLOGIN; GRANT {DEFAULT_OWNER_ROLE} TO in_owner;
+             CREATE ROLE runs_programs NOLOGIN; GRANT pg_execute_server_program TO runs_programs;
+             CREATE ROLE reads_files NOLOGIN; GRANT pg_read_server_files TO reads_files;
+             CREATE ROLE middle NOLOGIN; GRANT pg_write_server_files TO middle;
+             CREATE ROLE writes_files NOLOGIN; GRANT middle TO writes_files;
+             CREATE ROLE boss NOLOGIN CREATEROLE; CREATE ROLE under_boss NOLOGIN; GRANT boss TO under_boss;
+             CREATE ROLE plain NOLOGIN;"
+        ))
+        .unwrap();
+    let cases = [
+        ("maker", "CREATEROLE"),
+        ("bypasser", "BYPASSRLS"),
+        ("replicator", "REPLICATION"),
+        ("in_admin", "the broker's admin"),
+        ("in_marker", DEFAULT_MARKER_ROLE),
+        ("in_owner", DEFAULT_OWNER_ROLE),
+        ("runs_programs", "pg_execute_server_program"),
+        ("reads_files", "pg_read_server_files"),
+        ("writes_files", "pg_write_server_files"),
+        ("under_boss", "\"boss\", a role with SUPERUSER, CREATEROLE"),
+        ("pg_read_all_data", "predefined roles"),
+    ];
+    refused_groups(&env, &cases);
+    // A plain NOLOGIN group passes, and its credentials log in.
+    env.broker
+        .write_role("app", Role::new().group("plain"))
+        .unwrap();
+    let creds = env.broker.creds("app").unwrap();
+    let (current, _) = who(&mut env.pg.login(creds.username(), creds.password()).unwrap());
+    assert_eq!(current, "plain");
 }
 
 #[test]
