@@ -367,16 +367,11 @@ impl Connection {
     /// Logs in as the admin with `config`, the password from the provider if one is set, and the admin's TLS.
     fn login(&self, mut config: postgres::Config) -> Result<postgres::Client, Error> {
         if let Some(provider) = &self.password_provider {
-            let password = Zeroizing::new(provider().map_err(|e| {
-                Error::new(
-                    ErrorKind::PasswordProvider,
-                    format!(
-                        "the admin password provider failed, so no admin connection was opened: {e}; \
-                         fix what the provider reads (its error is the source of this one)"
-                    ),
-                )
-                .with_boxed_source(e)
-            })?);
+            let limit = config
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(Duration::from_secs(10));
+            let password = ask_provider(provider, limit)?;
             config.password(password.as_bytes());
         } else if self.certificate_only {
             // The certificate is the only credential: no password is sent for channel binding to protect, and
@@ -936,6 +931,48 @@ impl ServerCertVerifier for ChainOnly {
 /// The admin password provider: see [`BrokerBuilder::password_provider`](crate::BrokerBuilder::password_provider).
 pub(crate) type PasswordProvider =
     Arc<dyn Fn() -> Result<String, Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;
+
+/// Asks `provider` for the admin password on a helper thread, waiting up to `limit` (the connect timeout):
+/// the provider runs on revocation workers, the sweeper and the pool's threads, so a panic in it is caught
+/// and a provider that hangs fails this login instead of stalling them. A provider still running at the limit
+/// is left to finish on its own thread; whatever it returns then is wiped and dropped. Errors never hold the
+/// password, nor a panic's message (it could).
+fn ask_provider(provider: &PasswordProvider, limit: Duration) -> Result<Zeroizing<String>, Error> {
+    let failed = |what: String| {
+        Error::new(
+            ErrorKind::PasswordProvider,
+            format!("no admin connection was opened: the admin password provider {what}"),
+        )
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let provider = provider.clone();
+    std::thread::Builder::new()
+        .name("credbroker-password-provider".into())
+        .spawn(move || {
+            let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                provider().map(Zeroizing::new)
+            }));
+            // The receiver is gone after a timeout: the answer is dropped here, its password wiped.
+            let _ = tx.send(answer);
+        })
+        .map_err(|e| failed(format!("could not be run (no thread for it: {e})")).with_source(e))?;
+    match rx.recv_timeout(limit) {
+        Ok(Ok(Ok(password))) => Ok(password),
+        Ok(Ok(Err(e))) => Err(failed(format!(
+            "failed: {e}; fix what the provider reads (its error is the source of this one)"
+        ))
+        .with_boxed_source(e)),
+        Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(failed(
+            "panicked (its message is not shown: it could hold the password); fix the provider: it must return \
+             an error instead"
+                .into(),
+        )),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(failed(format!(
+            "gave no answer within the connect timeout ({limit:?}); make it return sooner (cache the secret, or \
+             give it a timeout of its own) or raise connect_timeout"
+        ))),
+    }
+}
 
 /// The admin pool's connections: every new one logs in through [`Connection::connect`], so the password
 /// provider is asked each time and the client certificate presented.

@@ -378,3 +378,43 @@ fn a_password_provider_is_asked_at_every_new_admin_connection() {
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
     assert!(!err.to_string().contains("first-password-1"), "{err}");
 }
+
+#[test]
+fn a_provider_that_panics_or_hangs_fails_the_login_with_a_typed_error() {
+    let pg = TestPostgres::start().unwrap();
+    let without_password = format!(
+        "host=127.0.0.1 port={} user={} dbname=postgres sslmode=disable",
+        pg.port(),
+        pg.admin_user()
+    );
+    let err = Broker::builder()
+        .connection(&without_password)
+        .password_provider(|| -> Result<String, std::io::Error> {
+            panic!("provider bug while holding secret-in-panic-9")
+        })
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PasswordProvider, "{err}");
+    assert!(err.to_string().contains("panicked"), "{err}");
+    assert!(!err.to_string().contains("secret-in-panic-9"), "{err}");
+
+    // A provider that does not answer: the login fails at the connect timeout; the provider's thread is left
+    // to finish, which it does once the test lets it go.
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let released = Mutex::new(released);
+    let err = Broker::builder()
+        .connection(&without_password)
+        .connect_timeout(Duration::from_secs(1))
+        .password_provider(move || -> Result<String, std::io::Error> {
+            let _ = released
+                .lock()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(120));
+            Ok("too-late-password-7".to_owned())
+        })
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PasswordProvider, "{err}");
+    assert!(err.to_string().contains("connect timeout"), "{err}");
+    drop(release);
+}
