@@ -310,6 +310,15 @@ fn a_username_template_making_names_over_63_bytes_is_refused_at_write_role() {
     assert_eq!(err.kind(), ErrorKind::InvalidTemplate, "{err}");
     assert!(err.to_string().contains("makes names of 71 bytes"), "{err}");
     assert!(env.broker.role("orders").is_none());
+    // A replace on the time could lengthen names only for some digits: refused whatever the time now is.
+    let long = "x".repeat(30);
+    let template = format!(r#"{{{{unix_time | replace "4" "{long}"}}}}-{{{{random 13}}}}"#);
+    let err = env
+        .broker
+        .write_role("orders", Role::new().username_template(template))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidTemplate, "{err}");
+    assert!(env.broker.role("orders").is_none());
     // The same template with the instance cut down fits, and its names work end to end.
     let template = r#"{{instance | replace "/" "." | truncate 40}}-{{role}}-{{random 13}}"#;
     env.broker
