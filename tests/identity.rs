@@ -379,6 +379,17 @@ fn a_weak_password_policy_is_refused() {
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
     assert!(err.to_string().contains("80 bits"), "{err}");
     assert!(env.broker.role("app").is_none());
+    // Minimums whose sum overflows: refused as impossible, not a panic nor a wrapped sum.
+    let impossible = credbroker::PasswordPolicy::new(40)
+        .charset("abcdefghijklmnopqrstuvwxyz", usize::MAX)
+        .charset("0123456789", 1);
+    let err = env
+        .broker
+        .write_role("app", Role::new().password_policy(impossible))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    assert!(err.to_string().contains("lower the minimums"), "{err}");
+    assert!(env.broker.role("app").is_none());
 }
 
 #[test]
