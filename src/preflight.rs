@@ -315,15 +315,23 @@ pub(crate) fn ensure_credentials_group(
             log::info!("created group role {group} for the credentials of a broker role");
             Ok(())
         }
-        Err(e) if e.code() == Some(&postgres::error::SqlState::DUPLICATE_OBJECT) => {
+        Err(e) if sql::is_duplicate_role(&e) => {
             check_credentials_group(client, role, group, reserved).map(drop)
         }
+        Err(e) if e.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Err(Error::postgres(
+                ErrorKind::Permission,
+                format!(
+                    "could not create the group role {group:?}; as a superuser, run `CREATE ROLE {} NOLOGIN;`",
+                    escape_identifier(group)
+                ),
+                e,
+                &[],
+            ))
+        }
         Err(e) => Err(Error::postgres(
-            ErrorKind::Permission,
-            format!(
-                "could not create the group role {group:?}; as a superuser, run `CREATE ROLE {} NOLOGIN;`",
-                escape_identifier(group)
-            ),
+            ErrorKind::Database,
+            format!("could not create the group role {group:?} of role {role:?}"),
             e,
             &[],
         )),

@@ -220,6 +220,14 @@ pub(crate) const SERVER_ACCESS_ROLES: [&str; 3] = [
     "pg_write_server_files",
 ];
 
+/// Whether `CREATE ROLE` failed because the role exists: 42710, or 23505 (a unique violation on
+/// `pg_authid`) when it waited on another session's uncommitted `CREATE ROLE` of the same name that then
+/// committed.
+pub(crate) fn is_duplicate_role(err: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
+    matches!(err.code(), Some(c) if *c == SqlState::DUPLICATE_OBJECT || *c == SqlState::UNIQUE_VIOLATION)
+}
+
 /// Creates a credentials' group, with a comment for whoever finds it in the catalog.
 pub(crate) fn create_group(group: &str) -> String {
     let name = escape_identifier(group);

@@ -461,3 +461,52 @@ fn a_pg_hba_line_for_the_group_matches_every_credential() {
         .login_to("elsewhere", plain.username(), plain.password())
         .unwrap();
 }
+
+/// `write_role` with a group that another session is creating at that moment, uncommitted: the broker's own
+/// `CREATE ROLE` waits on that row and, once the other session commits, fails with a unique violation (23505).
+/// The group that won must then be checked as an existing one: written if fit, refused if not.
+fn write_role_while_another_session_creates(
+    env: &common::Env,
+    group: &str,
+    attributes: &str,
+) -> Result<(), credbroker::Error> {
+    let mut other = env.admin();
+    let mut tx = other.transaction().unwrap();
+    tx.batch_execute(&format!("CREATE ROLE {group} {attributes}"))
+        .unwrap();
+    std::thread::scope(|scope| {
+        let writing = scope.spawn(|| env.broker.write_role("app", Role::new().group(group)));
+        let mut watcher = env.admin();
+        let waiting = common::eventually(Duration::from_secs(60), || {
+            watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                     AND query LIKE 'CREATE ROLE%'",
+                    &[],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        });
+        assert!(
+            waiting,
+            "the broker's CREATE ROLE never waited on the other session's"
+        );
+        tx.commit().unwrap();
+        writing.join().unwrap()
+    })
+}
+
+#[test]
+fn a_group_another_session_creates_at_the_same_moment_is_checked_as_existing() {
+    let env = common::start();
+    write_role_while_another_session_creates(&env, "raced", "NOLOGIN").unwrap();
+    let creds = env.broker.creds("app").unwrap();
+    let (current, _) = who(&mut env.pg.login(creds.username(), creds.password()).unwrap());
+    assert_eq!(current, "raced");
+    env.broker.revoke(creds.lease_id()).unwrap();
+
+    let err = write_role_while_another_session_creates(&env, "raced_login", "LOGIN").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(err.to_string().contains("it can log in"), "{err}");
+}
