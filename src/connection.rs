@@ -133,8 +133,8 @@ pub(crate) struct Connection {
     pub config: postgres::Config,
     /// The TLS connector without a client certificate: the one [`RolePool`](crate::RolePool)s use.
     pub tls: MakeRustlsConnect,
-    /// The admin's TLS connector: `tls` with the client certificate of `sslcert`/`sslkey`, if given.
-    admin_tls: MakeRustlsConnect,
+    /// The admin's client certificate of `sslcert`/`sslkey`, if given, re-read when the files change.
+    client_identity: Option<Arc<ClientIdentity>>,
     /// Asked for the admin password at every new admin connection, if set.
     password_provider: Option<PasswordProvider>,
     /// Whether channel binding is the broker's default here (TLS without a checked certificate, and the string
@@ -275,14 +275,14 @@ impl Connection {
         }
         let root_cert = keys.root_cert.take();
         let tls = MakeRustlsConnect::new(tls_config(ssl_mode, root_cert.clone(), None)?);
-        let admin_tls = match &client_cert {
-            Some(_) => MakeRustlsConnect::new(tls_config(ssl_mode, root_cert, client_cert)?),
-            None => tls.clone(),
+        let client_identity = match client_cert {
+            Some(files) => Some(Arc::new(ClientIdentity::load(ssl_mode, root_cert, files)?)),
+            None => None,
         };
         Ok(Connection {
             config,
             tls,
-            admin_tls,
+            client_identity,
             password_provider: None,
             bind_channel,
             certificate_only,
@@ -378,9 +378,11 @@ impl Connection {
             // `cert` authentication has no SCRAM exchange that could bind the channel.
             config.channel_binding(ChannelBinding::Prefer);
         }
-        config
-            .connect(self.admin_tls.clone())
-            .map_err(|e| self.explain(e))
+        let tls = match &self.client_identity {
+            Some(identity) => identity.connector()?,
+            None => self.tls.clone(),
+        };
+        config.connect(tls).map_err(|e| self.explain(e))
     }
 
     /// Explains a failure to connect.
@@ -723,6 +725,61 @@ fn tls_config(
 
 /// Finishes a rustls configuration: with the client certificate chain and key in the PEM files of
 /// `client_cert`, or without client authentication.
+/// The admin's client certificate and key files, and the TLS connector made from them: re-made at the next
+/// admin login after either file's modification time or size changes, so a short-lived certificate rotated on
+/// disk (cert-manager, Vault agent) is picked up without a restart.
+pub(crate) struct ClientIdentity {
+    mode: SslMode,
+    root_cert: Option<PathBuf>,
+    files: (PathBuf, PathBuf),
+    /// The files' stamps when the connector was made, and the connector.
+    current: parking_lot::Mutex<(FileStamps, MakeRustlsConnect)>,
+}
+
+type FileStamps = [Option<(std::time::SystemTime, u64)>; 2];
+
+impl ClientIdentity {
+    fn load(
+        mode: SslMode,
+        root_cert: Option<PathBuf>,
+        files: (PathBuf, PathBuf),
+    ) -> Result<ClientIdentity, Error> {
+        let stamps = stamps(&files);
+        let tls = tls_config(mode, root_cert.clone(), Some(files.clone()))?;
+        Ok(ClientIdentity {
+            mode,
+            root_cert,
+            files,
+            current: parking_lot::Mutex::new((stamps, MakeRustlsConnect::new(tls))),
+        })
+    }
+
+    /// The connector for the certificate on disk now. A pair that cannot be used (a key written before its
+    /// certificate, mid-rotation) fails this login with the reason; the next login reads the files again.
+    fn connector(&self) -> Result<MakeRustlsConnect, Error> {
+        let mut current = self.current.lock();
+        let now = stamps(&self.files);
+        if now != current.0 {
+            let tls = tls_config(self.mode, self.root_cert.clone(), Some(self.files.clone()))?;
+            *current = (now, MakeRustlsConnect::new(tls));
+            log::info!(
+                "admin client certificate {} re-read: it changed on disk",
+                self.files.0.display()
+            );
+        }
+        Ok(current.1.clone())
+    }
+}
+
+/// Modification time and size of each file (`None` if unreadable: then it is read, and fails, at once).
+fn stamps(files: &(PathBuf, PathBuf)) -> FileStamps {
+    let stamp = |path: &PathBuf| {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    };
+    [stamp(&files.0), stamp(&files.1)]
+}
+
 fn client_auth(
     builder: ConfigBuilder<ClientConfig, WantsClientCert>,
     client_cert: Option<(PathBuf, PathBuf)>,

@@ -30,34 +30,47 @@ fn path(p: &Path) -> &str {
 
 /// A CA of our own and a client certificate for `user` (its CN) signed by it, in `dir`: (ca, cert, key).
 fn client_certificate(dir: &Path, user: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let (ca_key, ca, key, csr, crt) = (
-        dir.join("client-ca.key"),
-        dir.join("client-ca.crt"),
-        dir.join("client.key"),
-        dir.join("client.csr"),
-        dir.join("client.crt"),
-    );
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let subject = format!("/CN={user}");
+    let ca = client_ca(dir);
+    let (crt, key) = sign_client(dir, user, "client");
+    (ca, crt, key)
+}
+
+const EC: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// A client CA in `dir` (client-ca.crt, client-ca.key): the certificate's path.
+fn client_ca(dir: &Path) -> PathBuf {
+    let (ca_key, ca) = (dir.join("client-ca.key"), dir.join("client-ca.crt"));
     openssl(
         &[
             &["req", "-x509"][..],
-            &ec,
+            &EC,
             &["-keyout", path(&ca_key), "-out", path(&ca), "-days", "3"],
             &["-subj", "/CN=credbroker test client CA"],
         ]
         .concat(),
     );
+    ca
+}
+
+/// A client certificate for CN `cn` signed by the CA in `dir`, as `<stem>.crt` and `<stem>.key`.
+fn sign_client(dir: &Path, cn: &str, stem: &str) -> (PathBuf, PathBuf) {
+    let (ca_key, ca) = (dir.join("client-ca.key"), dir.join("client-ca.crt"));
+    let (key, csr, crt) = (
+        dir.join(format!("{stem}.key")),
+        dir.join(format!("{stem}.csr")),
+        dir.join(format!("{stem}.crt")),
+    );
+    let subject = format!("/CN={cn}");
     openssl(
         &[
             &["req"][..],
-            &ec,
+            &EC,
             &["-keyout", path(&key), "-out", path(&csr), "-subj", &subject],
         ]
         .concat(),
@@ -85,7 +98,7 @@ fn client_certificate(dir: &Path, user: &str) -> (PathBuf, PathBuf, PathBuf) {
         "-out",
         path(&crt),
     ]);
-    (ca, crt, key)
+    (crt, key)
 }
 
 /// A fresh directory for this test's files.
@@ -417,4 +430,102 @@ fn a_provider_that_panics_or_hangs_fails_the_login_with_a_typed_error() {
     assert_eq!(err.kind(), ErrorKind::PasswordProvider, "{err}");
     assert!(err.to_string().contains("connect timeout"), "{err}");
     drop(release);
+}
+
+#[test]
+fn a_client_certificate_rotated_on_disk_is_used_by_the_next_admin_connection() {
+    let pg = TestPostgres::builder().tls(true).start().unwrap();
+    let dir = scratch("rotation");
+    let ca = client_ca(&dir);
+    let (crt, key) = sign_client(&dir, "certadmin-v1", "admin");
+    let mut admin = pg.admin_client().unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER SYSTEM SET ssl_ca_file = '{}'",
+            ca.display()
+        ))
+        .unwrap();
+    admin
+        .batch_execute(
+            "CREATE ROLE certadmin LOGIN CREATEROLE; GRANT pg_signal_backend TO certadmin;",
+        )
+        .unwrap();
+    // The server maps a certificate's CN to the role through pg_ident.conf: first v1, later only v2.
+    let ident: String = admin.query_one("SHOW ident_file", &[]).unwrap().get(0);
+    let map_only = |admin: &mut postgres::Client, cn: &str| {
+        std::fs::write(&ident, format!("rotation {cn} certadmin\n")).unwrap();
+        admin.batch_execute("SELECT pg_reload_conf()").unwrap();
+    };
+    let hba: String = admin.query_one("SHOW hba_file", &[]).unwrap().get(0);
+    let rules = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(
+        &hba,
+        format!("hostssl all certadmin 127.0.0.1/32 cert map=rotation\nhost all certadmin 0.0.0.0/0 reject\n{rules}"),
+    )
+    .unwrap();
+    map_only(&mut admin, "certadmin-v1");
+    let conn = format!(
+        "host=localhost hostaddr=127.0.0.1 port={} user=certadmin dbname=postgres sslmode=verify-full \
+         sslrootcert={} sslcert={} sslkey={}",
+        pg.port(),
+        pg.ca_cert().unwrap().display(),
+        crt.display(),
+        key.display()
+    );
+    let mut broker = None;
+    common::eventually(Duration::from_secs(20), || {
+        broker = Broker::builder()
+            .connection(&conn)
+            .pool_size(1)
+            .build()
+            .ok();
+        broker.is_some()
+    });
+    let broker = broker.expect("the admin logs in with certificate v1");
+    broker.write_role("app", Role::new()).unwrap();
+    broker.creds("app").unwrap();
+
+    // Rotation: a new pair replaces the files (each renamed into place), and the server accepts only v2.
+    let (new_crt, new_key) = sign_client(&dir, "certadmin-v2", "next");
+    std::fs::rename(&new_key, &key).unwrap();
+    std::fs::rename(&new_crt, &crt).unwrap();
+    map_only(&mut admin, "certadmin-v2");
+    // The broker's admin sessions end, so the next admin work opens a new connection.
+    let dns = |admin: &mut postgres::Client| -> Vec<String> {
+        admin
+            .query(
+                "SELECT s.client_dn FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.usename = 'certadmin' AND s.client_dn IS NOT NULL",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    assert!(dns(&mut admin).iter().all(|dn| dn.contains("certadmin-v1")));
+    admin
+        .batch_execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE usename = 'certadmin'",
+        )
+        .unwrap();
+    let mut last = None;
+    let issued = common::eventually(Duration::from_secs(30), || match broker.creds("app") {
+        Ok(_) => true,
+        Err(e) => {
+            last = Some(e.to_string());
+            false
+        }
+    });
+    assert!(
+        issued,
+        "no admin login with the rotated certificate: {last:?}"
+    );
+    let now = dns(&mut admin);
+    assert!(
+        !now.is_empty() && now.iter().all(|dn| dn.contains("certadmin-v2")),
+        "{now:?}"
+    );
+    drop(broker);
+    let _ = std::fs::remove_dir_all(&dir);
 }
