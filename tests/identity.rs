@@ -510,3 +510,36 @@ fn a_group_another_session_creates_at_the_same_moment_is_checked_as_existing() {
     assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
     assert!(err.to_string().contains("it can log in"), "{err}");
 }
+
+#[test]
+fn five_hundred_concurrent_credentials_from_a_template_of_only_random_text_are_unique_and_log_in() {
+    let env = common::start();
+    env.broker
+        .write_role("app", Role::new().username_template("{{random 13}}"))
+        .unwrap();
+    let names: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..63)
+                        .map(|_| {
+                            let creds = env.broker.creds("app").unwrap();
+                            let (_, session_user) =
+                                who(&mut env.pg.login(creds.username(), creds.password()).unwrap());
+                            assert_eq!(session_user, creds.username());
+                            session_user
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let unique: std::collections::HashSet<&String> = names.iter().collect();
+    assert_eq!(unique.len(), 504);
+    assert!(names.iter().all(|n| n.len() == 13));
+    assert_eq!(common::lease_usernames(&env.broker).len(), 504);
+}
