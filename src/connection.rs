@@ -373,9 +373,10 @@ impl Connection {
                 .unwrap_or(Duration::from_secs(10));
             let password = ask_provider(provider, limit)?;
             config.password(password.as_bytes());
-        } else if self.certificate_only {
+        } else if self.certificate_only && self.bind_channel {
             // The certificate is the only credential: no password is sent for channel binding to protect, and
-            // `cert` authentication has no SCRAM exchange that could bind the channel.
+            // `cert` authentication has no SCRAM exchange that could bind the channel. Only our default is
+            // relaxed: a channel_binding the string gives stays as given.
             config.channel_binding(ChannelBinding::Prefer);
         }
         let tls = match &self.client_identity {
