@@ -152,11 +152,12 @@ impl BrokerBuilder {
     /// string must then hold no password. [`RolePool`](crate::RolePool)s are not affected: they log in with
     /// issued credentials.
     ///
-    /// The provider runs on the thread that opens the connection, under no lock of the broker's; it should
-    /// return within the connect timeout (the broker cannot interrupt it). Its password is wiped from the
+    /// The provider runs on a thread of its own, under no lock of the broker's; the login waits for it up to
+    /// the connect timeout, then fails (the provider's thread is left to finish). A panic in it is caught and
+    /// fails the login the same way, its message not shown. Its password is wiped from the
     /// broker's memory after the login (see the README's "Secrets in memory" for the copies the client
-    /// library keeps) and never logged; an error it returns fails the connection with
-    /// [`ErrorKind::PasswordProvider`], its error as the source. There is no async variant yet.
+    /// library keeps) and never logged; an error it returns, a panic or a timeout fails the connection with
+    /// [`ErrorKind::PasswordProvider`] (an error it returns as the source). There is no async variant yet.
     ///
     /// ```no_run
     /// use credbroker::Broker;

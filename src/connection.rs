@@ -133,13 +133,16 @@ pub(crate) struct Connection {
     pub config: postgres::Config,
     /// The TLS connector without a client certificate: the one [`RolePool`](crate::RolePool)s use.
     pub tls: MakeRustlsConnect,
-    /// The admin's TLS connector: `tls` with the client certificate of `sslcert`/`sslkey`, if given.
-    admin_tls: MakeRustlsConnect,
+    /// The admin's client certificate of `sslcert`/`sslkey`, if given, re-read when the files change.
+    client_identity: Option<Arc<ClientIdentity>>,
     /// Asked for the admin password at every new admin connection, if set.
     password_provider: Option<PasswordProvider>,
     /// Whether channel binding is the broker's default here (TLS without a checked certificate, and the string
     /// does not say): a password provider then turns it on.
     bind_channel: bool,
+    /// Whether the admin logs in by client certificate alone (no password in the string): only the admin's
+    /// own login then drops the channel-binding requirement, never `config`, which pools copy.
+    certificate_only: bool,
     pub ssl_mode: SslMode,
     /// `-c statement_timeout=… -c lock_timeout=…`, sent in the startup packet of admin sessions only: they are
     /// the sessions' defaults, so `RESET ALL` after a template keeps them.
@@ -251,7 +254,8 @@ impl Connection {
         // `disable` is an explicit choice of plaintext; with it, channel binding could never be had anyway.
         let bind_channel = !verified && ssl_mode != SslMode::Disable && !keys.channel_binding;
         let certificate_only = client_cert.is_some() && config.get_password().is_none();
-        if bind_channel && !certificate_only {
+        // Required on the shared config even for a certificate-only admin: RolePools copy it and send passwords.
+        if bind_channel {
             config.channel_binding(ChannelBinding::Require);
         }
         if config.get_connect_timeout().is_none() {
@@ -271,16 +275,17 @@ impl Connection {
         }
         let root_cert = keys.root_cert.take();
         let tls = MakeRustlsConnect::new(tls_config(ssl_mode, root_cert.clone(), None)?);
-        let admin_tls = match &client_cert {
-            Some(_) => MakeRustlsConnect::new(tls_config(ssl_mode, root_cert, client_cert)?),
-            None => tls.clone(),
+        let client_identity = match client_cert {
+            Some(files) => Some(Arc::new(ClientIdentity::load(ssl_mode, root_cert, files)?)),
+            None => None,
         };
         Ok(Connection {
             config,
             tls,
-            admin_tls,
+            client_identity,
             password_provider: None,
             bind_channel,
+            certificate_only,
             ssl_mode,
             admin_options: None,
         })
@@ -375,21 +380,23 @@ impl Connection {
     /// Logs in as the admin with `config`, the password from the provider if one is set, and the admin's TLS.
     fn login(&self, mut config: postgres::Config) -> Result<postgres::Client, Error> {
         if let Some(provider) = &self.password_provider {
-            let password = Zeroizing::new(provider().map_err(|e| {
-                Error::new(
-                    ErrorKind::PasswordProvider,
-                    format!(
-                        "the admin password provider failed, so no admin connection was opened: {e}; \
-                         fix what the provider reads (its error is the source of this one)"
-                    ),
-                )
-                .with_boxed_source(e)
-            })?);
+            let limit = config
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(Duration::from_secs(10));
+            let password = ask_provider(provider, limit)?;
             config.password(password.as_bytes());
+        } else if self.certificate_only && self.bind_channel {
+            // The certificate is the only credential: no password is sent for channel binding to protect, and
+            // `cert` authentication has no SCRAM exchange that could bind the channel. Only our default is
+            // relaxed: a channel_binding the string gives stays as given.
+            config.channel_binding(ChannelBinding::Prefer);
         }
-        config
-            .connect(self.admin_tls.clone())
-            .map_err(|e| self.explain(e))
+        let tls = match &self.client_identity {
+            Some(identity) => identity.connector()?,
+            None => self.tls.clone(),
+        };
+        config.connect(tls).map_err(|e| self.explain(e))
     }
 
     /// Explains a failure to connect.
@@ -732,6 +739,61 @@ fn tls_config(
 
 /// Finishes a rustls configuration: with the client certificate chain and key in the PEM files of
 /// `client_cert`, or without client authentication.
+/// The admin's client certificate and key files, and the TLS connector made from them: re-made at the next
+/// admin login after either file's modification time or size changes, so a short-lived certificate rotated on
+/// disk (cert-manager, Vault agent) is picked up without a restart.
+pub(crate) struct ClientIdentity {
+    mode: SslMode,
+    root_cert: Option<PathBuf>,
+    files: (PathBuf, PathBuf),
+    /// The files' stamps when the connector was made, and the connector.
+    current: parking_lot::Mutex<(FileStamps, MakeRustlsConnect)>,
+}
+
+type FileStamps = [Option<(std::time::SystemTime, u64)>; 2];
+
+impl ClientIdentity {
+    fn load(
+        mode: SslMode,
+        root_cert: Option<PathBuf>,
+        files: (PathBuf, PathBuf),
+    ) -> Result<ClientIdentity, Error> {
+        let stamps = stamps(&files);
+        let tls = tls_config(mode, root_cert.clone(), Some(files.clone()))?;
+        Ok(ClientIdentity {
+            mode,
+            root_cert,
+            files,
+            current: parking_lot::Mutex::new((stamps, MakeRustlsConnect::new(tls))),
+        })
+    }
+
+    /// The connector for the certificate on disk now. A pair that cannot be used (a key written before its
+    /// certificate, mid-rotation) fails this login with the reason; the next login reads the files again.
+    fn connector(&self) -> Result<MakeRustlsConnect, Error> {
+        let mut current = self.current.lock();
+        let now = stamps(&self.files);
+        if now != current.0 {
+            let tls = tls_config(self.mode, self.root_cert.clone(), Some(self.files.clone()))?;
+            *current = (now, MakeRustlsConnect::new(tls));
+            log::info!(
+                "admin client certificate {} re-read: it changed on disk",
+                self.files.0.display()
+            );
+        }
+        Ok(current.1.clone())
+    }
+}
+
+/// Modification time and size of each file (`None` if unreadable: then it is read, and fails, at once).
+fn stamps(files: &(PathBuf, PathBuf)) -> FileStamps {
+    let stamp = |path: &PathBuf| {
+        let meta = std::fs::metadata(path).ok()?;
+        Some((meta.modified().ok()?, meta.len()))
+    };
+    [stamp(&files.0), stamp(&files.1)]
+}
+
 fn client_auth(
     builder: ConfigBuilder<ClientConfig, WantsClientCert>,
     client_cert: Option<(PathBuf, PathBuf)>,
@@ -940,6 +1002,48 @@ impl ServerCertVerifier for ChainOnly {
 /// The admin password provider: see [`BrokerBuilder::password_provider`](crate::BrokerBuilder::password_provider).
 pub(crate) type PasswordProvider =
     Arc<dyn Fn() -> Result<String, Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;
+
+/// Asks `provider` for the admin password on a helper thread, waiting up to `limit` (the connect timeout):
+/// the provider runs on revocation workers, the sweeper and the pool's threads, so a panic in it is caught
+/// and a provider that hangs fails this login instead of stalling them. A provider still running at the limit
+/// is left to finish on its own thread; whatever it returns then is wiped and dropped. Errors never hold the
+/// password, nor a panic's message (it could).
+fn ask_provider(provider: &PasswordProvider, limit: Duration) -> Result<Zeroizing<String>, Error> {
+    let failed = |what: String| {
+        Error::new(
+            ErrorKind::PasswordProvider,
+            format!("no admin connection was opened: the admin password provider {what}"),
+        )
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let provider = provider.clone();
+    std::thread::Builder::new()
+        .name("credbroker-password-provider".into())
+        .spawn(move || {
+            let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                provider().map(Zeroizing::new)
+            }));
+            // The receiver is gone after a timeout: the answer is dropped here, its password wiped.
+            let _ = tx.send(answer);
+        })
+        .map_err(|e| failed(format!("could not be run (no thread for it: {e})")).with_source(e))?;
+    match rx.recv_timeout(limit) {
+        Ok(Ok(Ok(password))) => Ok(password),
+        Ok(Ok(Err(e))) => Err(failed(format!(
+            "failed: {e}; fix what the provider reads (its error is the source of this one)"
+        ))
+        .with_boxed_source(e)),
+        Ok(Err(_)) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(failed(
+            "panicked (its message is not shown: it could hold the password); fix the provider: it must return \
+             an error instead"
+                .into(),
+        )),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(failed(format!(
+            "gave no answer within the connect timeout ({limit:?}); make it return sooner (cache the secret, or \
+             give it a timeout of its own) or raise connect_timeout"
+        ))),
+    }
+}
 
 /// The admin pool's connections: every new one logs in through [`Connection::connect`], so the password
 /// provider is asked each time and the client certificate presented.

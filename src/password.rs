@@ -62,12 +62,12 @@ impl PasswordPolicy {
     /// The entropy the broker credits this policy with, in bits (see the type's documentation).
     pub fn entropy_bits(&self) -> f64 {
         let union = self.union().len() as f64;
-        let mut forced = 0;
+        let mut forced: usize = 0;
         let mut bits = 0.0;
         for (chars, min) in &self.charsets {
             let size = distinct(chars).len() as f64;
             bits += *min as f64 * size.log2();
-            forced += min;
+            forced = forced.saturating_add(*min);
         }
         bits + self.length.saturating_sub(forced) as f64 * union.log2()
     }
@@ -103,11 +103,17 @@ impl PasswordPolicy {
                 )));
             }
         }
-        let forced: usize = self.charsets.iter().map(|(_, min)| min).sum();
-        if forced > self.length {
+        let forced = self
+            .charsets
+            .iter()
+            .try_fold(0usize, |sum, (_, min)| sum.checked_add(*min))
+            .filter(|&forced| forced <= self.length);
+        if forced.is_none() {
+            let minimums: Vec<String> = self.charsets.iter().map(|(_, m)| m.to_string()).collect();
             return Err(refuse(format!(
-                "requires {forced} characters from its sets in passwords of {}; lower the minimums or \
+                "requires at least {} characters from its sets in passwords of {}; lower the minimums or \
                  lengthen the password",
+                minimums.join(" + "),
                 self.length
             )));
         }
@@ -209,7 +215,17 @@ mod tests {
             (PasswordPolicy::new(40).charset("", 0), "no space"),
             (PasswordPolicy::new(40).charset("ab c", 0), "no space"),
             (PasswordPolicy::new(40).charset("é", 0), "printable ASCII"),
-            (PasswordPolicy::new(40).charset(LOWER, 41), "requires 41"),
+            (
+                PasswordPolicy::new(40).charset(LOWER, 41),
+                "requires at least 41",
+            ),
+            // Minimums that overflow a sum: refused, no panic, no wrap to a small total.
+            (
+                PasswordPolicy::new(40)
+                    .charset(LOWER, usize::MAX)
+                    .charset(DIGITS, 1),
+                "requires at least 18446744073709551615 + 1",
+            ),
             // 40 characters of "ab" would be 40 bits, however long the other set's credit.
             (PasswordPolicy::new(40).charset("ab", 0), "40 bits"),
         ] {

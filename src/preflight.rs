@@ -182,8 +182,11 @@ pub(crate) struct Reserved<'a> {
 /// templates pass, by [`ensure_credentials_group`]).
 ///
 /// Refused: a group that can log in (whoever holds its password would be every credential at once, and a
-/// `pg_hba.conf` `+group` line would match that login too), a superuser (every credential would be one), and
-/// the broker's own roles. On PostgreSQL 16+ a non-superuser admin needs ADMIN OPTION on an existing group to
+/// `pg_hba.conf` `+group` line would match that login too), a superuser (every credential would be one), one
+/// with CREATEROLE, BYPASSRLS or REPLICATION (every credential would hold it), a predefined `pg_*` role, the
+/// broker's own roles, and a group that is a member of the admin, of the broker's own roles, of the predefined
+/// roles that reach the server's files and programs, or of any role with those attributes (`SET ROLE` reaches
+/// it). On PostgreSQL 16+ a non-superuser admin needs ADMIN OPTION on an existing group to
 /// grant it; on 14–15 `CREATEROLE` is enough.
 pub(crate) fn check_credentials_group(
     client: &mut Client,
@@ -200,6 +203,13 @@ pub(crate) fn check_credentials_group(
     if group == reserved.marker || group == admin_group(reserved.marker) {
         return Err(refuse(
             "it is one of the broker's own roles (the marker or the admin group); name a group of your own".into(),
+        ));
+    }
+    if group.starts_with("pg_") {
+        return Err(refuse(
+            "names starting with pg_ are PostgreSQL's predefined roles, which carry server-wide rights; name \
+             a group of your own"
+                .into(),
         ));
     }
     if group == reserved.owner {
@@ -220,7 +230,13 @@ pub(crate) fn check_credentials_group(
     let rights = client.query_one(sql::ADMIN_RIGHTS, &[]).map_err(db)?;
     let (admin, admin_superuser, version): (String, bool, i32) =
         (rights.get(0), rights.get(1), rights.get(4));
-    let Some(row) = client.query_opt(sql::GROUP_STATE, &[&group]).map_err(db)? else {
+    let marker_admin = admin_group(reserved.marker);
+    let mut forbidden = vec![reserved.marker, &marker_admin, reserved.owner];
+    forbidden.extend(sql::SERVER_ACCESS_ROLES);
+    let Some(row) = client
+        .query_opt(sql::GROUP_STATE, &[&group, &forbidden])
+        .map_err(db)?
+    else {
         return Ok(false);
     };
     let (login, superuser, admin_option): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
@@ -229,6 +245,46 @@ pub(crate) fn check_credentials_group(
         return Err(refuse(format!(
             "it is a superuser, and every credential would act as one; use a NOLOGIN role with only the \
              privileges the application needs (`CREATE ROLE {name}_app NOLOGIN;`)"
+        )));
+    }
+    let attributes: Vec<&str> = [
+        (
+            row.get::<_, bool>(3),
+            "CREATEROLE (every credential could create and grant roles)",
+        ),
+        (
+            row.get::<_, bool>(4),
+            "BYPASSRLS (row-level security would not apply to any credential)",
+        ),
+        (
+            row.get::<_, bool>(5),
+            "REPLICATION (every credential could stream the whole cluster)",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(set, what)| set.then_some(what))
+    .collect();
+    if !attributes.is_empty() {
+        return Err(refuse(format!(
+            "it has {}; every credential acts as the group, so drop them: `ALTER ROLE {name} NOCREATEROLE \
+             NOBYPASSRLS NOREPLICATION;`",
+            attributes.join(", ")
+        )));
+    }
+    let (reserved_parents, mighty_parents): (Vec<String>, Vec<String>) = (row.get(6), row.get(7));
+    if let Some(parent) = reserved_parents.iter().chain(&mighty_parents).next() {
+        let what = if *parent == admin {
+            "the broker's admin, so every credential would hold the admin's rights"
+        } else if reserved_parents.contains(parent) {
+            "one of the broker's own roles or a predefined role that reads or writes the server's files or runs \
+             programs on it"
+        } else {
+            "a role with SUPERUSER, CREATEROLE, BYPASSRLS or REPLICATION, which every credential could SET ROLE to"
+        };
+        return Err(refuse(format!(
+            "it is a member of {parent:?}, {what}; revoke that membership (`REVOKE {} FROM {name};`) or name \
+             another group",
+            escape_identifier(parent)
         )));
     }
     if login {
@@ -270,15 +326,23 @@ pub(crate) fn ensure_credentials_group(
             log::info!("created group role {group} for the credentials of a broker role");
             Ok(())
         }
-        Err(e) if e.code() == Some(&postgres::error::SqlState::DUPLICATE_OBJECT) => {
+        Err(e) if sql::is_duplicate_role(&e) => {
             check_credentials_group(client, role, group, reserved).map(drop)
         }
+        Err(e) if e.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Err(Error::postgres(
+                ErrorKind::Permission,
+                format!(
+                    "could not create the group role {group:?}; as a superuser, run `CREATE ROLE {} NOLOGIN;`",
+                    escape_identifier(group)
+                ),
+                e,
+                &[],
+            ))
+        }
         Err(e) => Err(Error::postgres(
-            ErrorKind::Permission,
-            format!(
-                "could not create the group role {group:?}; as a superuser, run `CREATE ROLE {} NOLOGIN;`",
-                escape_identifier(group)
-            ),
+            ErrorKind::Database,
+            format!("could not create the group role {group:?} of role {role:?}"),
             e,
             &[],
         )),

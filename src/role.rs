@@ -338,6 +338,9 @@ impl CompiledRole {
     /// itself or creates a role of another name, and a revocation SQL that leaves the role in place.
     /// `group_exists` says whether the role's group (if it has one) exists already; if not, it is created in the
     /// rolled-back transaction for the trial.
+    ///
+    /// If another session creates the group during the trial, the trial runs once more, in a new transaction
+    /// that sees that group; `ensure_credentials_group` then checks it as an existing one.
     pub(crate) fn try_on_server(
         &self,
         client: &mut Client,
@@ -345,6 +348,31 @@ impl CompiledRole {
         instance: &str,
         group_exists: bool,
     ) -> Result<(), Error> {
+        match self.trial(client, settings, instance, group_exists)? {
+            Trial::Done => Ok(()),
+            Trial::GroupCreatedMeanwhile => {
+                match self.trial(client, settings, instance, true)? {
+                    Trial::Done => Ok(()),
+                    // Unreachable: with `true` the trial creates no group.
+                    Trial::GroupCreatedMeanwhile => Err(Error::new(
+                        ErrorKind::Database,
+                        format!(
+                            "could not check role {:?}: its group kept changing; write it again",
+                            self.name
+                        ),
+                    )),
+                }
+            }
+        }
+    }
+
+    fn trial(
+        &self,
+        client: &mut Client,
+        settings: &RevokeSettings,
+        instance: &str,
+        group_exists: bool,
+    ) -> Result<Trial, Error> {
         let database = |e: postgres::Error| {
             let context = format!("could not check role {:?}", self.name);
             Error::postgres(ErrorKind::Database, context, e, &[])
@@ -413,8 +441,16 @@ impl CompiledRole {
         }
         if let Some(group) = &self.role.group {
             if !group_exists {
-                tx.batch_execute(&sql::create_group(group))
-                    .map_err(database)?;
+                // If another instance creates the group at this moment, ours fails (42710, or 23505 when we
+                // waited on its uncommitted row): this transaction may not see theirs, so start over.
+                match tx.batch_execute(&sql::create_group(group)) {
+                    Ok(()) => {}
+                    Err(e) if sql::is_duplicate_role(&e) => {
+                        drop(tx);
+                        return Ok(Trial::GroupCreatedMeanwhile);
+                    }
+                    Err(e) => return Err(database(e)),
+                }
             }
             tx.batch_execute(&sql::join_group(group, &username))
                 .map_err(|e| {
@@ -436,8 +472,16 @@ impl CompiledRole {
                 ));
             }
         }
-        tx.rollback().map_err(database)
+        tx.rollback().map_err(database)?;
+        Ok(Trial::Done)
     }
+}
+
+/// How a trial of a role's templates ended, when no error.
+enum Trial {
+    Done,
+    /// Another session created the role's group while the trial tried to: run it again.
+    GroupCreatedMeanwhile,
 }
 
 /// Role names are 1–32 characters of `[A-Za-z0-9_-]`: they become part of usernames and lease ids.

@@ -208,10 +208,36 @@ pub(crate) fn grant_owner_to_admin(
 }
 
 /// A credentials' group `$1` (see [`Role::group`](crate::Role::group)): whether it can log in, whether it is a
-/// superuser, and whether the admin holds ADMIN OPTION on it. No row if the group does not exist.
+/// superuser, whether the admin holds ADMIN OPTION on it, its CREATEROLE, BYPASSRLS and REPLICATION
+/// attributes, the roles of `$2` (a `text[]`; the admin itself is added) it is a member of, and the other roles
+/// it is a member of that carry SUPERUSER, CREATEROLE, BYPASSRLS or REPLICATION (`SET ROLE` reaches them). No
+/// row if the group does not exist.
 pub(crate) const GROUP_STATE: &str = "SELECT g.rolcanlogin, g.rolsuper, \
-     pg_has_role(current_user, g.oid, 'MEMBER WITH ADMIN OPTION') \
+     pg_has_role(current_user, g.oid, 'MEMBER WITH ADMIN OPTION'), \
+     g.rolcreaterole, g.rolbypassrls, g.rolreplication, \
+     ARRAY(SELECT r.rolname::text FROM pg_roles r \
+        WHERE r.oid <> g.oid AND (r.rolname = ANY($2::text[]) OR r.rolname = current_user) \
+        AND pg_has_role(g.oid, r.oid, 'MEMBER') ORDER BY 1), \
+     ARRAY(SELECT r.rolname::text FROM pg_roles r \
+        WHERE r.oid <> g.oid AND (r.rolsuper OR r.rolcreaterole OR r.rolbypassrls OR r.rolreplication) \
+        AND pg_has_role(g.oid, r.oid, 'MEMBER') ORDER BY 1) \
      FROM pg_roles g WHERE g.rolname = $1";
+
+/// Predefined roles that read or write the server's files or run programs on it: no credentials' group may
+/// be a member of them.
+pub(crate) const SERVER_ACCESS_ROLES: [&str; 3] = [
+    "pg_execute_server_program",
+    "pg_read_server_files",
+    "pg_write_server_files",
+];
+
+/// Whether `CREATE ROLE` failed because the role exists: 42710, or 23505 (a unique violation on
+/// `pg_authid`) when it waited on another session's uncommitted `CREATE ROLE` of the same name that then
+/// committed.
+pub(crate) fn is_duplicate_role(err: &postgres::Error) -> bool {
+    use postgres::error::SqlState;
+    matches!(err.code(), Some(c) if *c == SqlState::DUPLICATE_OBJECT || *c == SqlState::UNIQUE_VIOLATION)
+}
 
 /// Creates a credentials' group, with a comment for whoever finds it in the catalog.
 pub(crate) fn create_group(group: &str) -> String {

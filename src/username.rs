@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `{{role}}` | the broker role's name |
 //! | `{{instance}}` | the broker's instance name ([`BrokerBuilder::instance_name`](crate::BrokerBuilder::instance_name)) |
-//! | `{{unix_time}}` | seconds since 1970 at issue (10 digits until the year 2286) |
+//! | `{{unix_time}}` | seconds since 1970 at issue (10 digits until the year 2286); filters: truncate, lowercase |
 //! | `{{random N}}` | `N` characters of `[a-z0-9]` from the OS CSPRNG; `N` ≥ 13 (64 bits), no filters |
 //!
 //! | filter | effect |
@@ -94,6 +94,14 @@ impl UsernameTemplate {
                 .find("}}")
                 .ok_or_else(|| invalid(source, "a \"{{\" has no closing \"}}\""))?;
             let (field, filters) = parse_field(source, &after[..close])?;
+            if field == Field::UnixTime && filters.iter().any(|f| matches!(f, Filter::Replace(..)))
+            {
+                return Err(invalid(
+                    source,
+                    "{{unix_time}} takes only truncate and lowercase: a replace could make its length depend on \
+                     the digits, so no check at write_role could bound it",
+                ));
+            }
             if let Field::Random(n) = field {
                 if !filters.is_empty() {
                     return Err(invalid(
@@ -204,9 +212,22 @@ impl UsernameTemplate {
         now: SystemTime,
     ) -> Result<String, Error> {
         let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        self.render(role, instance, secs, |n| {
+        let name = self.render(role, instance, secs, |n| {
             Ok(random_string(USERNAME_ALPHABET, n)?.to_string())
-        })
+        })?;
+        // `check` bounds every name at write_role; this is the backstop (an 11-digit time after 2286).
+        if name.len() > MAX_USERNAME_LEN || !name.chars().all(allowed) {
+            return Err(Error::new(
+                ErrorKind::InvalidTemplate,
+                format!(
+                    "the username template of role {role:?} made a name of {} bytes or with a character that \
+                     needs quoting, which PostgreSQL would truncate or the creation SQL mis-read; no credential \
+                     was issued: shorten the template (add `| truncate N` to a field) and write the role again",
+                    name.len()
+                ),
+            ));
+        }
+        Ok(name)
     }
 }
 
@@ -375,6 +396,26 @@ mod tests {
         assert!(fits.check("", "r", "i").is_ok());
         let over = UsernameTemplate::parse(&format!("{times}{{{{random 14}}}}")).unwrap();
         assert!(over.check("", "r", "i").is_err());
+    }
+
+    #[test]
+    fn a_replace_on_the_unix_time_is_refused_and_generate_refuses_an_overlong_name() {
+        let long = "x".repeat(40);
+        let err = UsernameTemplate::parse(&format!(
+            r#"{{{{unix_time | replace "4" "{long}"}}}}-{{{{random 13}}}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
+        assert!(err.to_string().contains("takes only truncate"), "{err}");
+        UsernameTemplate::parse("{{unix_time | truncate 4 | lowercase}}-{{random 13}}").unwrap();
+        // 5 × 10 digits + 13 fit at write_role; an 11-digit time (after 2286) makes 68 bytes: refused, typed.
+        let t = UsernameTemplate::parse(&format!("{}{{{{random 13}}}}", "{{unix_time}}".repeat(5)))
+            .unwrap();
+        t.check("", "r", "i").unwrap();
+        assert_eq!(t.generate("r", "i", at(1_764_342_245)).unwrap().len(), 63);
+        let err = t.generate("r", "i", at(10_000_000_000)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidTemplate);
+        assert!(err.to_string().contains("68 bytes"), "{err}");
     }
 
     #[test]

@@ -145,6 +145,20 @@ fn row_level_security_on_the_group_applies_to_every_credential() {
     );
 }
 
+/// Each `(group, why)`: `write_role` with that group is refused as bad configuration, saying `why`, and
+/// writes nothing.
+fn refused_groups(env: &common::Env, cases: &[(&str, &str)]) {
+    for &(group, why) in cases {
+        let err = env
+            .broker
+            .write_role("app", Role::new().group(group))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{group}: {err}");
+        assert!(err.to_string().contains(why), "{group}: {err}");
+        assert!(env.broker.role("app").is_none());
+    }
+}
+
 #[test]
 fn groups_that_log_in_or_are_superusers_or_the_brokers_own_are_refused() {
     let env = common::start();
@@ -161,14 +175,7 @@ fn groups_that_log_in_or_are_superusers_or_the_brokers_own_are_refused() {
         (DEFAULT_OWNER_ROLE, "reassign_owned_to"),
         (env.pg.admin_user(), "it is a superuser"),
     ];
-    for (group, why) in cases {
-        let err = env
-            .broker
-            .write_role("app", Role::new().group(group))
-            .unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{group}: {err}");
-        assert!(err.to_string().contains(why), "{group}: {err}");
-    }
+    refused_groups(&env, &cases);
     let err = env
         .broker
         .write_role("app", Role::new().group("x".repeat(64)))
@@ -189,6 +196,48 @@ fn groups_that_log_in_or_are_superusers_or_the_brokers_own_are_refused() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::TemplateRejected, "{err}");
     assert!(!env.role_exists("never_made"));
+}
+
+#[test]
+fn groups_with_rights_every_credential_would_hold_are_refused() {
+    let env = common::start();
+    let admin = env.pg.admin_user().to_owned();
+    env.admin()
+        .batch_execute(&format!(
+            "CREATE ROLE maker NOLOGIN CREATEROLE; CREATE ROLE bypasser NOLOGIN BYPASSRLS;
+             CREATE ROLE replicator NOLOGIN REPLICATION;
+             CREATE ROLE in_admin NOLOGIN; GRANT \"{admin}\" TO in_admin;
+             CREATE ROLE in_marker NOLOGIN; GRANT {DEFAULT_MARKER_ROLE} TO in_marker;
+             CREATE ROLE in_owner NOLOGIN; GRANT {DEFAULT_OWNER_ROLE} TO in_owner;
+             CREATE ROLE runs_programs NOLOGIN; GRANT pg_execute_server_program TO runs_programs;
+             CREATE ROLE reads_files NOLOGIN; GRANT pg_read_server_files TO reads_files;
+             CREATE ROLE middle NOLOGIN; GRANT pg_write_server_files TO middle;
+             CREATE ROLE writes_files NOLOGIN; GRANT middle TO writes_files;
+             CREATE ROLE boss NOLOGIN CREATEROLE; CREATE ROLE under_boss NOLOGIN; GRANT boss TO under_boss;
+             CREATE ROLE plain NOLOGIN;"
+        ))
+        .unwrap();
+    let cases = [
+        ("maker", "CREATEROLE"),
+        ("bypasser", "BYPASSRLS"),
+        ("replicator", "REPLICATION"),
+        ("in_admin", "the broker's admin"),
+        ("in_marker", DEFAULT_MARKER_ROLE),
+        ("in_owner", DEFAULT_OWNER_ROLE),
+        ("runs_programs", "pg_execute_server_program"),
+        ("reads_files", "pg_read_server_files"),
+        ("writes_files", "pg_write_server_files"),
+        ("under_boss", "\"boss\", a role with SUPERUSER, CREATEROLE"),
+        ("pg_read_all_data", "predefined roles"),
+    ];
+    refused_groups(&env, &cases);
+    // A plain NOLOGIN group passes, and its credentials log in.
+    env.broker
+        .write_role("app", Role::new().group("plain"))
+        .unwrap();
+    let creds = env.broker.creds("app").unwrap();
+    let (current, _) = who(&mut env.pg.login(creds.username(), creds.password()).unwrap());
+    assert_eq!(current, "plain");
 }
 
 #[test]
@@ -261,6 +310,15 @@ fn a_username_template_making_names_over_63_bytes_is_refused_at_write_role() {
     assert_eq!(err.kind(), ErrorKind::InvalidTemplate, "{err}");
     assert!(err.to_string().contains("makes names of 71 bytes"), "{err}");
     assert!(env.broker.role("orders").is_none());
+    // A replace on the time could lengthen names only for some digits: refused whatever the time now is.
+    let long = "x".repeat(30);
+    let template = format!(r#"{{{{unix_time | replace "4" "{long}"}}}}-{{{{random 13}}}}"#);
+    let err = env
+        .broker
+        .write_role("orders", Role::new().username_template(template))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidTemplate, "{err}");
+    assert!(env.broker.role("orders").is_none());
     // The same template with the instance cut down fits, and its names work end to end.
     let template = r#"{{instance | replace "/" "." | truncate 40}}-{{role}}-{{random 13}}"#;
     env.broker
@@ -320,6 +378,17 @@ fn a_weak_password_policy_is_refused() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
     assert!(err.to_string().contains("80 bits"), "{err}");
+    assert!(env.broker.role("app").is_none());
+    // Minimums whose sum overflows: refused as impossible, not a panic nor a wrapped sum.
+    let impossible = credbroker::PasswordPolicy::new(40)
+        .charset("abcdefghijklmnopqrstuvwxyz", usize::MAX)
+        .charset("0123456789", 1);
+    let err = env
+        .broker
+        .write_role("app", Role::new().password_policy(impossible))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    assert!(err.to_string().contains("lower the minimums"), "{err}");
     assert!(env.broker.role("app").is_none());
 }
 
@@ -391,4 +460,86 @@ fn a_pg_hba_line_for_the_group_matches_every_credential() {
     env.pg
         .login_to("elsewhere", plain.username(), plain.password())
         .unwrap();
+}
+
+/// `write_role` with a group that another session is creating at that moment, uncommitted: the broker's own
+/// `CREATE ROLE` waits on that row and, once the other session commits, fails with a unique violation (23505).
+/// The group that won must then be checked as an existing one: written if fit, refused if not.
+fn write_role_while_another_session_creates(
+    env: &common::Env,
+    group: &str,
+    attributes: &str,
+) -> Result<(), credbroker::Error> {
+    let mut other = env.admin();
+    let mut tx = other.transaction().unwrap();
+    tx.batch_execute(&format!("CREATE ROLE {group} {attributes}"))
+        .unwrap();
+    std::thread::scope(|scope| {
+        let writing = scope.spawn(|| env.broker.write_role("app", Role::new().group(group)));
+        let mut watcher = env.admin();
+        let waiting = common::eventually(Duration::from_secs(60), || {
+            watcher
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                     AND query LIKE 'CREATE ROLE%'",
+                    &[],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        });
+        assert!(
+            waiting,
+            "the broker's CREATE ROLE never waited on the other session's"
+        );
+        tx.commit().unwrap();
+        writing.join().unwrap()
+    })
+}
+
+#[test]
+fn a_group_another_session_creates_at_the_same_moment_is_checked_as_existing() {
+    let env = common::start();
+    write_role_while_another_session_creates(&env, "raced", "NOLOGIN").unwrap();
+    let creds = env.broker.creds("app").unwrap();
+    let (current, _) = who(&mut env.pg.login(creds.username(), creds.password()).unwrap());
+    assert_eq!(current, "raced");
+    env.broker.revoke(creds.lease_id()).unwrap();
+
+    let err = write_role_while_another_session_creates(&env, "raced_login", "LOGIN").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(err.to_string().contains("it can log in"), "{err}");
+}
+
+#[test]
+fn five_hundred_concurrent_credentials_from_a_template_of_only_random_text_are_unique_and_log_in() {
+    let env = common::start();
+    env.broker
+        .write_role("app", Role::new().username_template("{{random 13}}"))
+        .unwrap();
+    let names: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    (0..63)
+                        .map(|_| {
+                            let creds = env.broker.creds("app").unwrap();
+                            let (_, session_user) =
+                                who(&mut env.pg.login(creds.username(), creds.password()).unwrap());
+                            assert_eq!(session_user, creds.username());
+                            session_user
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let unique: std::collections::HashSet<&String> = names.iter().collect();
+    assert_eq!(unique.len(), 504);
+    assert!(names.iter().all(|n| n.len() == 13));
+    assert_eq!(common::lease_usernames(&env.broker).len(), 504);
 }
