@@ -118,8 +118,14 @@ pub(crate) struct Connection {
     /// of `postgres-protocol`, with the salted password derived from it; those copies are freed unwiped. The
     /// README's "Secrets in memory" lists them all.
     pub config: postgres::Config,
+    /// The same settings for the async client, without the admin password (for the deadpool pool).
+    #[cfg(feature = "deadpool")]
+    pub async_config: tokio_postgres::Config,
     pub tls: MakeRustlsConnect,
     pub ssl_mode: SslMode,
+    /// `sslrootcert`, for pools whose client library sets up TLS itself (sqlx).
+    #[cfg(feature = "sqlx")]
+    pub root_cert: Option<PathBuf>,
     /// `-c statement_timeout=… -c lock_timeout=…`, sent in the startup packet of admin sessions only: they are
     /// the sessions' defaults, so `RESET ALL` after a template keeps them.
     admin_options: Option<String>,
@@ -155,7 +161,7 @@ impl Connection {
         } else {
             take_keys_from_key_values(source, keys)?
         };
-        let mut config: postgres::Config = rest.parse().map_err(|e: postgres::Error| {
+        let mut config: tokio_postgres::Config = rest.parse().map_err(|e: postgres::Error| {
             // The parser's messages name the bad key, never a value; `parse` redacts passwords all the same.
             let text = chain(&e);
             let text = text
@@ -217,11 +223,22 @@ impl Connection {
                 .keepalives_interval(Duration::from_secs(10))
                 .keepalives_retries(3);
         }
-        let tls = MakeRustlsConnect::new(tls_config(ssl_mode, keys.root_cert.take())?);
+        let root_cert = keys.root_cert.take();
+        let tls = MakeRustlsConnect::new(tls_config(ssl_mode, root_cert.clone())?);
+        #[cfg(feature = "deadpool")]
+        let async_config = {
+            let mut async_config = config.clone();
+            async_config.password("");
+            async_config
+        };
         Ok(Connection {
-            config,
+            config: config.into(),
+            #[cfg(feature = "deadpool")]
+            async_config,
             tls,
             ssl_mode,
+            #[cfg(feature = "sqlx")]
+            root_cert,
             admin_options: None,
         })
     }

@@ -74,6 +74,8 @@
 //! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
 #![warn(missing_docs)]
 
+#[cfg(any(feature = "sqlx", feature = "deadpool"))]
+mod blocking;
 mod broker;
 mod connection;
 mod credential;
@@ -92,6 +94,8 @@ mod role;
 mod rotation;
 mod shutdown;
 mod sql;
+#[cfg(feature = "sqlx")]
+mod sqlx_pool;
 mod sweeper;
 mod template;
 #[cfg(feature = "testing")]
@@ -112,3 +116,5 @@ pub use pool::{PoolOptions, PooledClient, RolePool};
 pub use recovery::RecoveryMode;
 pub use role::{Role, DEFAULT_CREATION_SQL, MAX_ROLE_NAME_LEN};
 pub use shutdown::ShutdownMode;
+#[cfg(feature = "sqlx")]
+pub use sqlx_pool::SqlxPool;
