@@ -35,3 +35,17 @@ pub(crate) fn current_runtime(what: &str) -> Result<tokio::runtime::Handle, Erro
         )
     })
 }
+
+/// Revokes lease `id` of a pool of `role` that could not open (its credential could not log in).
+pub(crate) async fn revoke_refused(
+    shared: &Arc<Shared>,
+    role: &str,
+    id: &str,
+) -> Result<(), Error> {
+    let (role, id) = (role.to_owned(), id.to_owned());
+    blocking(shared, move |shared| {
+        crate::rotation::revoke(shared, &role, &id, crate::events::RevokeCause::PoolClosed);
+        Ok(())
+    })
+    .await
+}

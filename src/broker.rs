@@ -902,6 +902,35 @@ impl Broker {
         crate::SqlxPool::open(&self.shared, name, options, self.shutdown_mode).await
     }
 
+    /// A deadpool pool of tokio-postgres connections for role `name`, always logged in with a valid credential
+    /// of that role (feature `deadpool`): [`RolePool`]'s renewals, rotations and guarantees, for async services.
+    ///
+    /// Its manager logs in with the current credential, over the admin connection's TLS settings (channel
+    /// binding included), and refuses to recycle a connection of a retired credential, so such a connection is
+    /// closed instead of being handed out again, never while checked out; the old lease is revoked once its last
+    /// connection is gone, or at its end. `min_idle` does not apply (deadpool opens connections on demand). The
+    /// pool stops renewing within a second of its last clone being dropped, then revokes or keeps its leases as
+    /// [`PoolOptions::on_drop`] says. Fails as [`pool_with`](Broker::pool_with) does. The broker's own database
+    /// work runs on tokio's blocking threads, never on a runtime worker.
+    ///
+    /// ```no_run
+    /// # async fn run(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+    /// use credbroker::PoolOptions;
+    ///
+    /// let pool = broker.deadpool("readonly", PoolOptions::new().max_size(8)).await?;
+    /// let client = pool.get().await?;
+    /// let user: String = client.query_one("SELECT current_user::text", &[]).await?.get(0);
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "deadpool")]
+    pub async fn deadpool(
+        &self,
+        name: &str,
+        options: PoolOptions,
+    ) -> Result<crate::DeadpoolPool, Error> {
+        crate::deadpool_pool::open(&self.shared, name, options, self.shutdown_mode).await
+    }
+
     /// Revokes every lease whose id starts with `prefix` (e.g. `postgresql/creds/production/`), in batches, and
     /// returns how many were revoked. If any fails, the others are still revoked, the failed ones stay in the
     /// table to be retried, and the error says how many failed.

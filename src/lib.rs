@@ -68,7 +68,9 @@
 //! - `recovery`: what `build()` does with roles an earlier run left, and the orphan sweep.
 //! - `preflight`: the admin rights `build()` checks. `shutdown`: keep or revoke leases when the broker stops.
 //! - `pool`: [`RolePool`], the application's connection pool on one role; `rotation`: its thread, where a
-//!   pool's lease is renewed and its credential rotated.
+//!   pool's lease is renewed and its credential rotated (for every kind of pool).
+//! - `sqlx_pool` (feature `sqlx`): `SqlxPool`, a sqlx `PgPool` that follows the lease; `deadpool_pool` (feature
+//!   `deadpool`): `DeadpoolPool`, the same for deadpool; `blocking`: how those async pools call the broker.
 //! - `events`: [`HandleEvent`], the events and the counters behind [`Stats`].
 //! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `template`: role SQL.
 //! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
@@ -79,6 +81,8 @@ mod blocking;
 mod broker;
 mod connection;
 mod credential;
+#[cfg(feature = "deadpool")]
+mod deadpool_pool;
 mod error;
 mod events;
 mod lease;
@@ -104,6 +108,8 @@ pub mod testing;
 pub use broker::{Broker, BrokerBuilder};
 pub use connection::SslMode;
 pub use credential::{Credential, DEFAULT_SCRAM_ITERATIONS};
+#[cfg(feature = "deadpool")]
+pub use deadpool_pool::{DeadpoolClient, DeadpoolManager, DeadpoolPool};
 pub use error::{Error, ErrorKind};
 pub use events::{
     ExpiredEvent, HandleEvent, IssuedEvent, NopEventHandler, RenewedEvent, RevocationFailedEvent,

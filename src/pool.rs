@@ -182,19 +182,28 @@ pub(crate) trait Login: Clone + Send + Sync + 'static {
     fn for_credential(&self, credential: &Credential, database: Option<&str>) -> Self;
 }
 
-impl Login for postgres::Config {
-    fn for_credential(&self, credential: &Credential, database: Option<&str>) -> Self {
-        let mut config = self.clone();
-        config
-            .user(credential.username())
-            .password(credential.password())
-            .application_name(application_name(credential.lease_id()));
-        if let Some(db) = database {
-            config.dbname(db);
+/// The same for the sync and the async client, whose configs have the same setters.
+macro_rules! login_for_config {
+    ($config:ty) => {
+        impl Login for $config {
+            fn for_credential(&self, credential: &Credential, database: Option<&str>) -> Self {
+                let mut config = self.clone();
+                config
+                    .user(credential.username())
+                    .password(credential.password())
+                    .application_name(application_name(credential.lease_id()));
+                if let Some(db) = database {
+                    config.dbname(db);
+                }
+                config
+            }
         }
-        config
-    }
+    };
 }
+
+login_for_config!(postgres::Config);
+#[cfg(feature = "deadpool")]
+login_for_config!(tokio_postgres::Config);
 
 /// One credential of a pool and the connections logged in with it.
 pub(crate) struct Generation<C = postgres::Config> {
@@ -354,13 +363,23 @@ pub(crate) fn close_leases(shared: &Shared, role: &str, leases: &[String], mode:
     }
 }
 
-/// The r2d2 pool as its rotation thread sees it.
-struct R2d2Rotation {
-    credentials: Arc<Credentials>,
-    pool: r2d2::Pool<LeaseManager>,
+/// How a pool that counts its connections closes its idle connections of retired credentials.
+pub(crate) trait CloseIdle: Send + Sync + 'static {
+    /// Closes the idle connections of retired credentials now, rather than when they are next checked out.
+    fn close_idle(&self);
+    /// Whether the pool is gone (for pools the rotation thread does not keep alive).
+    fn is_closed(&self) -> bool {
+        false
+    }
 }
 
-impl Rotating for R2d2Rotation {
+/// A pool that counts its connections ([`RolePool`], deadpool), as its rotation thread sees it.
+pub(crate) struct Counted<C, P> {
+    pub(crate) credentials: Arc<Credentials<C>>,
+    pub(crate) pool: P,
+}
+
+impl<C: Login, P: CloseIdle> Rotating for Counted<C, P> {
     fn role(&self) -> &str {
         &self.credentials.role
     }
@@ -374,11 +393,8 @@ impl Rotating for R2d2Rotation {
         self.credentials.rotate(credential)
     }
 
-    /// Checks out every idle connection (r2d2 closes the retired ones as it goes) and returns the rest at once.
     fn close_idle(&self) {
-        let idle = self.pool.state().idle_connections;
-        let held: Vec<_> = (0..idle).map_while(|_| self.pool.try_get()).collect();
-        drop(held);
+        self.pool.close_idle();
     }
 
     fn take_drained(&self, _: &Shared) -> Vec<String> {
@@ -387,6 +403,19 @@ impl Rotating for R2d2Rotation {
 
     fn wake(&self) -> &Wake {
         &self.credentials.wake
+    }
+
+    fn is_closed(&self) -> bool {
+        self.pool.is_closed()
+    }
+}
+
+impl CloseIdle for r2d2::Pool<LeaseManager> {
+    /// Checks out every idle connection (r2d2 closes the retired ones as it goes) and returns the rest at once.
+    fn close_idle(&self) {
+        let idle = self.state().idle_connections;
+        let held: Vec<_> = (0..idle).map_while(|_| self.try_get()).collect();
+        drop(held);
     }
 }
 
@@ -565,23 +594,11 @@ impl RolePool {
                 credentials: credentials.clone(),
                 tls,
             });
-        let rotation = {
-            let shared = shared.clone();
-            let rotating = R2d2Rotation {
-                credentials: credentials.clone(),
-                pool: pool.clone(),
-            };
-            std::thread::Builder::new()
-                .name(format!("credbroker-pool-{role}"))
-                .spawn(move || rotation::run(&shared, &rotating, rotate_before))
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::Connection,
-                        "could not start the pool's rotation thread",
-                    )
-                    .with_source(e)
-                })?
+        let rotating = Counted {
+            credentials: credentials.clone(),
+            pool: pool.clone(),
         };
+        let rotation = rotation::spawn(shared, rotating, rotate_before, |_, _| {})?;
         log::info!(
             "opened pool of role {role} (max {} connections) with lease {}; rotating {rotate_before:?} before \
              the max lease",

@@ -23,7 +23,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::broker::Shared;
 use crate::credential::Credential;
-use crate::error::ErrorKind;
+use crate::error::{Error, ErrorKind};
 use crate::events::RevokeCause;
 use crate::leases::Why;
 
@@ -51,6 +51,10 @@ pub(crate) trait Rotating: Sync {
     fn take_drained(&self, shared: &Shared) -> Vec<String>;
     /// Wakes the thread, or tells it to stop.
     fn wake(&self) -> &Wake;
+    /// Whether the pool is gone (for pools the thread does not keep alive).
+    fn is_closed(&self) -> bool {
+        false
+    }
 }
 
 /// Wakes a rotation thread: a retired credential lost its last connection, or the pool is closing.
@@ -80,7 +84,7 @@ impl Wake {
     }
 
     /// Whether the pool has been told to stop.
-    #[cfg(any(feature = "sqlx", feature = "deadpool"))]
+    #[cfg(feature = "sqlx")]
     pub(crate) fn stopped(&self) -> bool {
         self.signal.lock().stop
     }
@@ -106,13 +110,36 @@ pub(crate) fn revoke(shared: &Shared, role: &str, id: &str, cause: RevokeCause) 
     }
 }
 
+/// Starts the rotation thread of `pool`; once the pool is closed or the broker has shut down, it calls `finish`.
+pub(crate) fn spawn<P: Rotating + Send + 'static>(
+    shared: &Arc<Shared>,
+    pool: P,
+    rotate_before: Duration,
+    finish: impl FnOnce(&Shared, &P) + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>, Error> {
+    let shared = shared.clone();
+    std::thread::Builder::new()
+        .name(format!("credbroker-pool-{}", pool.role()))
+        .spawn(move || {
+            run(&shared, &pool, rotate_before);
+            finish(&shared, &pool);
+        })
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Connection,
+                "could not start the pool's rotation thread",
+            )
+            .with_source(e)
+        })
+}
+
 /// The rotation thread's body; returns when the pool is dropped or the broker shuts down.
 ///
 /// Retired leases are revoked on a second thread: a revocation can take a while (it waits up to 5 s for each
 /// ended session to exit), and a renewal of the current lease must never wait behind it. With a 2-second lease,
 /// a renewal is due 1 s before the lease ends; a rotation thread busy revoking for that long let the current
 /// lease expire, and the sweeper ended every connection of the pool (seen once in a dozen benchmark runs).
-pub(crate) fn run(shared: &Arc<Shared>, pool: &impl Rotating, rotate_before: Duration) {
+fn run(shared: &Arc<Shared>, pool: &impl Rotating, rotate_before: Duration) {
     let (drained, revocations) = std::sync::mpsc::channel::<String>();
     std::thread::scope(|scope| {
         let revoker = std::thread::Builder::new()
@@ -163,7 +190,7 @@ fn keep_valid(
             // Fails only if the revocation thread is gone; the sweeper revokes the lease at its end then.
             let _ = drained.send(id);
         }
-        if pool.wake().wait(next) {
+        if pool.wake().wait(next) || pool.is_closed() {
             return;
         }
         if shared.leases.is_shut_down() {

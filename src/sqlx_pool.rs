@@ -28,12 +28,11 @@ use postgres::config::{ChannelBinding, Host};
 use sqlx::pool::PoolConnectionMetadata;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 
-use crate::blocking::{blocking, current_runtime};
+use crate::blocking::{blocking, current_runtime, revoke_refused};
 use crate::broker::Shared;
 use crate::connection::{Connection, SslMode};
 use crate::credential::Credential;
 use crate::error::{Error, ErrorKind};
-use crate::events::RevokeCause;
 use crate::lease::Lease;
 use crate::pool::{application_name, close_leases, login_refused, PoolOptions};
 use crate::rotation::{self, Rotating, Wake};
@@ -259,13 +258,7 @@ impl SqlxPool {
                 credential.username(),
                 &e.to_string(),
             );
-            let id = credential.lease_id().to_owned();
-            let role = role.to_owned();
-            blocking(shared, move |shared| {
-                rotation::revoke(shared, &role, &id, RevokeCause::PoolClosed);
-                Ok(())
-            })
-            .await?;
+            revoke_refused(shared, role, credential.lease_id()).await?;
             return Err(err);
         }
 
@@ -275,30 +268,19 @@ impl SqlxPool {
             pool: pool.clone(),
             runtime,
         };
-        let thread_shared = shared.clone();
-        std::thread::Builder::new()
-            .name(format!("credbroker-sqlx-pool-{role}"))
-            .spawn(move || {
-                rotation::run(&thread_shared, &rotating, rotate_before);
-                if rotating.state.wake.stopped() {
-                    let mut leases: Vec<String> = rotating
-                        .state
-                        .retired
-                        .lock()
-                        .drain(..)
-                        .map(|r| r.lease_id)
-                        .collect();
-                    leases.push(rotating.state.current().lease_id.clone());
-                    close_leases(&thread_shared, &rotating.state.role, &leases, on_drop);
-                }
-            })
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Connection,
-                    "could not start the pool's rotation thread",
-                )
-                .with_source(e)
-            })?;
+        rotation::spawn(shared, rotating, rotate_before, move |shared, rotating| {
+            if rotating.state.wake.stopped() {
+                let mut leases: Vec<String> = rotating
+                    .state
+                    .retired
+                    .lock()
+                    .drain(..)
+                    .map(|r| r.lease_id)
+                    .collect();
+                leases.push(rotating.state.current().lease_id.clone());
+                close_leases(shared, &rotating.state.role, &leases, on_drop);
+            }
+        })?;
         log::info!(
             "opened sqlx pool of role {role} (max {} connections) with lease {}; rotating {rotate_before:?} \
              before the max lease",

@@ -3,101 +3,55 @@
 
 mod common;
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use common::load::{runtime, Load};
 use common::{eventually, Recorder};
 use credbroker::testing::TestPostgres;
 use credbroker::{Broker, ErrorKind, PoolOptions, Role, SqlxPool};
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime")
-}
-
-/// What four tasks querying through a pool saw.
-#[derive(Default)]
-struct Load {
-    users: Mutex<BTreeSet<String>>,
-    errors: Mutex<Vec<String>>,
-    queries: AtomicUsize,
-}
 
 /// Four tasks query through `pool` for `time`, each on a connection it checks out per query and uses twice (so a
 /// connection closed while checked out shows as an error), while a fifth holds one connection for 5 s at a time,
 /// across rotations, querying it every 100 ms.
 async fn load(pool: &SqlxPool, time: Duration) -> Arc<Load> {
-    let load = Arc::new(Load::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..4 {
-        let (pool, load, stop) = (pool.clone(), load.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let result = async {
-                    let mut conn = pool.acquire().await.map_err(|e| format!("acquire: {e}"))?;
-                    let (user, pid): (String, i32) = sqlx::query_as(
-                        "SELECT current_user::text, pg_backend_pid() FROM pg_sleep(0.002)",
-                    )
+    let (queried, held) = (pool.clone(), pool.clone());
+    let query = move || {
+        let pool = queried.clone();
+        async move {
+            let mut conn = pool.acquire().await.map_err(|e| format!("acquire: {e}"))?;
+            let (user, pid): (String, i32) =
+                sqlx::query_as("SELECT current_user::text, pg_backend_pid() FROM pg_sleep(0.002)")
                     .fetch_one(&mut *conn)
                     .await
                     .map_err(|e| format!("query: {e}"))?;
-                    let again: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-                        .fetch_one(&mut *conn)
-                        .await
-                        .map_err(|e| format!("second query as {user}: {e}"))?;
-                    assert_eq!(pid, again);
-                    Ok::<_, String>(user)
-                }
-                .await;
-                match result {
-                    Ok(user) => {
-                        load.users.lock().unwrap().insert(user);
-                        load.queries.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => load.errors.lock().unwrap().push(e),
-                }
+            let again: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(|e| format!("second query as {user}: {e}"))?;
+            assert_eq!(pid, again);
+            Ok(user)
+        }
+    };
+    let hold = move || {
+        let pool = held.clone();
+        async move {
+            let mut conn = pool
+                .acquire()
+                .await
+                .map_err(|e| format!("acquire (held): {e}"))?;
+            let lease = pool.lease_id();
+            for _ in 0..50 {
+                sqlx::query("SELECT 1")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| format!("held connection: {e}"))?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-        }));
-    }
-    {
-        let (pool, load, stop) = (pool.clone(), load.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let mut conn = match pool.acquire().await {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        load.errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("acquire (held): {e}"));
-                        continue;
-                    }
-                };
-                for _ in 0..50 {
-                    if let Err(e) = sqlx::query("SELECT 1").execute(&mut *conn).await {
-                        load.errors
-                            .lock()
-                            .unwrap()
-                            .push(format!("held connection: {e}"));
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }));
-    }
-    tokio::time::sleep(time).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.expect("a querying task panicked");
-    }
-    load
+            Ok(pool.lease_id() != lease)
+        }
+    };
+    common::load::run(time, query, hold).await
 }
 
 #[test]
@@ -119,58 +73,8 @@ fn four_tasks_query_through_rotations_without_an_error() {
         .expect("sqlx pool");
     let load = rt.block_on(load(&pool, Duration::from_secs(15)));
 
-    let errors = load.errors.lock().unwrap();
-    assert!(
-        errors.is_empty(),
-        "{} errors: {:?}; {:?}",
-        errors.len(),
-        &errors[..errors.len().min(5)],
-        env.broker.stats()
-    );
-    let users = load.users.lock().unwrap().clone();
-    eprintln!(
-        "{} queries, users {users:?}",
-        load.queries.load(Ordering::Relaxed)
-    );
-    assert!(
-        users.len() >= 3,
-        "current_user took {} values in 15 s: {users:?}",
-        users.len()
-    );
-    // Every retired credential's role is dropped by the pool, before its lease's end.
     let current = pool.username();
-    let left = || {
-        users
-            .iter()
-            .filter(|u| **u != current && env.role_exists(u))
-            .cloned()
-            .collect::<Vec<_>>()
-    };
-    assert!(
-        eventually(Duration::from_secs(15), || left().is_empty()),
-        "retired roles still exist: {:?}",
-        left()
-    );
-    let stats = env.broker.stats();
-    assert_eq!(stats.issued, stats.rotated + 1, "{stats:?}");
-    assert!(
-        stats.rotated >= 2 && stats.renewed >= stats.rotated,
-        "{stats:?}"
-    );
-    assert_eq!(
-        (stats.expired, stats.revocation_failures),
-        (0, 0),
-        "{stats:?}"
-    );
-    // Each retired lease: issued, rotated away, revoked by the pool.
-    let first = events.all().first().map(|(_, id)| id.clone()).unwrap();
-    let history = events.of(&first);
-    assert_eq!(history.first(), Some(&"issued"), "{history:?}");
-    assert_eq!(
-        &history[history.len() - 2..],
-        ["rotated away", "revoked (rotated)"],
-        "{history:?}"
-    );
+    common::load::check(&env, &events, &load, &current);
     // The pool's sessions carry their lease id.
     let named = || {
         let sessions = env
