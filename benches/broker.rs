@@ -10,14 +10,15 @@
 //! | `revoke()`, one thread | bare `DROP ROLE`, one per transaction |
 //! | `pool.get()` + `SELECT 1` + return at 1, 2, 4 threads, 1 h lease (no rotation) | a bare `r2d2` pool of `r2d2_postgres` connections, same size, logged in with a credential of the same role; it pings (`simple_query("")`) at every checkout, ours only after 500 ms idle |
 //! | the same loop at 4 threads while the pool rotates (lease 2 s, max 4 s: every 2 s), errors counted | the same pool with a 1 h lease (no rotation) |
+//! | `sqlx_pool` acquire + `SELECT 1` + release at 4 tasks, without rotation, then rotating every 3 s (feature `sqlx`) | a plain sqlx `PgPool`, same size and options, logged in with a credential of the same role |
 //! | the sweeper draining 10,000 expired leases | one `DROP ROLE` per transaction |
 //! | a fleet of 40 brokers on one server (`max_connections = 60`): admin connections at rest and at peak, `creds()` at 40 threads (one per broker), expiry of 10,000 leases spread over the fleet, recovery after a restart | `creds()` of one broker, one thread |
 //! | the lease table alone at 10k, 100k, 1M leases | — (targets: ≥ 1M insert+remove/s, ≤ 256 bytes per lease) |
 //! | the sweeper's lateness with 100k live leases | — (target: p99 ≤ 50 ms) |
 //! | `stats()` with 100k live leases | — (target: p99 ≤ 1 ms, to poll it every second) |
 //!
-//! `cargo bench --features tokio` runs it all (a few minutes; without the feature, the async API's row is left
-//! out); `CREDBROKER_BENCH_QUICK=1` runs smaller sizes,
+//! `cargo bench --all-features` runs it all (a few minutes; without the features `tokio` and `sqlx`, the async
+//! API's and sqlx's rows are left out); `CREDBROKER_BENCH_QUICK=1` runs smaller sizes,
 //! `CREDBROKER_BENCH_TABLE_ONLY=1` only the lease table (no database, for profiling),
 //! `CREDBROKER_BENCH_FLEET_ONLY=1` the lease table and the fleet rows,
 //! `CREDBROKER_BENCH_CREDS_ONLY=1` only the `creds()` rows (blocking and async), and
@@ -314,6 +315,13 @@ fn bench() -> Result<()> {
         &mut rows,
         if quick { 5_000 } else { 50_000 },
         Duration::from_secs(if quick { 3 } else { 10 }),
+    )?;
+    #[cfg(feature = "sqlx")]
+    sqlx_pools::bench(
+        &pg,
+        &mut rows,
+        if quick { 5_000 } else { 40_000 },
+        Duration::from_secs(if quick { 4 } else { 10 }),
     )?;
     if !pool_only {
         sweep(&pg, &mut rows, if quick { 2_000 } else { 10_000 })?;
@@ -896,6 +904,192 @@ fn pool(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize, rotating_for: Durati
         ),
     );
     revoke_all(broker)
+}
+
+/// The sqlx pool against a plain sqlx `PgPool`.
+#[cfg(feature = "sqlx")]
+mod sqlx_pools {
+    use super::*;
+
+    use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+    /// Like [`run`], on `tasks` tokio tasks: `op` is one acquire + query + release.
+    async fn run_tasks<F>(
+        tasks: usize,
+        work: Work,
+        op: impl Fn() -> F + Clone + Send + 'static,
+    ) -> Result<Run>
+    where
+        F: std::future::Future<Output = std::result::Result<(), String>> + Send,
+    {
+        let cpu_before = process_cpu();
+        let start = Instant::now();
+        let (per_task, until) = match work {
+            Work::Ops(ops) => (ops / tasks, None),
+            Work::For(time) => (usize::MAX, Some(start + time)),
+        };
+        let handles: Vec<_> = (0..tasks)
+            .map(|_| {
+                let op = op.clone();
+                tokio::spawn(async move {
+                    let mut latencies = Vec::with_capacity(per_task.min(1 << 16));
+                    for _ in 0..per_task {
+                        let began = Instant::now();
+                        if until.is_some_and(|until| began >= until) {
+                            break;
+                        }
+                        op().await?;
+                        latencies.push(began.elapsed());
+                    }
+                    Ok::<_, String>(latencies)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for handle in handles {
+            all.extend(handle.await.map_err(|e| e.to_string())??);
+        }
+        Ok(Run::of(all, start, cpu_before))
+    }
+
+    /// `tasks` tasks doing acquire + `SELECT 1` + release on `pool`.
+    async fn select(pool: PgPool, tasks: usize, work: Work) -> Result<Run> {
+        run_tasks(tasks, work, move || {
+            let pool = pool.clone();
+            async move {
+                let mut conn = pool.acquire().await.map_err(|e| e.to_string())?;
+                sqlx::query("SELECT 1")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    pub(super) fn bench(
+        pg: &TestPostgres,
+        rows: &mut Vec<Row>,
+        ops: usize,
+        rotating_for: Duration,
+    ) -> Result<()> {
+        const TASKS: usize = 4;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let broker = broker(pg, 2, credbroker::DEFAULT_SCRAM_ITERATIONS)?;
+        // 2-second leases renewed every second, up to an hour: the pool rotates when `rotate_before` says.
+        let max = Duration::from_secs(3600);
+        broker.write_role("web", Role::new().lease(Duration::from_secs(2), max))?;
+        let options = |rotate_before: Duration| {
+            PoolOptions::new()
+                .max_size(TASKS as u32)
+                .min_idle(TASKS as u32)
+                .rotate_before(rotate_before)
+                .connection_timeout(Duration::from_secs(2))
+                .on_drop(ShutdownMode::Revoke {
+                    timeout: Duration::from_secs(10),
+                })
+        };
+        // The baseline: a credential of the same role, renewed to its max once (a plain pool does not renew).
+        let credential = broker.creds("web")?;
+        broker.renew(credential.lease_id(), Some(max))?;
+        let plain = PgConnectOptions::new_without_pgpass()
+            .host("127.0.0.1")
+            .port(pg.port())
+            .username(credential.username())
+            .password(credential.password())
+            .database("postgres")
+            .ssl_mode(sqlx::postgres::PgSslMode::Disable);
+        let theirs = runtime.block_on(async {
+            let pool = PgPoolOptions::new()
+                .max_connections(TASKS as u32)
+                .min_connections(TASKS as u32)
+                .connect_with(plain)
+                .await?;
+            // Every connection open before the clock starts, for both.
+            let held = futures_open(&pool, TASKS).await?;
+            drop(held);
+            Ok::<_, sqlx::Error>(pool)
+        })?;
+        let open = |rotate_before: Duration| -> Result<credbroker::SqlxPool> {
+            runtime.block_on(async {
+                let pool = broker.sqlx_pool("web", options(rotate_before)).await?;
+                drop(futures_open(&pool, TASKS).await?);
+                Ok(pool)
+            })
+        };
+
+        // No rotation (the first is due an hour after the pool opens); renewals every second.
+        let ours = open(Duration::from_secs(1))?;
+        let (base, mine) = compare(
+            || runtime.block_on(select(theirs.clone(), TASKS, Work::Ops(ops))),
+            || runtime.block_on(select((*ours).clone(), TASKS, Work::Ops(ops))),
+        )?;
+        drop(ours);
+        rows.push(
+            Row::new(
+                format!("sqlx_pool acquire + SELECT 1, {TASKS} tasks, no rotation"),
+                mine.show(),
+            )
+            .against(
+                format!("plain sqlx PgPool: {}", base.show()),
+                mine.per_sec / base.per_sec,
+            )
+            .target("≥ 0.95× baseline", mine.per_sec / base.per_sec >= 0.95),
+        );
+
+        // A rotation every 3 s: 3 s after the pool opens, and every 3 s after (rotate_before is the max less 3 s).
+        let rotated_before = broker.stats().rotated;
+        let (base, mine) = compare(
+            || runtime.block_on(select(theirs.clone(), TASKS, Work::For(rotating_for))),
+            || {
+                let ours = open(max - Duration::from_secs(3))?;
+                let run = runtime.block_on(select((*ours).clone(), TASKS, Work::For(rotating_for)));
+                drop(ours);
+                run
+            },
+        )?;
+        let rotations = broker.stats().rotated - rotated_before;
+        if rotations == 0 {
+            return Err("no rotation in the sqlx pool's rotating runs".into());
+        }
+        rows.push(
+            Row::new(
+                format!(
+                    "sqlx_pool, {TASKS} tasks, {rotations} rotations in 5 runs of {} s",
+                    rotating_for.as_secs()
+                ),
+                format!("{} max {:.1} ms", mine.show(), ms(mine.max)),
+            )
+            .against(
+                format!(
+                    "plain sqlx PgPool: {} max {:.1} ms",
+                    base.show(),
+                    ms(base.max)
+                ),
+                mine.per_sec / base.per_sec,
+            )
+            .target("≥ 0.95× baseline", mine.per_sec / base.per_sec >= 0.95),
+        );
+        runtime.block_on(theirs.close());
+        drop(runtime);
+        revoke_all(broker)
+    }
+
+    /// Checks out `n` connections at once, so that all are open.
+    async fn futures_open(
+        pool: &PgPool,
+        n: usize,
+    ) -> std::result::Result<Vec<sqlx::pool::PoolConnection<sqlx::Postgres>>, sqlx::Error> {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            held.push(pool.acquire().await?);
+        }
+        Ok(held)
+    }
 }
 
 /// Creates `n` marked roles of instance `instance` with lease comments, valid until `until`, in SQL (issuing them

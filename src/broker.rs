@@ -1272,6 +1272,65 @@ impl Broker {
         RolePool::open(&self.shared, name, options, self.shutdown_mode)
     }
 
+    /// A sqlx [`PgPool`](sqlx::PgPool) for role `name` whose connect options always carry a valid credential of
+    /// that role: [`RolePool`]'s renewals, rotations and guarantees, for async services (feature `sqlx`).
+    ///
+    /// The pool issues one credential now and logs in once with it; renews its lease at half its duration;
+    /// rotates to a new credential `rotate_before` ahead of the lease's max, by
+    /// [`set_connect_options`](sqlx::Pool::set_connect_options); closes connections of the old credential as
+    /// they are returned (never while checked out); and revokes the old lease once PostgreSQL shows none of its
+    /// sessions left, or at its end. `application_name` is the lease id; TLS follows the admin connection's
+    /// settings where sqlx can honour them, and fails with [`ErrorKind::Tls`] where it cannot (sqlx has no
+    /// channel binding, and checks certificates against public CAs too: give `sslmode=verify-full`, `disable`,
+    /// or `channel_binding=prefer` as an explicit opt-out). Fails as [`pool_with`](Broker::pool_with) does.
+    /// The broker's own database work runs on tokio's blocking threads, never on a runtime worker.
+    ///
+    /// ```no_run
+    /// # async fn run(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+    /// use credbroker::PoolOptions;
+    ///
+    /// let pool = broker.sqlx_pool("readonly", PoolOptions::new().max_size(8)).await?;
+    /// let user: String = sqlx::query_scalar("SELECT current_user::text").fetch_one(&*pool).await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "sqlx")]
+    pub async fn sqlx_pool(
+        &self,
+        name: &str,
+        options: PoolOptions,
+    ) -> Result<crate::SqlxPool, Error> {
+        crate::SqlxPool::open(&self.shared, name, options, self.shutdown_mode).await
+    }
+
+    /// A deadpool pool of tokio-postgres connections for role `name`, always logged in with a valid credential
+    /// of that role (feature `deadpool`): [`RolePool`]'s renewals, rotations and guarantees, for async services.
+    ///
+    /// Its manager logs in with the current credential, over the admin connection's TLS settings (channel
+    /// binding included), and refuses to recycle a connection of a retired credential, so such a connection is
+    /// closed instead of being handed out again, never while checked out; the old lease is revoked once its last
+    /// connection is gone, or at its end. `min_idle` does not apply (deadpool opens connections on demand). The
+    /// pool stops renewing within a second of its last clone being dropped, then revokes or keeps its leases as
+    /// [`PoolOptions::on_drop`] says. Fails as [`pool_with`](Broker::pool_with) does. The broker's own database
+    /// work runs on tokio's blocking threads, never on a runtime worker.
+    ///
+    /// ```no_run
+    /// # async fn run(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+    /// use credbroker::PoolOptions;
+    ///
+    /// let pool = broker.deadpool("readonly", PoolOptions::new().max_size(8)).await?;
+    /// let client = pool.get().await?;
+    /// let user: String = client.query_one("SELECT current_user::text", &[]).await?.get(0);
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "deadpool")]
+    pub async fn deadpool(
+        &self,
+        name: &str,
+        options: PoolOptions,
+    ) -> Result<crate::DeadpoolPool, Error> {
+        crate::deadpool_pool::open(&self.shared, name, options, self.shutdown_mode).await
+    }
+
     /// Revokes every lease whose id starts with `prefix` (e.g. `postgresql/creds/production/`), in batches, and
     /// returns how many were revoked. If any fails, the others are still revoked, the failed ones stay in the
     /// table to be retried, and the error says how many failed.

@@ -131,6 +131,9 @@ pub(crate) struct Connection {
     /// of `postgres-protocol`, with the salted password derived from it; those copies are freed unwiped. The
     /// README's "Secrets in memory" lists them all.
     pub config: postgres::Config,
+    /// The same settings for the async client, without the admin password (for the deadpool pool).
+    #[cfg(feature = "deadpool")]
+    pub async_config: tokio_postgres::Config,
     /// The TLS connector without a client certificate: the one [`RolePool`](crate::RolePool)s use.
     pub tls: MakeRustlsConnect,
     /// The admin's client certificate of `sslcert`/`sslkey`, if given, re-read when the files change.
@@ -144,6 +147,9 @@ pub(crate) struct Connection {
     /// own login then drops the channel-binding requirement, never `config`, which pools copy.
     certificate_only: bool,
     pub ssl_mode: SslMode,
+    /// `sslrootcert`, for pools whose client library sets up TLS itself (sqlx).
+    #[cfg(feature = "sqlx")]
+    pub root_cert: Option<PathBuf>,
     /// `-c statement_timeout=… -c lock_timeout=…`, sent in the startup packet of admin sessions only: they are
     /// the sessions' defaults, so `RESET ALL` after a template keeps them.
     admin_options: Option<String>,
@@ -179,7 +185,7 @@ impl Connection {
         } else {
             take_keys_from_key_values(source, keys)?
         };
-        let mut config: postgres::Config = rest.parse().map_err(|e: postgres::Error| {
+        let mut config: tokio_postgres::Config = rest.parse().map_err(|e: postgres::Error| {
             // The parser's messages name the bad key, never a value; `parse` redacts passwords all the same.
             let text = chain(&e);
             let text = text
@@ -276,17 +282,31 @@ impl Connection {
         let root_cert = keys.root_cert.take();
         let tls = MakeRustlsConnect::new(tls_config(ssl_mode, root_cert.clone(), None)?);
         let client_identity = match client_cert {
-            Some(files) => Some(Arc::new(ClientIdentity::load(ssl_mode, root_cert, files)?)),
+            Some(files) => Some(Arc::new(ClientIdentity::load(
+                ssl_mode,
+                root_cert.clone(),
+                files,
+            )?)),
             None => None,
         };
+        #[cfg(feature = "deadpool")]
+        let async_config = {
+            let mut async_config = config.clone();
+            async_config.password("");
+            async_config
+        };
         Ok(Connection {
-            config,
+            config: config.into(),
+            #[cfg(feature = "deadpool")]
+            async_config,
             tls,
             client_identity,
             password_provider: None,
             bind_channel,
             certificate_only,
             ssl_mode,
+            #[cfg(feature = "sqlx")]
+            root_cert,
             admin_options: None,
         })
     }

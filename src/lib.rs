@@ -113,8 +113,10 @@
 //!   a new primary, and dropping again the roles a failover brought back.
 //! - `preflight`: the admin rights `build()` checks. `shutdown`: keep or revoke leases when the broker stops.
 //! - `pool`: [`RolePool`], the application's connection pool on one role; `rotation`: its thread, where a
-//!   pool's lease is renewed and its credential rotated.
+//!   pool's lease is renewed and its credential rotated (for every kind of pool).
 //! - `runtime`: the blocking API inside a tokio runtime. `asynchronous` (feature `tokio`): `AsyncBroker`.
+//! - `sqlx_pool` (feature `sqlx`): `SqlxPool`, a sqlx `PgPool` that follows the lease; `deadpool_pool` (feature
+//!   `deadpool`): `DeadpoolPool`, the same for deadpool; `blocking`: how those async pools call the broker.
 //! - `events`: [`HandleEvent`], the events and the counters behind [`Stats`].
 //! - `telemetry`: the metrics (feature `metrics`).
 //! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `template`: role SQL.
@@ -124,9 +126,13 @@
 #[cfg(feature = "tokio")]
 mod asynchronous;
 mod backoff;
+#[cfg(any(feature = "sqlx", feature = "deadpool"))]
+mod blocking;
 mod broker;
 mod connection;
 mod credential;
+#[cfg(feature = "deadpool")]
+mod deadpool_pool;
 mod error;
 mod events;
 mod failover;
@@ -145,6 +151,8 @@ mod rotation;
 mod runtime;
 mod shutdown;
 mod sql;
+#[cfg(feature = "sqlx")]
+mod sqlx_pool;
 mod sweeper;
 mod telemetry;
 mod template;
@@ -157,6 +165,8 @@ pub use asynchronous::AsyncBroker;
 pub use broker::{Broker, BrokerBuilder};
 pub use connection::SslMode;
 pub use credential::{Credential, DEFAULT_SCRAM_ITERATIONS};
+#[cfg(feature = "deadpool")]
+pub use deadpool_pool::{DeadpoolClient, DeadpoolManager, DeadpoolPool};
 pub use error::{Error, ErrorKind};
 pub use events::{
     AdoptedEvent, DropCause, ExpiredEvent, HandleEvent, IssuedEvent, LostEvent, NopEventHandler,
@@ -171,4 +181,6 @@ pub use pool::{PoolOptions, PooledClient, RolePool};
 pub use recovery::RecoveryMode;
 pub use role::{Role, DEFAULT_CREATION_SQL, MAX_ROLE_NAME_LEN};
 pub use shutdown::ShutdownMode;
+#[cfg(feature = "sqlx")]
+pub use sqlx_pool::SqlxPool;
 pub use username::MIN_RANDOM_CHARS;

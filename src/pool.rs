@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, RwLock};
+use parking_lot::{Mutex, RwLock};
 use postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -26,7 +26,7 @@ use crate::error::{describe, Error, ErrorKind};
 use crate::events::RevokeCause;
 use crate::lease::Lease;
 use crate::leases::Why;
-use crate::rotation;
+use crate::rotation::{self, Rotating, Wake};
 use crate::runtime::{off_runtime, OffRuntime};
 use crate::shutdown::ShutdownMode;
 
@@ -52,12 +52,12 @@ const TRUST_IDLE_FOR: Duration = Duration::from_millis(500);
 /// | [`on_drop`](PoolOptions::on_drop) | the broker's [`shutdown_mode`](crate::BrokerBuilder::shutdown_mode) |
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
-    max_size: u32,
-    min_idle: u32,
-    database: Option<String>,
-    connection_timeout: Duration,
+    pub(crate) max_size: u32,
+    pub(crate) min_idle: u32,
+    pub(crate) database: Option<String>,
+    pub(crate) connection_timeout: Duration,
     rotate_before: Option<Duration>,
-    on_drop: Option<ShutdownMode>,
+    pub(crate) on_drop: Option<ShutdownMode>,
 }
 
 impl Default for PoolOptions {
@@ -120,7 +120,7 @@ impl PoolOptions {
         self
     }
 
-    fn check(&self) -> Result<(), Error> {
+    pub(crate) fn check(&self) -> Result<(), Error> {
         let bad = |msg: String| Err(Error::new(ErrorKind::InvalidConfig, msg));
         if self.max_size == 0 {
             return bad("pool max_size is 0; give at least 1 connection".into());
@@ -147,42 +147,93 @@ impl PoolOptions {
         }
         Ok(())
     }
+
+    /// Checks the options against role `role`'s definition and returns how long before the max lease to rotate.
+    pub(crate) fn checked_rotate_before(
+        &self,
+        shared: &Shared,
+        role: &str,
+    ) -> Result<Duration, Error> {
+        self.check()?;
+        let definition = shared
+            .current_role(role)
+            .ok_or_else(|| crate::broker::unknown_role(role))?;
+        let max = definition.policy.max;
+        let rotate_before = self
+            .rotate_before
+            .unwrap_or_else(|| (max / 3).min(Duration::from_secs(3600)));
+        if rotate_before < Duration::from_secs(1) || rotate_before >= max {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "pool rotate_before {rotate_before:?} must be at least 1 second and less than role {role:?}'s \
+                     max lease ({max:?}); give a shorter time or a longer max lease"
+                ),
+            ));
+        }
+        Ok(rotate_before)
+    }
 }
 
+/// The login settings of a client library, given a credential: `postgres::Config` for [`RolePool`],
+/// `tokio_postgres::Config` for the deadpool pool.
+pub(crate) trait Login: Clone + Send + Sync + 'static {
+    /// `self` (the admin connection's host, port, TLS and database, without its user and password) with the
+    /// credential's user and password, `application_name` set to its lease id, and `database` if given.
+    fn for_credential(&self, credential: &Credential, database: Option<&str>) -> Self;
+}
+
+/// The same for the sync and the async client, whose configs have the same setters.
+macro_rules! login_for_config {
+    ($config:ty) => {
+        impl Login for $config {
+            fn for_credential(&self, credential: &Credential, database: Option<&str>) -> Self {
+                let mut config = self.clone();
+                config
+                    .user(credential.username())
+                    .password(credential.password())
+                    .application_name(application_name(credential.lease_id()));
+                if let Some(db) = database {
+                    config.dbname(db);
+                }
+                config
+            }
+        }
+    };
+}
+
+login_for_config!(postgres::Config);
+#[cfg(feature = "deadpool")]
+login_for_config!(tokio_postgres::Config);
+
 /// One credential of a pool and the connections logged in with it.
-pub(crate) struct Generation {
+pub(crate) struct Generation<C = postgres::Config> {
     pub(crate) lease_id: String,
     pub(crate) username: String,
     /// How long the credential was issued for: renewals add this much.
     pub(crate) lease_duration: Duration,
     /// The connection settings, with the credential's user, password and `application_name`. `postgres::Config`
     /// keeps the password in a buffer it frees without wiping (see the README's "Secrets in memory").
-    config: postgres::Config,
+    pub(crate) config: C,
     /// Open connections, counted from the moment a login starts.
     connections: AtomicUsize,
     retired: AtomicBool,
 }
 
-impl Generation {
-    fn new(credential: Credential, base: &postgres::Config, database: Option<&str>) -> Generation {
-        let mut config = base.clone();
-        config
-            .user(credential.username())
-            .password(credential.password())
-            .application_name(application_name(credential.lease_id()));
-        if let Some(db) = database {
-            config.dbname(db);
-        }
+impl<C: Login> Generation<C> {
+    pub(crate) fn new(credential: &Credential, base: &C, database: Option<&str>) -> Generation<C> {
         Generation {
             lease_id: credential.lease_id().to_owned(),
             username: credential.username().to_owned(),
             lease_duration: credential.lease_duration(),
-            config,
+            config: base.for_credential(credential, database),
             connections: AtomicUsize::new(0),
             retired: AtomicBool::new(false),
         }
     }
+}
 
+impl<C> Generation<C> {
     pub(crate) fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
     }
@@ -192,7 +243,7 @@ impl Generation {
     }
 }
 
-impl fmt::Debug for Generation {
+impl<C> fmt::Debug for Generation<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Generation")
             .field("lease_id", &self.lease_id)
@@ -213,34 +264,59 @@ pub(crate) fn application_name(id: &str) -> &str {
     &id[start..]
 }
 
-/// What the pool's connections, its rotation thread and its handle share.
-pub(crate) struct Credentials {
+/// What a pool's connections, its rotation thread and its handle share, for pools that count their connections
+/// themselves ([`RolePool`], deadpool): the current generation and the retired ones not yet revoked.
+pub(crate) struct Credentials<C = postgres::Config> {
     pub(crate) role: String,
-    base: postgres::Config,
+    base: C,
     database: Option<String>,
-    current: RwLock<Arc<Generation>>,
+    current: RwLock<Arc<Generation<C>>>,
     /// Generations rotated away from whose leases are not yet revoked.
-    pub(crate) retired: Mutex<Vec<Arc<Generation>>>,
-    /// Wakes the rotation thread: a retired generation lost its last connection, or the pool is closing.
-    pub(crate) signal: Mutex<Signal>,
-    pub(crate) wake: Condvar,
+    pub(crate) retired: Mutex<Vec<Arc<Generation<C>>>>,
+    pub(crate) wake: Wake,
 }
 
-#[derive(Debug, Default)]
-pub(crate) struct Signal {
-    pub(crate) stop: bool,
-    pub(crate) drained: bool,
-}
+impl<C: Login> Credentials<C> {
+    pub(crate) fn new(
+        role: &str,
+        base: C,
+        database: Option<String>,
+        first: Generation<C>,
+    ) -> Credentials<C> {
+        Credentials {
+            role: role.to_owned(),
+            base,
+            database,
+            current: RwLock::new(Arc::new(first)),
+            retired: Mutex::new(Vec::new()),
+            wake: Wake::default(),
+        }
+    }
 
-impl Credentials {
-    pub(crate) fn current(&self) -> Arc<Generation> {
+    pub(crate) fn current(&self) -> Arc<Generation<C>> {
         self.current.read().clone()
     }
 
-    /// Makes a new credential current and returns the generation it replaces, now retired.
-    pub(crate) fn rotate(&self, credential: Credential) -> Arc<Generation> {
+    /// The current generation, with one more connection counted: call before a login, under the read lock, so
+    /// that rotation never revokes a lease that a login in progress is using. [`Credentials::release`] undoes it.
+    pub(crate) fn count_login(&self) -> Arc<Generation<C>> {
+        let current = self.current.read();
+        current.connections.fetch_add(1, Ordering::AcqRel);
+        current.clone()
+    }
+
+    /// Uncounts a connection of `generation` (closed, or a login that failed); the last one of a retired
+    /// generation wakes the rotation thread to revoke its lease.
+    pub(crate) fn release(&self, generation: &Generation<C>) {
+        if generation.connections.fetch_sub(1, Ordering::AcqRel) == 1 && generation.is_retired() {
+            self.wake.poke();
+        }
+    }
+
+    /// Makes a new credential current and returns the lease id and username of the one it replaces, now retired.
+    pub(crate) fn rotate(&self, credential: Credential) -> (String, String) {
         let new = Arc::new(Generation::new(
-            credential,
+            &credential,
             &self.base,
             self.database.as_deref(),
         ));
@@ -248,22 +324,99 @@ impl Credentials {
         // Logins that took the old generation did so under the read lock: all are counted by now.
         old.retired.store(true, Ordering::Release);
         self.retired.lock().push(old.clone());
-        old
+        (old.lease_id.clone(), old.username.clone())
     }
 
-    /// Revokes lease `id` of this pool, unless it is already gone (the sweeper revoked it at its end). A failure is
-    /// logged and left to the sweeper, which retries it.
-    pub(crate) fn revoke(&self, shared: &Shared, id: &str, cause: RevokeCause) {
-        match shared.revoke(id, Why::Revoke(cause)) {
-            Ok(()) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::UnknownLease | ErrorKind::LeaseLost) => {}
-            Err(e) => log::warn!("pool of role {}: {e}", self.role),
+    /// Takes the retired generations whose last connection has closed out of the list; returns their lease ids.
+    pub(crate) fn take_drained(&self) -> Vec<String> {
+        let mut retired = self.retired.lock();
+        let (drained, busy): (Vec<_>, Vec<_>) =
+            retired.drain(..).partition(|g| g.connections() == 0);
+        *retired = busy;
+        drained.into_iter().map(|g| g.lease_id.clone()).collect()
+    }
+
+    /// The lease ids of every generation, retired ones first, for closing the pool.
+    pub(crate) fn all_leases(&self) -> Vec<String> {
+        let mut leases: Vec<String> = self
+            .retired
+            .lock()
+            .drain(..)
+            .map(|g| g.lease_id.clone())
+            .collect();
+        leases.push(self.current().lease_id.clone());
+        leases
+    }
+}
+
+/// What dropping the last handle of a pool does with its leases, as [`PoolOptions::on_drop`] says.
+pub(crate) fn close_leases(shared: &Shared, role: &str, leases: &[String], mode: ShutdownMode) {
+    match mode {
+        ShutdownMode::Keep => log::info!(
+            "closed pool of role {role}; kept lease(s) {}: they are no longer renewed, and expire",
+            leases.join(", ")
+        ),
+        ShutdownMode::Revoke { .. } => {
+            for id in leases {
+                rotation::revoke(shared, role, id, RevokeCause::PoolClosed);
+            }
         }
     }
+}
 
-    fn poke(&self) {
-        self.signal.lock().drained = true;
-        self.wake.notify_all();
+/// How a pool that counts its connections closes its idle connections of retired credentials.
+pub(crate) trait CloseIdle: Send + Sync + 'static {
+    /// Closes the idle connections of retired credentials now, rather than when they are next checked out.
+    fn close_idle(&self);
+    /// Whether the pool is gone (for pools the rotation thread does not keep alive).
+    fn is_closed(&self) -> bool {
+        false
+    }
+}
+
+/// A pool that counts its connections ([`RolePool`], deadpool), as its rotation thread sees it.
+pub(crate) struct Counted<C, P> {
+    pub(crate) credentials: Arc<Credentials<C>>,
+    pub(crate) pool: P,
+}
+
+impl<C: Login, P: CloseIdle> Rotating for Counted<C, P> {
+    fn role(&self) -> &str {
+        &self.credentials.role
+    }
+
+    fn current_lease(&self) -> (String, Duration) {
+        let current = self.credentials.current();
+        (current.lease_id.clone(), current.lease_duration)
+    }
+
+    fn rotate(&self, credential: Credential) -> (String, String) {
+        self.credentials.rotate(credential)
+    }
+
+    fn close_idle(&self) {
+        self.pool.close_idle();
+    }
+
+    fn take_drained(&self, _: &Shared) -> Vec<String> {
+        self.credentials.take_drained()
+    }
+
+    fn wake(&self) -> &Wake {
+        &self.credentials.wake
+    }
+
+    fn is_closed(&self) -> bool {
+        self.pool.is_closed()
+    }
+}
+
+impl CloseIdle for r2d2::Pool<LeaseManager> {
+    /// Checks out every idle connection (r2d2 closes the retired ones as it goes) and returns the rest at once.
+    fn close_idle(&self) {
+        let idle = self.state().idle_connections;
+        let held: Vec<_> = (0..idle).map_while(|_| self.try_get()).collect();
+        drop(held);
     }
 }
 
@@ -285,15 +438,7 @@ pub(crate) struct LeaseConnection {
 
 impl Drop for LeaseConnection {
     fn drop(&mut self) {
-        release(&self.generation, &self.credentials);
-    }
-}
-
-/// Uncounts a connection of `generation` (closed, or a login that failed); the last one of a retired generation
-/// wakes the rotation thread to revoke its lease.
-fn release(generation: &Generation, credentials: &Credentials) {
-    if generation.connections.fetch_sub(1, Ordering::AcqRel) == 1 && generation.is_retired() {
-        credentials.poke();
+        self.credentials.release(&self.generation);
     }
 }
 
@@ -302,13 +447,7 @@ impl r2d2::ManageConnection for LeaseManager {
     type Error = Error;
 
     fn connect(&self) -> Result<LeaseConnection, Error> {
-        let generation = {
-            let current = self.credentials.current.read();
-            // Counted before the login, under the read lock, so rotation never revokes a lease that a login
-            // in progress is using.
-            current.connections.fetch_add(1, Ordering::AcqRel);
-            current.clone()
-        };
+        let generation = self.credentials.count_login();
         match generation.config.connect(self.tls.clone()) {
             Ok(client) => Ok(LeaseConnection {
                 client: OffRuntime::new(client),
@@ -317,8 +456,13 @@ impl r2d2::ManageConnection for LeaseManager {
                 returned: Instant::now(),
             }),
             Err(e) => {
-                release(&generation, &self.credentials);
-                Err(login_failed(&self.credentials.role, &generation, e))
+                self.credentials.release(&generation);
+                Err(login_failed(
+                    &self.credentials.role,
+                    &generation.lease_id,
+                    &generation.username,
+                    e,
+                ))
             }
         }
     }
@@ -351,24 +495,31 @@ impl r2d2::ManageConnection for LeaseManager {
     }
 }
 
-fn login_failed(role: &str, generation: &Generation, e: postgres::Error) -> Error {
+/// A pool's failed login as user `username` of lease `lease_id`, with PostgreSQL's reason and what to check.
+pub(crate) fn login_failed(
+    role: &str,
+    lease_id: &str,
+    username: &str,
+    e: postgres::Error,
+) -> Error {
     if let Some(why) = channel_binding_refusal(&e) {
         return Error::new(
             ErrorKind::Tls,
             format!(
-                "pool of role {role:?} refused to log in as {} (lease {}): {why}",
-                generation.username, generation.lease_id
+                "pool of role {role:?} refused to log in as {username} (lease {lease_id}): {why}"
             ),
         );
     }
+    login_refused(role, lease_id, username, &describe(&e))
+}
+
+/// A pool's failed login, PostgreSQL's reason being `why`.
+pub(crate) fn login_refused(role: &str, lease_id: &str, username: &str, why: &str) -> Error {
     Error::new(
         ErrorKind::Connection,
         format!(
-            "pool of role {role:?} could not log in as {} (lease {}): {}; check that the role's creation SQL \
-             grants LOGIN and that pg_hba.conf lets it connect to this database",
-            generation.username,
-            generation.lease_id,
-            describe(&e)
+            "pool of role {role:?} could not log in as {username} (lease {lease_id}): {why}; check that the \
+             role's creation SQL grants LOGIN and that pg_hba.conf lets it connect to this database"
         ),
     )
 }
@@ -414,35 +565,19 @@ impl RolePool {
         options: PoolOptions,
         broker_shutdown: ShutdownMode,
     ) -> Result<RolePool, Error> {
-        options.check()?;
-        let definition = shared
-            .current_role(role)
-            .ok_or_else(|| crate::broker::unknown_role(role))?;
-        let max = definition.policy.max;
-        let rotate_before = options
-            .rotate_before
-            .unwrap_or_else(|| (max / 3).min(Duration::from_secs(3600)));
-        if rotate_before < Duration::from_secs(1) || rotate_before >= max {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                format!(
-                    "pool rotate_before {rotate_before:?} must be at least 1 second and less than role {role:?}'s \
-                     max lease ({max:?}); give a shorter time or a longer max lease"
-                ),
-            ));
-        }
+        let rotate_before = options.checked_rotate_before(shared, role)?;
         let credential = shared.creds(role)?;
         // The admin's host, port, database and TLS settings, without the admin's password (the clone's copy is
         // replaced at once, freed unwiped like every copy inside postgres::Config).
         let mut base = shared.revoke_settings.connection.config.clone();
         base.password("");
         let tls = shared.revoke_settings.connection.tls.clone();
-        let generation = Generation::new(credential, &base, options.database.as_deref());
+        let generation = Generation::new(&credential, &base, options.database.as_deref());
 
         // One login now, so that a role that cannot log in fails here with PostgreSQL's reason, not at the
         // first get() with a timeout.
         if let Err(e) = generation.config.connect(tls.clone()) {
-            let err = login_failed(role, &generation, e);
+            let err = login_failed(role, &generation.lease_id, &generation.username, e);
             if let Err(revoke) =
                 shared.revoke(&generation.lease_id, Why::Revoke(RevokeCause::PoolClosed))
             {
@@ -450,15 +585,7 @@ impl RolePool {
             }
             return Err(err);
         }
-        let credentials = Arc::new(Credentials {
-            role: role.to_owned(),
-            base,
-            database: options.database,
-            current: RwLock::new(Arc::new(generation)),
-            retired: Mutex::new(Vec::new()),
-            signal: Mutex::new(Signal::default()),
-            wake: Condvar::new(),
-        });
+        let credentials = Arc::new(Credentials::new(role, base, options.database, generation));
         let pool = r2d2::Pool::builder()
             .max_size(options.max_size)
             .min_idle(Some(options.min_idle))
@@ -469,19 +596,11 @@ impl RolePool {
                 credentials: credentials.clone(),
                 tls,
             });
-        let rotation = {
-            let (shared, credentials, pool) = (shared.clone(), credentials.clone(), pool.clone());
-            std::thread::Builder::new()
-                .name(format!("credbroker-pool-{role}"))
-                .spawn(move || rotation::run(&shared, &credentials, &pool, rotate_before))
-                .map_err(|e| {
-                    Error::new(
-                        ErrorKind::Connection,
-                        "could not start the pool's rotation thread",
-                    )
-                    .with_source(e)
-                })?
+        let rotating = Counted {
+            credentials: credentials.clone(),
+            pool: pool.clone(),
         };
+        let rotation = rotation::spawn(shared, rotating, rotate_before, |_, _| {})?;
         log::info!(
             "opened pool of role {role} (max {} connections) with lease {}; rotating {rotate_before:?} before \
              the max lease",
@@ -587,10 +706,7 @@ impl Drop for PoolHandle {
 impl PoolHandle {
     /// Stops the rotation thread and keeps or revokes the pool's leases.
     fn close(&self) {
-        {
-            self.credentials.signal.lock().stop = true;
-            self.credentials.wake.notify_all();
-        }
+        self.credentials.wake.stop();
         if let Some(thread) = self.rotation.lock().take() {
             if thread.join().is_err() {
                 log::error!(
@@ -599,27 +715,8 @@ impl PoolHandle {
                 );
             }
         }
-        let mut leases: Vec<String> = self
-            .credentials
-            .retired
-            .lock()
-            .drain(..)
-            .map(|g| g.lease_id.clone())
-            .collect();
-        leases.push(self.credentials.current().lease_id.clone());
-        match self.on_drop {
-            ShutdownMode::Keep => log::info!(
-                "closed pool of role {}; kept lease(s) {}: they are no longer renewed, and expire",
-                self.credentials.role,
-                leases.join(", ")
-            ),
-            ShutdownMode::Revoke { .. } => {
-                for id in &leases {
-                    self.credentials
-                        .revoke(&self.shared, id, RevokeCause::PoolClosed);
-                }
-            }
-        }
+        let leases = self.credentials.all_leases();
+        close_leases(&self.shared, &self.credentials.role, &leases, self.on_drop);
     }
 }
 

@@ -30,6 +30,12 @@ pub(crate) const TERMINATE_DROPPED_SESSIONS: &str =
      WHERE a.backend_type = 'client backend' AND a.usesysid = ANY($1) \
      AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.oid = a.usesysid)";
 
+/// Which of the roles named in `$1` (a `text[]`) still have a session: the sqlx pool's way of knowing that no
+/// connection of a retired credential remains (sqlx closes connections without telling its hooks).
+#[cfg(feature = "sqlx")]
+pub(crate) const ROLES_WITH_SESSIONS: &str = "SELECT DISTINCT usename::text FROM pg_stat_activity \
+     WHERE usename = ANY($1)";
+
 /// The id of the current transaction, assigning one: a template that commits or rolls back changes it.
 pub(crate) const CURRENT_XID: &str = "SELECT txid_current()";
 

@@ -292,3 +292,139 @@ impl credbroker::HandleEvent for Recorder {
         self.push(kind, e.lease_id.as_deref().unwrap_or(&e.username));
     }
 }
+
+/// Load on an async pool: four tasks querying through it, a fifth holding connections across rotations.
+pub mod load {
+    use std::collections::BTreeSet;
+    use std::future::Future;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// What a pool under [`run`] for 15 s over 2-second leases rotating every 4 s must show: no error, a
+    /// connection held across a rotation, at least 3 users, every retired role dropped (all but `current`) before
+    /// its lease's end, and each retired lease issued, rotated away and revoked by the pool.
+    pub fn check(env: &super::Env, events: &super::Recorder, load: &Load, current: &str) {
+        let errors = load.errors.lock().unwrap();
+        assert!(
+            errors.is_empty(),
+            "{} errors: {:?}; {:?}",
+            errors.len(),
+            &errors[..errors.len().min(5)],
+            env.broker.stats()
+        );
+        let users = load.users.lock().unwrap().clone();
+        eprintln!(
+            "{} queries, {} connections held across a rotation, users {users:?}",
+            load.queries.load(Ordering::Relaxed),
+            load.held_across_rotation.load(Ordering::Relaxed)
+        );
+        assert!(
+            load.held_across_rotation.load(Ordering::Relaxed) >= 1,
+            "no connection was held across a rotation"
+        );
+        assert!(
+            users.len() >= 3,
+            "current_user took {} values in 15 s: {users:?}",
+            users.len()
+        );
+        let left = || {
+            users
+                .iter()
+                .filter(|u| *u != current && env.role_exists(u))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert!(
+            super::eventually(Duration::from_secs(15), || left().is_empty()),
+            "retired roles still exist: {:?}",
+            left()
+        );
+        let stats = env.broker.stats();
+        assert_eq!(stats.issued, stats.rotated + 1, "{stats:?}");
+        assert!(
+            stats.rotated >= 2 && stats.renewed >= stats.rotated,
+            "{stats:?}"
+        );
+        assert_eq!(
+            (stats.expired, stats.revocation_failures),
+            (0, 0),
+            "{stats:?}"
+        );
+        let first = events.all().first().map(|(_, id)| id.clone()).unwrap();
+        let history = events.of(&first);
+        assert_eq!(history.first(), Some(&"issued"), "{history:?}");
+        assert_eq!(
+            &history[history.len() - 2..],
+            ["rotated away", "revoked (rotated)"],
+            "{history:?}"
+        );
+    }
+
+    /// A multi-thread runtime with two workers, as small as the test machine.
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+    }
+
+    /// What the tasks saw.
+    #[derive(Default)]
+    pub struct Load {
+        pub users: Mutex<BTreeSet<String>>,
+        pub errors: Mutex<Vec<String>>,
+        pub queries: AtomicUsize,
+        /// Connections held by the fifth task while the pool rotated away from their credential.
+        pub held_across_rotation: AtomicUsize,
+    }
+
+    /// For `time`, four tasks call `query` in a loop (it returns `current_user`), and a fifth calls `hold` (it
+    /// holds a connection for a while and returns whether the pool rotated away from it meanwhile).
+    pub async fn run<Q, QF, H, HF>(time: Duration, query: Q, hold: H) -> Arc<Load>
+    where
+        Q: Fn() -> QF + Clone + Send + Sync + 'static,
+        QF: Future<Output = Result<String, String>> + Send,
+        H: Fn() -> HF + Send + Sync + 'static,
+        HF: Future<Output = Result<bool, String>> + Send,
+    {
+        let load = Arc::new(Load::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let (query, load, stop) = (query.clone(), load.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match query().await {
+                        Ok(user) => {
+                            load.users.lock().unwrap().insert(user);
+                            load.queries.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => load.errors.lock().unwrap().push(e),
+                    }
+                }
+            }));
+        }
+        {
+            let (load, stop) = (load.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match hold().await {
+                        Ok(true) => {
+                            load.held_across_rotation.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(false) => {}
+                        Err(e) => load.errors.lock().unwrap().push(e),
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(time).await;
+        stop.store(true, Ordering::Relaxed);
+        for task in tasks {
+            task.await.expect("a querying task panicked");
+        }
+        load
+    }
+}
