@@ -873,7 +873,11 @@ impl Shared {
     pub(crate) fn revoke_force(&self, id: &str) -> Result<(), Error> {
         let why = Why::Revoke(RevokeCause::Forced);
         let lease = loop {
-            match self.leases.claim(id, self.op_bound)? {
+            match self
+                .leases
+                .claim(id, self.op_bound)
+                .map_err(|e| self.lost(id, e))?
+            {
                 Claim::Claimed(lease) => break lease,
                 Claim::Joined => return Ok(()),
                 // Claim it now that the other revocation has let go, and force it.
@@ -1282,7 +1286,10 @@ impl Broker {
     /// sessions left, or at its end. `application_name` is the lease id; TLS follows the admin connection's
     /// settings where sqlx can honour them, and fails with [`ErrorKind::Tls`] where it cannot (sqlx has no
     /// channel binding, and checks certificates against public CAs too: give `sslmode=verify-full`, `disable`,
-    /// or `channel_binding=prefer` as an explicit opt-out). Fails as [`pool_with`](Broker::pool_with) does.
+    /// or `channel_binding=prefer` as an explicit opt-out). `sslrootcert=system` means sqlx's built-in public CAs.
+    /// A connection string with several hosts is refused with [`ErrorKind::InvalidConfig`] (sqlx connects to one
+    /// host and cannot find the primary after a failover), as is `PGSSLCERT`/`PGSSLKEY` in the environment (sqlx
+    /// would present that certificate). Otherwise fails as [`pool_with`](Broker::pool_with) does.
     /// The broker's own database work runs on tokio's blocking threads, never on a runtime worker.
     ///
     /// ```no_run

@@ -32,6 +32,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -857,7 +858,7 @@ fn client_auth(
 }
 
 /// The value of `sslrootcert` that selects the platform's trusted CAs.
-const SYSTEM_ROOTS: &str = "system";
+pub(crate) const SYSTEM_ROOTS: &str = "system";
 
 /// The platform's trusted CA certificates, through `rustls-native-certs` (which also honours `SSL_CERT_FILE`
 /// and `SSL_CERT_DIR`, as OpenSSL and so libpq do). Certificates the store holds but rustls cannot use are
@@ -1023,6 +1024,9 @@ impl ServerCertVerifier for ChainOnly {
 pub(crate) type PasswordProvider =
     Arc<dyn Fn() -> Result<String, Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;
 
+/// How many admin password provider calls may run at once in a process (the rest fail at once).
+const MAX_PROVIDER_CALLS: usize = 8;
+
 /// Asks `provider` for the admin password on a helper thread, waiting up to `limit` (the connect timeout):
 /// the provider runs on revocation workers, the sweeper and the pool's threads, so a panic in it is caught
 /// and a provider that hangs fails this login instead of stalling them. A provider still running at the limit
@@ -1035,11 +1039,29 @@ fn ask_provider(provider: &PasswordProvider, limit: Duration) -> Result<Zeroizin
             format!("no admin connection was opened: the admin password provider {what}"),
         )
     };
+    // Provider calls still running in this process (one thread each): a hung provider must not pile up a thread
+    // per login attempt while the pool, the sweeper and revocations keep retrying.
+    static RUNNING: AtomicUsize = AtomicUsize::new(0);
+    struct Running;
+    impl Drop for Running {
+        fn drop(&mut self) {
+            RUNNING.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    let running = RUNNING.fetch_add(1, Ordering::AcqRel);
+    let guard = Running;
+    if running >= MAX_PROVIDER_CALLS {
+        return Err(failed(format!(
+            "has {running} calls still running (hung past the connect timeout); no more are started until one \
+             returns: make it return sooner (cache the secret, or give it a timeout of its own)"
+        )));
+    }
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let provider = provider.clone();
     std::thread::Builder::new()
         .name("credbroker-password-provider".into())
         .spawn(move || {
+            let _guard = guard;
             let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 provider().map(Zeroizing::new)
             }));

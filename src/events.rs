@@ -196,6 +196,10 @@ pub enum DropCause {
     /// The orphan sweep (at `build` and every [`orphan_sweep_interval`](crate::BrokerBuilder::orphan_sweep_interval)):
     /// a marked role of any instance, in no lease table here, whose lease ended at least one interval ago.
     Orphan,
+    /// After a failover: a role this broker had dropped within the
+    /// [`failover_window`](crate::BrokerBuilder::failover_window), which the new primary still had (the drop was
+    /// not replicated before the old primary went down).
+    Failover,
 }
 
 impl fmt::Display for DropCause {
@@ -204,6 +208,7 @@ impl fmt::Display for DropCause {
             DropCause::Ended => "ended",
             DropCause::RevokeAll => "revoke all",
             DropCause::Orphan => "orphan",
+            DropCause::Failover => "failover",
         })
     }
 }

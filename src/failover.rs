@@ -34,6 +34,7 @@ use postgres::{Client, SimpleQueryMessage};
 
 use crate::broker::Shared;
 use crate::error::{describe, Error, ErrorKind};
+use crate::events::{DropCause, RoleDroppedEvent};
 use crate::lease::{pg_timestamp, Lease};
 use crate::revoke::{drop_roles, Target};
 use crate::role::CompiledRole;
@@ -376,12 +377,28 @@ fn reconcile_with(shared: &Shared, recent: &[Dropped]) -> Result<Summary, Error>
     let mut failed = None;
     for (d, result) in again.iter().zip(drop_roles(shared, &targets)) {
         match result {
-            Ok(()) => log::warn!(
-                "failover: role {} of lease {}, revoked at {}, existed again on the new primary; dropped it again",
-                d.username,
-                d.lease_id,
-                pg_timestamp(d.revoked_at)
-            ),
+            Ok(()) => {
+                log::warn!(
+                    "failover: role {} of lease {}, revoked at {}, existed again on the new primary; dropped it \
+                     again",
+                    d.username,
+                    d.lease_id,
+                    pg_timestamp(d.revoked_at)
+                );
+                shared.leases.role_dropped(RoleDroppedEvent {
+                    username: d.username.clone(),
+                    lease_id: Some(d.lease_id.clone()),
+                    role: Some(d.role.name.clone()),
+                    instance: Some(shared.instance.clone()),
+                    expires_at: back.get(&d.username).copied().flatten().and_then(|secs| {
+                        u64::try_from(secs)
+                            .ok()
+                            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+                    }),
+                    cause: DropCause::Failover,
+                    dropped_at: SystemTime::now(),
+                });
+            }
             Err(e) => {
                 log::error!(
                     "failover: role {} of lease {}, revoked at {}, exists again on the new primary and could not \
@@ -395,6 +412,7 @@ fn reconcile_with(shared: &Shared, recent: &[Dropped]) -> Result<Summary, Error>
         }
     }
     if let Some(e) = failed {
+        shared.leases.flush();
         return Err(e);
     }
 
@@ -447,7 +465,10 @@ fn reconcile_with(shared: &Shared, recent: &[Dropped]) -> Result<Summary, Error>
                 lease.id,
                 describe(&e)
             ),
-            Err(e) => return Err(e),
+            Err(e) => {
+                shared.leases.flush();
+                return Err(e);
+            }
         }
     }
     // Lost events go out now that every change is made.

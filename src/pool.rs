@@ -158,6 +158,17 @@ impl PoolOptions {
         let definition = shared
             .current_role(role)
             .ok_or_else(|| crate::broker::unknown_role(role))?;
+        // Make before break: a rotating pool holds its old lease and its new one at once.
+        if let Some(cap) = definition.role.get_max_leases().filter(|cap| *cap < 2) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "role {role:?} has max_leases({cap}), and a pool needs 2 leases of its role while it rotates \
+                     (the new credential is issued before the old one is revoked); raise the role's cap to at \
+                     least 2"
+                ),
+            ));
+        }
         let max = definition.policy.max;
         let rotate_before = self
             .rotate_before

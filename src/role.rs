@@ -175,7 +175,9 @@ impl Role {
     /// Caps this role's leases in the lease table (at least 1; default: no cap but the broker's
     /// [`max_leases`](crate::BrokerBuilder::max_leases)). Once `n` leases of the role are issued and not yet
     /// dropped, [`creds`](crate::Broker::creds) fails with [`ErrorKind::LeaseCap`] and creates nothing. A
-    /// [`RolePool`](crate::RolePool) holds two leases of its role for a moment while it rotates.
+    /// pool ([`RolePool`](crate::RolePool), sqlx, deadpool) holds two leases of its role for a moment while it
+    /// rotates, so opening one for a role capped below 2 is refused. A rotation that meets the cap (other
+    /// leases of the role fill it) is retried with backoff, and the pool's lease may end meanwhile: leave room.
     ///
     /// ```
     /// let role = credbroker::Role::new().max_leases(100);

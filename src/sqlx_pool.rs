@@ -30,7 +30,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 
 use crate::blocking::{blocking, current_runtime, revoke_refused};
 use crate::broker::Shared;
-use crate::connection::{Connection, SslMode};
+use crate::connection::{Connection, SslMode, SYSTEM_ROOTS};
 use crate::credential::Credential;
 use crate::error::{Error, ErrorKind};
 use crate::lease::Lease;
@@ -354,7 +354,8 @@ fn pool_options(state: &Arc<State>, options: &PoolOptions) -> PgPoolOptions {
         .after_connect(move |conn, _| {
             let state = on_connect.clone();
             Box::pin(async move {
-                let user: String = sqlx::query_scalar("SELECT current_user::text")
+                // The login role: `current_user` is the group for a role with one (`Role::group`).
+                let user: String = sqlx::query_scalar("SELECT session_user::text")
                     .fetch_one(&mut *conn)
                     .await?;
                 let since = {
@@ -448,12 +449,42 @@ fn connect_options(
         SslMode::VerifyFull => PgSslMode::VerifyFull,
     };
     options = options.ssl_mode(ssl_mode);
-    if connection.ssl_mode == SslMode::VerifyFull {
+    // `sslrootcert=system` means the platform's CAs; sqlx checks against its built-in public CAs (webpki-roots)
+    // whatever it is given, so nothing is added.
+    let system_roots = connection
+        .root_cert
+        .as_deref()
+        .is_some_and(|path| path.as_os_str() == SYSTEM_ROOTS);
+    if connection.ssl_mode == SslMode::VerifyFull && !system_roots {
         let default =
             std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".postgresql/root.crt"));
         if let Some(path) = connection.root_cert.clone().or(default) {
             options = options.ssl_root_cert(path);
         }
+    }
+    // sqlx reads libpq's PGSSLCERT/PGSSLKEY: pool sessions would present that client certificate, which
+    // credbroker's pools never do (a certificate is the admin's alone).
+    for variable in ["PGSSLCERT", "PGSSLKEY"] {
+        if std::env::var_os(variable).is_some() {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "{variable} is set in the environment, and sqlx would present that client certificate on the \
+                     pool's connections; unset it (give the admin's certificate as sslcert/sslkey in the \
+                     connection string instead)"
+                ),
+            ));
+        }
+    }
+    // sqlx connects to one host and has no `target_session_attrs`: after a failover it would keep dialling the
+    // old primary.
+    if config.get_hosts().len() > 1 {
+        return Err(Error::new(
+            ErrorKind::InvalidConfig,
+            "the connection string names several hosts, and a sqlx pool connects to one (sqlx has no \
+             target_session_attrs to find the primary after a failover); give a single host name that follows the \
+             primary (a DNS name or a proxy), or use the RolePool or deadpool pool, which follow the admin's hosts",
+        ));
     }
     options = match config.get_hosts().first() {
         Some(Host::Tcp(host)) => options.host(host),

@@ -119,3 +119,21 @@ fn a_zero_cap_is_refused() {
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
     assert!(err.to_string().contains("max_leases is 0"), "{err}");
 }
+
+/// A pool holds two leases of its role while it rotates: a role capped below 2 cannot have one.
+#[test]
+fn a_pool_of_a_role_capped_below_two_is_refused() {
+    let env = common::start();
+    env.broker
+        .write_role("single", Role::new().max_leases(1))
+        .unwrap();
+    let err = env.broker.pool("single").map(|_| ()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(err.to_string().contains("max_leases(1)"), "{err}");
+    assert_eq!(env.broker.stats().issued, 0, "nothing issued");
+    env.broker
+        .write_role("pair", Role::new().max_leases(2))
+        .unwrap();
+    let pool = env.broker.pool("pair").expect("a pool under a cap of 2");
+    drop(pool);
+}

@@ -143,6 +143,11 @@ fn a_revocation_the_failover_lost_is_done_again_and_the_credential_cannot_log_in
         !role_exists(&replica, revoked.username()),
         "the revoked role must be dropped again on the new primary"
     );
+    assert!(
+        common::eventually(Duration::from_secs(10), || broker.stats().roles_dropped
+            >= 1),
+        "dropping it again is a RoleDroppedEvent (cause Failover)"
+    );
     let err = replica
         .login(revoked.username(), revoked.password())
         .map(|_| ())

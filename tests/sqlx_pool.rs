@@ -128,6 +128,55 @@ fn a_pool_whose_lease_is_revoked_from_outside_rotates_and_serves_again() {
     drop(pool);
 }
 
+/// A role with a group: sessions run as the group (`current_user`), while the pool knows its connections by
+/// their login (`session_user`).
+#[test]
+fn a_pool_of_a_group_role_logs_in_and_acts_as_the_group() {
+    let env = common::start();
+    env.broker
+        .write_role("grouped", Role::new().group("sqlx_app"))
+        .unwrap();
+    let rt = runtime();
+    let pool = rt
+        .block_on(env.broker.sqlx_pool("grouped", PoolOptions::new()))
+        .expect("a sqlx pool of a role with a group");
+    let (current, session): (String, String) = rt
+        .block_on(sqlx::query_as("SELECT current_user::text, session_user::text").fetch_one(&*pool))
+        .expect("a query");
+    assert_eq!(current, "sqlx_app");
+    assert_eq!(session, pool.username());
+    drop(pool);
+}
+
+/// sqlx connects to one host: a multi-host string is refused with a typed error, and nothing is issued.
+#[test]
+fn a_multi_host_connection_string_is_refused() {
+    let env = common::start();
+    let pg = &env.pg;
+    let broker = Broker::builder()
+        .connection(format!(
+            "host=127.0.0.1,127.0.0.1 port={},{} user={} password={} dbname=postgres sslmode=disable \
+             target_session_attrs=read-write",
+            pg.port(),
+            pg.port(),
+            pg.admin_user(),
+            pg.admin_password()
+        ))
+        .build()
+        .unwrap();
+    broker.write_role("app", Role::new()).unwrap();
+    let err = runtime()
+        .block_on(broker.sqlx_pool("app", PoolOptions::new()))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+    assert!(err.to_string().contains("several hosts"), "{err}");
+    assert_eq!(
+        broker.stats().issued,
+        0,
+        "a refused pool issued a credential"
+    );
+}
+
 #[test]
 fn tls_follows_the_admin_connection_where_sqlx_can() {
     let pg = TestPostgres::builder()
