@@ -23,7 +23,7 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
         .unwrap_or_else(|_| panic!("did not return within {limit:?}: deadlock or unbounded wait"))
 }
 
-/// A credential of role `owner` (1 s lease) that owns table `held`, and an admin session holding that table
+/// A credential of role `owner` (3 s lease: under load, 1 s ran out before its login) that owns table `held`, and an admin session holding that table
 /// locked: dropping the role blocks on `REASSIGN OWNED` until the session lets go.
 fn blocked_revocation(env: &common::Env) -> (credbroker::Credential, postgres::Client) {
     env.broker
@@ -31,7 +31,7 @@ fn blocked_revocation(env: &common::Env) -> (credbroker::Credential, postgres::C
             "owner",
             Role::new()
                 .creation_sql(CREATES_TABLES)
-                .lease(Duration::from_secs(1), Duration::from_secs(60)),
+                .lease(Duration::from_secs(3), Duration::from_secs(60)),
         )
         .unwrap();
     let stuck = env.broker.creds("owner").unwrap();
@@ -55,20 +55,21 @@ fn a_lease_expiring_while_another_revocation_waits_on_a_lock_is_dropped_on_time(
     env.broker
         .write_role(
             "plain",
-            Role::new().lease(Duration::from_secs(3), Duration::from_secs(60)),
+            // Ends well after the stuck lease, so that the two are never due in one batch.
+            Role::new().lease(Duration::from_secs(6), Duration::from_secs(60)),
         )
         .unwrap();
     let plain = env.broker.creds("plain").unwrap();
     let end = env.broker.lease(plain.lease_id()).unwrap().expires_at();
     // The stuck lease has expired and its revocation is waiting on the lock.
-    assert!(eventually(Duration::from_secs(5), || env
+    assert!(eventually(Duration::from_secs(10), || env
         .broker
         .lease(stuck.lease_id())
         .is_some_and(
             |_| env.broker.stats().sweeper_lag > Duration::ZERO
         )));
     assert!(
-        eventually(Duration::from_secs(10), || !env
+        eventually(Duration::from_secs(15), || !env
             .role_exists(plain.username())),
         "the plain lease was held back by the stuck revocation"
     );
@@ -181,7 +182,7 @@ fn dropping_the_broker_returns_within_its_bound_while_a_revocation_is_blocked() 
         // A live lease too, for Revoke to work on.
         env.broker.write_role("plain", Role::new()).unwrap();
         let live = env.broker.creds("plain").unwrap();
-        assert!(eventually(Duration::from_secs(5), || env
+        assert!(eventually(Duration::from_secs(10), || env
             .broker
             .stats()
             .sweeper_lag
