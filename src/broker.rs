@@ -13,7 +13,8 @@ use r2d2::{Pool, PooledConnection};
 use scheduled_thread_pool::ScheduledThreadPool;
 use zeroize::Zeroizing;
 
-use crate::connection::{AdminManager, Connection, PasswordProvider, SslMode};
+use crate::admin_pool::{AdminManager, Reconnects, SpreadReconnects, RECONNECT_JITTER};
+use crate::connection::{Connection, PasswordProvider, SslMode};
 use crate::credential::{generate_lease_id, scram_verifier, Credential, DEFAULT_SCRAM_ITERATIONS};
 use crate::error::{check_duration, describe};
 use crate::error::{Error, ErrorKind};
@@ -359,7 +360,7 @@ impl BrokerBuilder {
     /// With asynchronous replication a failover loses the transactions the old primary committed last, and a
     /// role revoked then exists again on the promoted replica, with its password. The broker notices a new
     /// primary (its system identifier or timeline differs) on every new admin connection and in a probe every 5
-    /// seconds, drops again every role it dropped within this window before, and reports every live lease whose
+    /// seconds on an idle one, drops again every role it dropped within this window before, and reports every live lease whose
     /// role the new primary lacks ([`HandleEvent::handle_lost`]; `renew` fails with [`ErrorKind::LeaseLost`]).
     /// Make it longer than your replicas' worst lag plus the time a failover takes.
     ///
@@ -507,7 +508,11 @@ impl BrokerBuilder {
         )?;
         drop(client);
 
-        let manager = AdminManager(connection.clone());
+        let reconnects = Arc::new(Reconnects::default());
+        let manager = AdminManager {
+            connection: connection.clone(),
+            reconnects: reconnects.clone(),
+        };
         let failover = Arc::new(Failover::new(self.failover_window));
         // r2d2's default: three threads for its reaper and background connects, here shared with `keep_idle`.
         let threads = Arc::new(
@@ -531,6 +536,7 @@ impl BrokerBuilder {
             .connection_timeout(self.connect_timeout)
             .error_handler(Box::new(SpreadReconnects {
                 max: RECONNECT_JITTER.min(self.connect_timeout / 2),
+                reconnects: reconnects.clone(),
             }))
             .build_unchecked(manager);
         log::info!(
@@ -548,6 +554,7 @@ impl BrokerBuilder {
         let ssl_mode = connection.ssl_mode;
         let shared = Arc::new(Shared {
             pool: OffRuntime::new(pool),
+            reconnects,
             leases: Leases::new(Events::new(self.event_handler)),
             roles: RwLock::new(BTreeMap::new()),
             policy,
@@ -642,6 +649,8 @@ pub(crate) const KEEP_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
 pub(crate) struct Shared {
     /// Dropped off any tokio runtime: dropping it closes its idle connections.
     pool: OffRuntime<Pool<Manager>>,
+    /// Whether the pool's connection attempts are failing: then checkouts wait for the attempt under way.
+    reconnects: Arc<Reconnects>,
     /// The lease table and every rule about changing it.
     pub(crate) leases: Leases,
     roles: RwLock<BTreeMap<String, Arc<CompiledRole>>>,
@@ -680,7 +689,7 @@ impl Shared {
                 "the broker has shut down and its shutdown timeout has passed; no more revocations are tried",
             ));
         }
-        let connection = self.pool.get_timeout(timeout).map_err(|e| {
+        let connection = self.reconnects.checkout(&self.pool, timeout).map_err(|e| {
             Error::new(
                 ErrorKind::Connection,
                 format!(
@@ -719,32 +728,57 @@ impl Shared {
         }
     }
 
+    /// An idle pooled admin connection, if there is one; never opens one.
+    pub(crate) fn idle_connection(&self) -> Option<PooledConnection<Manager>> {
+        let connection = self.pool.try_get()?;
+        if self.failover.take_announcement() {
+            self.leases.request_reconcile();
+        }
+        Some(connection)
+    }
+
+    /// A new admin connection for background work, unless a checkout is already waiting for one or connection
+    /// attempts are failing: then the attempt under way serves that checkout, and the background work waits for
+    /// its next turn. (Each such extra connection stays open until idle for `idle_timeout`; a fleet whose server
+    /// restarted filled it with them.)
+    pub(crate) fn new_connection(&self) -> Option<PooledConnection<Manager>> {
+        let connection = self.reconnects.new_connection(&self.pool)?;
+        if self.failover.take_announcement() {
+            self.leases.request_reconcile();
+        }
+        Some(connection)
+    }
+
     /// Keeps `min_idle` admin connections open: takes that many idle ones (r2d2 hands out the most recently
-    /// returned first, so the others keep ageing and are closed after `idle_timeout`), pings each (a broken one is
-    /// discarded when returned), and opens new ones for any missing. Runs on the pool's threads; never long
-    /// (bounded by the connect timeout) and never while the broker is stopping.
+    /// returned first, so the others keep ageing and are closed after `idle_timeout`) and pings each (a broken
+    /// one is discarded when returned). Opens new ones only while fewer than `min_idle` are open, counting those
+    /// at work: a busy broker needs no spare. Runs on the pool's threads; never long (bounded by the connect
+    /// timeout) and never while the broker is stopping.
     fn keep_idle(&self) {
         if self.leases.is_shut_down() {
             return;
         }
         let wanted = self.min_idle as usize;
-        let (mut kept, mut healthy) = (Vec::new(), 0);
-        // Idle ones first; then, while some are missing, the pool's other idle ones or new ones (a failure is
-        // retried, with jitter, at the next turn). All are held until the end, so none is counted twice.
-        while healthy < wanted && kept.len() < 2 * wanted {
+        let (mut kept, mut broken) = (Vec::new(), 0);
+        // All are held until the end, so none is counted twice. A failure to open one is retried, with jitter,
+        // at the next turn.
+        while kept.len() - broken < wanted && kept.len() < 2 * wanted {
             let client = match self.pool.try_get() {
                 Some(client) => client,
-                None => match self.pool.get() {
-                    Ok(client) => client,
-                    Err(e) => {
-                        log::debug!("could not open an idle admin connection: {e}");
+                None => {
+                    let open = self.pool.state().connections as usize;
+                    if open.saturating_sub(broken) >= wanted {
                         break;
                     }
-                },
+                    match self.reconnects.new_connection(&self.pool) {
+                        Some(client) => client,
+                        None => break,
+                    }
+                }
             };
             kept.push(client);
-            if kept.last_mut().is_some_and(|c| c.simple_query("").is_ok()) {
-                healthy += 1;
+            if kept.last_mut().is_some_and(|c| c.simple_query("").is_err()) {
+                broken += 1;
             }
         }
     }
@@ -1408,25 +1442,6 @@ impl Drop for Broker {
         if let Err(err) = off_runtime(|| self.stop(self.shutdown_mode)) {
             log::error!("{err}");
         }
-    }
-}
-
-/// The most a failed admin connection attempt adds to r2d2's delay before the next.
-const RECONNECT_JITTER: Duration = Duration::from_secs(1);
-
-/// The admin pool's handler of failed connection attempts. r2d2 retries a failed attempt in the background after
-/// 200 ms, doubling up to half the connect timeout, with no jitter; it calls this handler on its worker thread
-/// just before scheduling the retry, so sleeping here a random part of `max` (full jitter) spreads the
-/// reconnects of a fleet whose server restarted, and of brokers refused with "too many clients".
-#[derive(Debug)]
-struct SpreadReconnects {
-    max: Duration,
-}
-
-impl r2d2::HandleError<Error> for SpreadReconnects {
-    fn handle_error(&self, error: Error) {
-        log::warn!("could not open an admin connection ({error}); retrying");
-        std::thread::sleep(crate::backoff::full_jitter(self.max));
     }
 }
 

@@ -1087,29 +1087,6 @@ fn ask_provider(provider: &PasswordProvider, limit: Duration) -> Result<Zeroizin
     }
 }
 
-/// The admin pool's connections: every new one logs in through [`Connection::connect`], so the password
-/// provider is asked each time and the client certificate presented.
-pub(crate) struct AdminManager(pub Connection);
-
-impl r2d2::ManageConnection for AdminManager {
-    type Connection = postgres::Client;
-    type Error = Error;
-
-    fn connect(&self) -> Result<postgres::Client, Error> {
-        self.0.connect()
-    }
-
-    fn is_valid(&self, client: &mut postgres::Client) -> Result<(), Error> {
-        client.simple_query("").map(drop).map_err(|e| {
-            Error::postgres(ErrorKind::Connection, "an admin connection failed", e, &[])
-        })
-    }
-
-    fn has_broken(&self, client: &mut postgres::Client) -> bool {
-        client.is_closed()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,8 @@
 //! that means two things: a role it **dropped** a moment before can exist again on the promoted replica, with
 //! its password (a revoked credential that works again), and a role it **created** (or a renewal) can be missing.
 //!
-//! - **Detection.** Every new admin connection (r2d2's `on_acquire`) and a probe every [`PROBE_INTERVAL`] read
+//! - **Detection.** Every new admin connection (r2d2's `on_acquire`) and a probe every [`PROBE_INTERVAL`] on an
+//!   idle one (see [`probe`]) read
 //!   the server's *identity*: the system identifier (`pg_control_system()`, copied by a base backup, so the same
 //!   on a replica) and the current timeline, which promotion increments. The timeline is read from the name of
 //!   the current WAL file (`pg_walfile_name(pg_current_wal_lsn())`): `pg_control_checkpoint().timeline_id` still
@@ -273,14 +274,26 @@ impl<E: 'static> r2d2::CustomizeConnection<Client, E> for IdentityCheck {
     }
 }
 
-/// The sweeper's probe: reads the identity on a pooled connection (a dead one is replaced, and the new one's
-/// identity read by [`IdentityCheck`]), then reconciles if a failover is pending.
+/// The sweeper's probe: reads the identity on an idle pooled connection, then reconciles if a failover is
+/// pending. Only an idle one: a busy broker's connections are all at work, and every new one's identity is read
+/// by [`IdentityCheck`] anyway; opening one here would give a busy broker a connection more than its work needs
+/// (a fleet of 40 busy brokers filled a server of 60 that way) and keep one open on a broker told to keep none
+/// at rest. A dead idle connection is replaced, and the new one's identity read, so a broker at rest notices a
+/// failover within one probe interval.
 pub(crate) fn probe(shared: &Shared) {
-    match shared.with_client(identity) {
-        Ok(Ok(Some(identity))) => shared.failover.observe(identity),
-        Ok(Ok(None)) => {}
-        Ok(Err(e)) => log::debug!("failover probe failed: {}", describe(&e)),
-        Err(e) => log::debug!("failover probe found no connection: {e}"),
+    if let Some(mut client) = shared.idle_connection() {
+        let mut read = identity(&mut client);
+        if read.is_err() && client.is_closed() {
+            drop(client);
+            if let Some(mut fresh) = shared.new_connection() {
+                read = identity(&mut fresh);
+            }
+        }
+        match read {
+            Ok(Some(identity)) => shared.failover.observe(identity),
+            Ok(None) => {}
+            Err(e) => log::debug!("failover probe failed: {}", describe(&e)),
+        }
     }
     if shared.failover.pending() {
         reconcile(shared);

@@ -123,6 +123,7 @@
 //! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
 #![warn(missing_docs)]
 
+mod admin_pool;
 #[cfg(feature = "tokio")]
 mod asynchronous;
 mod backoff;
