@@ -2,13 +2,14 @@
 //!
 //! A lease is *due* at its expiry, or, after a failed revocation, at its next retry. The sweeper takes due
 //! leases out of the index (marking them in flight) and puts failed ones back with a later due time; a lease
-//! leaves the table only once its role is gone. Lookups by id are O(1); the due index is O(log n); only the
-//! prefix scan reads the whole table.
+//! leaves the table only once its role is gone. Lookups by id are O(1); the due index is a binary min-heap
+//! (adding is O(1) on average, as new items are due late; taking the earliest is O(log n)); only the prefix scan
+//! reads the whole table.
 //!
 //! The due index is cleaned lazily: removing, renewing or claiming a lease only changes its entry, and the index
 //! item it leaves behind goes stale (its time no longer matches the entry's) and is dropped when the sweeper
-//! reaches it. So a removal walks one tree, not two, and new items land at the index's end, where inserting is
-//! cheap; stale items live at most until the time they name.
+//! reaches it. So a removal touches the map only, and new items land at the heap's bottom, where they mostly
+//! stay; stale items live at most until the time they name.
 //!
 //! Leases are stored compactly, because a busy fleet may hold a million: a lease id is
 //! `postgresql/creds/<role>/<128 random bits>` and a username `<role>-<secs>-<16 random characters>`, so an entry
@@ -17,7 +18,8 @@
 //! (from a role's [username template](crate::Role::username_template)) is kept whole in a side map, so only
 //! the roles that use templates pay for it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -175,7 +177,11 @@ type KeyMap<V> = HashMap<u128, V, BuildHasherDefault<RandomKeyHasher>>;
 #[derive(Debug, Default)]
 pub(crate) struct LeaseTable {
     by_key: KeyMap<Entry>,
-    due: BTreeSet<(u64, u128)>,
+    /// When each lease is due, earliest first: a min-heap of (due, key), so that adding one (at every issue and
+    /// renewal) is a push that rarely moves (issued leases are due later and later), where a B-tree of a million
+    /// items walked five levels of nodes to insert in order. Items go stale instead of being removed (a lease
+    /// removed, renewed or claimed) and are dropped when they reach the front.
+    due: BinaryHeap<Reverse<(u64, u128)>>,
     /// The last revocation error of the few leases that have one, kept out of the entries to keep them small.
     errors: KeyMap<Box<str>>,
     /// The usernames not of the default shape (see [`UsernameSuffix::ELSEWHERE`]), whole.
@@ -249,8 +255,8 @@ impl LeaseTable {
 
     /// Adds an index item; returns whether it is the earliest.
     fn schedule(&mut self, due: u64, key: u128) -> bool {
-        self.due.insert((due, key));
-        self.due.first().is_some_and(|first| *first == (due, key))
+        self.due.push(Reverse((due, key)));
+        self.due.peek().is_some_and(|first| first.0 == (due, key))
     }
 
     /// Whether an index item still describes its lease: the lease exists, is not in flight, and is due then.
@@ -368,13 +374,13 @@ impl LeaseTable {
     fn claim_front(&mut self, limit: usize, take: impl Fn(u64) -> bool) -> Vec<DueLease> {
         let mut claimed = Vec::new();
         while claimed.len() < limit {
-            let Some(&(due, key)) = self.due.first() else {
+            let Some(&Reverse((due, key))) = self.due.peek() else {
                 break;
             };
             if !take(due) {
                 break;
             }
-            self.due.pop_first();
+            self.due.pop();
             if self.current((due, key)) {
                 if let Some(entry) = self.by_key.get_mut(&key) {
                     entry.due = IN_FLIGHT;
@@ -410,11 +416,11 @@ impl LeaseTable {
 
     /// When the earliest lease is due, if any lease is waiting. Drops stale index items from the front first.
     pub(crate) fn next_due(&mut self) -> Option<SystemTime> {
-        while let Some(&first) = self.due.first() {
+        while let Some(&Reverse(first)) = self.due.peek() {
             if self.current(first) {
                 return Some(UNIX_EPOCH + Duration::from_millis(first.0));
             }
-            self.due.pop_first();
+            self.due.pop();
         }
         None
     }
