@@ -7,14 +7,20 @@
 //! handing them out or keeping them, so none is closed while checked out.
 //!
 //! sqlx tells its hooks nothing about a connection but its age, so a connection's credential is known by when it
-//! was opened. Each credential has an instant from which connections are its own: a rotation sets the new
-//! credential's to [`SETTLE`] after it, and `after_connect` holds back a new connection until then, so every
-//! connection opened with it is at least that young. A login that started before the rotation, with the old
-//! credential, and finished after it is refused by `after_connect` (one `SELECT current_user` per new
-//! connection) and opened again with the new one. sqlx also closes connections on its own (idle timeout, max
-//! lifetime, a failed ping) without telling the hooks; so whether a retired credential still has connections is
-//! asked of PostgreSQL (`pg_stat_activity`), and its lease is revoked once none remain, though not before a login
-//! that started with it could have finished (the pool's connection timeout, after which sqlx gives a login up).
+//! was opened: each credential has an instant from which connections are its own, and older ones are of earlier
+//! credentials. A rotation makes the new credential current at that instant, under a lock, and new logins use
+//! it; a login that started before, with the old credential, and finished after is refused by `after_connect`
+//! (one `SELECT session_user` per new connection) and opened again with the new one. One race remains: sqlx
+//! time-stamps a connection just *after* `after_connect` accepts it, so a connection of the old credential
+//! accepted just before a rotation could be stamped just after it. So a rotation that comes within [`SETTLE`] of
+//! the old credential's last accepted connection starts the new one's connections `SETTLE` later, and
+//! `after_connect` holds new connections back until then; any other rotation (nearly all: connections are
+//! opened right after a rotation, not just before one) holds nothing back.
+//!
+//! sqlx also closes connections on its own (idle timeout, max lifetime, a failed ping) without telling the
+//! hooks; so whether a retired credential still has connections is asked of PostgreSQL (`pg_stat_activity`),
+//! and its lease is revoked once none remain, though not before a login that started with it could have
+//! finished (the pool's connection timeout, after which sqlx gives a login up).
 
 use std::fmt;
 use std::ops::Deref;
@@ -39,9 +45,10 @@ use crate::rotation::{self, Rotating, Wake};
 use crate::shutdown::ShutdownMode;
 use crate::sql;
 
-/// How long after a rotation connections of the new credential start: longer than anything that can come
-/// between `after_connect` accepting a connection of the old credential and sqlx time-stamping it (a few
-/// instructions, unless the thread is preempted), so the two are never mistaken for each other.
+/// Longer than anything that can come between `after_connect` accepting a connection and sqlx time-stamping it
+/// (a few instructions, unless the thread is preempted): a rotation within this of the old credential's last
+/// accepted connection starts the new credential's connections this much later, so the two are never mistaken
+/// for each other.
 const SETTLE: Duration = Duration::from_millis(50);
 
 /// One credential of the pool.
@@ -54,6 +61,8 @@ struct Generation {
     options: PgConnectOptions,
     /// Connections opened from this instant on are this credential's; older ones are of earlier credentials.
     since: Instant,
+    /// When `after_connect` last accepted a connection of this credential (at the end of any hold-back).
+    last_accepted: Mutex<Option<Instant>>,
 }
 
 impl Generation {
@@ -68,6 +77,7 @@ impl Generation {
                 .password(credential.password())
                 .application_name(application_name(credential.lease_id())),
             since,
+            last_accepted: Mutex::new(None),
         }
     }
 }
@@ -149,14 +159,19 @@ impl Rotating for SqlxRotation {
     }
 
     fn rotate(&self, credential: Credential) -> (String, String) {
-        let now = Instant::now();
-        let new = Arc::new(Generation::new(&credential, &self.state.base, now + SETTLE));
-        let options = new.options.clone();
-        let old = {
+        let (now, old) = {
             let mut current = self.state.current.write();
+            // Under the lock, so that no connection of the old credential is between its check and this.
+            let now = Instant::now();
+            let racing = current
+                .last_accepted
+                .lock()
+                .is_some_and(|accepted| now < accepted + SETTLE);
+            let since = if racing { now + SETTLE } else { now };
+            let new = Arc::new(Generation::new(&credential, &self.state.base, since));
             // Under the lock: `after_connect` sees the new credential current exactly when sqlx uses it.
-            self.pool.set_connect_options(options);
-            std::mem::replace(&mut *current, new)
+            self.pool.set_connect_options(new.options.clone());
+            (now, std::mem::replace(&mut *current, new))
         };
         self.state.retired.lock().push(Retired {
             lease_id: old.lease_id.clone(),
@@ -367,6 +382,9 @@ fn pool_options(state: &Arc<State>, options: &PoolOptions) -> PgPoolOptions {
                             format!("credbroker: connection of a retired credential ({user}); reconnecting").into(),
                         ));
                     }
+                    // Under the lock, so that a rotation sees it; sqlx stamps the connection once this returns,
+                    // after any hold-back below.
+                    *current.last_accepted.lock() = Some(Instant::now().max(current.since));
                     current.since
                 };
                 let now = Instant::now();
