@@ -6,28 +6,45 @@
 //! every checkout that times out therefore leaves one more attempt behind, so a broker soon has its whole pool
 //! size of attempts waiting, and when the server is back they all log in at once. A fleet of brokers restarting
 //! together then asks for `pool_size` × instances connections, more than the server has, and the brokers that
-//! lost the race wait until the others' idle connections time out. So while attempts are failing, checkouts
-//! wait for the attempt already under way instead of asking for more ([`Reconnects`]).
+//! lost the race wait until the others' idle connections time out. So a broker makes one connection attempt at
+//! a time ([`Reconnects`]): while one is under way or failing (and so to be retried), a checkout waits for it
+//! instead of asking for another. Opening connections one by one costs a burst of work at most a few logins'
+//! time, once; and after a long outage, the pool comes back at r2d2's next retry of the failing attempt (its
+//! delay doubles up to half the connect timeout, plus up to a second of jitter) rather than at once.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use r2d2::{Pool, PooledConnection};
 
 use crate::connection::Connection;
 use crate::error::Error;
+use crate::failover::Failover;
 
-/// Whether the admin pool's connection attempts are failing, and the last failure. Set by [`SpreadReconnects`]
-/// (r2d2 retries each failed attempt, so while this is set an attempt is under way) and cleared by
-/// [`AdminManager::connect`] on success. Also how many checkouts are waiting: while one is, r2d2 has an attempt
-/// under way for it, and background work (keeping a connection at rest, the failover probe) asks for no more.
+/// The admin pool's connection attempts: how many are under way, whether the last one failed (r2d2 then retries
+/// it), and the last failure; and how many checkouts wait for a connection.
 #[derive(Debug, Default)]
 pub(crate) struct Reconnects {
-    failing: AtomicBool,
+    attempts: Mutex<Attempts>,
+    /// Notified whenever an attempt ends.
+    ended: Condvar,
     last_error: Mutex<Option<String>>,
     waiting: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Attempts {
+    running: usize,
+    failing: bool,
+}
+
+impl Attempts {
+    /// Whether an attempt is under way or to be retried: a checkout waits for it rather than ask for another.
+    fn pending(&self) -> bool {
+        self.running > 0 || self.failing
+    }
 }
 
 /// Counts a checkout as waiting while it lives.
@@ -46,26 +63,36 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// How often a checkout waiting for a reconnect looks for the new connection.
-const RECONNECT_POLL: Duration = Duration::from_millis(50);
+/// The longest a waiting checkout goes without looking for an idle connection (one may be returned by another
+/// thread while no attempt ends).
+const IDLE_POLL: Duration = Duration::from_millis(50);
+/// How long a checkout gives r2d2 to put a connection that was just opened into the pool, before asking for
+/// another: r2d2 adds it right after `connect` returns.
+const HANDOVER: Duration = Duration::from_millis(2);
 
 impl Reconnects {
-    fn failed(&self, error: &Error) {
-        *self.last_error.lock() = Some(error.to_string());
-        self.failing.store(true, Ordering::Release);
+    fn started(&self) {
+        self.attempts.lock().running += 1;
     }
 
-    fn succeeded(&self) {
-        self.failing.store(false, Ordering::Release);
+    fn ended(&self, result: Result<(), &Error>) {
+        if let Err(error) = result {
+            *self.last_error.lock() = Some(error.to_string());
+        }
+        {
+            let mut attempts = self.attempts.lock();
+            attempts.running = attempts.running.saturating_sub(1);
+            attempts.failing = result.is_err();
+        }
+        self.ended.notify_all();
     }
 
-    fn failing(&self) -> bool {
-        self.failing.load(Ordering::Acquire)
+    fn pending(&self) -> bool {
+        self.attempts.lock().pending()
     }
 
-    /// A connection from `pool` within `timeout`. While attempts are failing, only waits for one to succeed
-    /// (taking an idle connection as soon as one appears) rather than asking r2d2 for another attempt; once
-    /// they succeed again, a checkout as usual.
+    /// A connection from `pool` within `timeout`: an idle one, else one that the attempt under way (or being
+    /// retried) opens, else a new attempt.
     pub(crate) fn checkout(
         &self,
         pool: &Pool<AdminManager>,
@@ -76,31 +103,47 @@ impl Reconnects {
         }
         let _waiting = Waiting::new(&self.waiting);
         let deadline = Instant::now() + timeout;
-        while self.failing() {
+        let mut waited = false;
+        loop {
+            {
+                let mut attempts = self.attempts.lock();
+                if !attempts.pending() {
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    drop(attempts);
+                    let last = self.last_error.lock().clone();
+                    return Err(format!(
+                        "timed out waiting for connection{}",
+                        last.map(|e| format!(": {e}")).unwrap_or_default()
+                    ));
+                }
+                self.ended.wait_for(&mut attempts, IDLE_POLL.min(left));
+                waited = true;
+            }
             if let Some(connection) = pool.try_get() {
                 return Ok(connection);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let last = self.last_error.lock().clone();
-                return Err(format!(
-                    "timed out waiting for connection{}",
-                    last.map(|e| format!(": {e}")).unwrap_or_default()
-                ));
+        }
+        if waited {
+            // An attempt just succeeded: r2d2 is putting its connection in the pool.
+            std::thread::sleep(HANDOVER.min(deadline.saturating_duration_since(Instant::now())));
+            if let Some(connection) = pool.try_get() {
+                return Ok(connection);
             }
-            std::thread::sleep(crate::backoff::equal_jitter(RECONNECT_POLL).min(left));
         }
         pool.get_timeout(deadline.saturating_duration_since(Instant::now()))
             .map_err(|e| e.to_string())
     }
 
-    /// A new connection for background work, unless attempts are failing or a checkout is waiting (then the
-    /// attempt under way will do, and the background work can wait for its next turn).
+    /// A new connection for background work, unless an attempt is under way or failing, or a checkout waits
+    /// (then that attempt, or the checkout's, will do, and the background work can wait for its next turn).
     pub(crate) fn new_connection(
         &self,
         pool: &Pool<AdminManager>,
     ) -> Option<PooledConnection<AdminManager>> {
-        if self.failing() || self.waiting.load(Ordering::Acquire) > 0 {
+        if self.pending() || self.waiting.load(Ordering::Acquire) > 0 {
             return None;
         }
         pool.get()
@@ -110,10 +153,12 @@ impl Reconnects {
 }
 
 /// The admin pool's connections: every new one logs in through [`Connection::connect`], so the password
-/// provider is asked each time and the client certificate presented.
+/// provider is asked each time and the client certificate presented, and its server identity is read to notice
+/// a failover.
 pub(crate) struct AdminManager {
     pub(crate) connection: Connection,
     pub(crate) reconnects: Arc<Reconnects>,
+    pub(crate) failover: Arc<Failover>,
 }
 
 impl r2d2::ManageConnection for AdminManager {
@@ -121,9 +166,13 @@ impl r2d2::ManageConnection for AdminManager {
     type Error = Error;
 
     fn connect(&self) -> Result<postgres::Client, Error> {
-        let client = self.connection.connect()?;
-        self.reconnects.succeeded();
-        Ok(client)
+        self.reconnects.started();
+        let result = self.connection.connect().map(|mut client| {
+            self.failover.check_new(&mut client);
+            client
+        });
+        self.reconnects.ended(result.as_ref().map(drop));
+        result
     }
 
     fn is_valid(&self, client: &mut postgres::Client) -> Result<(), Error> {
@@ -146,19 +195,16 @@ impl r2d2::ManageConnection for AdminManager {
 pub(crate) const RECONNECT_JITTER: Duration = Duration::from_secs(1);
 
 /// The admin pool's handler of failed connection attempts. r2d2 retries a failed attempt in the background after
-/// 200 ms, doubling up to half the connect timeout, with no jitter; it calls this handler on its worker thread
+/// 400 ms, doubling up to half the connect timeout, with no jitter; it calls this handler on its worker thread
 /// just before scheduling the retry, so sleeping here a random part of `max` (full jitter) spreads the
-/// reconnects of a fleet whose server restarted, and of brokers refused with "too many clients". It also marks
-/// the attempts failing, so checkouts wait for the retry instead of asking for more.
+/// reconnects of a fleet whose server restarted, and of brokers refused with "too many clients".
 #[derive(Debug)]
 pub(crate) struct SpreadReconnects {
     pub(crate) max: Duration,
-    pub(crate) reconnects: Arc<Reconnects>,
 }
 
 impl r2d2::HandleError<Error> for SpreadReconnects {
     fn handle_error(&self, error: Error) {
-        self.reconnects.failed(&error);
         log::warn!("could not open an admin connection ({error}); retrying");
         std::thread::sleep(crate::backoff::full_jitter(self.max));
     }

@@ -19,7 +19,7 @@ use crate::credential::{generate_lease_id, scram_verifier, Credential, DEFAULT_S
 use crate::error::{check_duration, describe};
 use crate::error::{Error, ErrorKind};
 use crate::events::{Events, HandleEvent, NopEventHandler, RevokeCause, Stats};
-use crate::failover::{self, Failover, IdentityCheck};
+use crate::failover::{self, Failover};
 use crate::lease::{pg_timestamp, Lease, LeasePolicy};
 use crate::leases::{later, Claim, Leases, Why};
 use crate::marker::{check_instance_name, default_instance_name, LeaseMark, DEFAULT_MARKER_ROLE};
@@ -509,11 +509,13 @@ impl BrokerBuilder {
         drop(client);
 
         let reconnects = Arc::new(Reconnects::default());
+        let failover = Arc::new(Failover::new(self.failover_window));
+        // Reads every new connection's server identity, to notice a failover.
         let manager = AdminManager {
             connection: connection.clone(),
             reconnects: reconnects.clone(),
+            failover: failover.clone(),
         };
-        let failover = Arc::new(Failover::new(self.failover_window));
         // r2d2's default: three threads for its reaper and background connects, here shared with `keep_idle`.
         let threads = Arc::new(
             ScheduledThreadPool::builder()
@@ -522,8 +524,6 @@ impl BrokerBuilder {
                 .build(),
         );
         let pool = Pool::builder()
-            // Reads every new connection's server identity, to notice a failover.
-            .connection_customizer(Box::new(IdentityCheck(failover.clone())))
             .max_size(self.pool_size)
             // r2d2's `min_idle` keeps that many connections *idle*: it opens one more whenever the last idle one
             // is checked out, doubling a quiet broker's connections at each operation. So r2d2 keeps none, closes
@@ -536,7 +536,6 @@ impl BrokerBuilder {
             .connection_timeout(self.connect_timeout)
             .error_handler(Box::new(SpreadReconnects {
                 max: RECONNECT_JITTER.min(self.connect_timeout / 2),
-                reconnects: reconnects.clone(),
             }))
             .build_unchecked(manager);
         log::info!(

@@ -5,7 +5,7 @@
 //! that means two things: a role it **dropped** a moment before can exist again on the promoted replica, with
 //! its password (a revoked credential that works again), and a role it **created** (or a renewal) can be missing.
 //!
-//! - **Detection.** Every new admin connection (r2d2's `on_acquire`) and a probe every [`PROBE_INTERVAL`] on an
+//! - **Detection.** Every new admin connection ([`Failover::check_new`]) and a probe every [`PROBE_INTERVAL`] on an
 //!   idle one (see [`probe`]) read
 //!   the server's *identity*: the system identifier (`pg_control_system()`, copied by a base backup, so the same
 //!   on a replica) and the current timeline, which promotion increments. The timeline is read from the name of
@@ -238,10 +238,6 @@ impl Failover {
     }
 }
 
-/// The admin pool's hook: reads the identity of every new connection.
-#[derive(Debug)]
-pub(crate) struct IdentityCheck(pub(crate) Arc<Failover>);
-
 impl fmt::Debug for Failover {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Failover")
@@ -250,17 +246,17 @@ impl fmt::Debug for Failover {
     }
 }
 
-/// Generic over the manager's error type: it never fails a connection. A server that hides its identity (a managed
-/// service that revoked the functions, say) still gets a broker, without failover detection (logged once); a
-/// connection that broke meanwhile is found closed at its first use and replaced then.
-impl<E: 'static> r2d2::CustomizeConnection<Client, E> for IdentityCheck {
-    fn on_acquire(&self, client: &mut Client) -> Result<(), E> {
+impl Failover {
+    /// Reads the identity of a new admin connection. Never fails the connection: a server that hides its identity
+    /// (a managed service that revoked the functions, say) still gets a broker, without failover detection
+    /// (logged once); a connection that broke meanwhile is found closed at its first use and replaced then.
+    pub(crate) fn check_new(&self, client: &mut Client) {
         match identity(client) {
-            Ok(Some(identity)) => self.0.observe(identity),
+            Ok(Some(identity)) => self.observe(identity),
             Ok(None) => {}
             Err(_) if client.is_closed() => {}
             Err(e) => {
-                if !self.0.unreadable.swap(true, Ordering::AcqRel) {
+                if !self.unreadable.swap(true, Ordering::AcqRel) {
                     log::warn!(
                         "cannot read the server's identity ({}): failovers will not be noticed, and revocations a \
                          failover loses are not done again; let the admin execute pg_control_system(), \
@@ -270,13 +266,12 @@ impl<E: 'static> r2d2::CustomizeConnection<Client, E> for IdentityCheck {
                 }
             }
         }
-        Ok(())
     }
 }
 
 /// The sweeper's probe: reads the identity on an idle pooled connection, then reconciles if a failover is
 /// pending. Only an idle one: a busy broker's connections are all at work, and every new one's identity is read
-/// by [`IdentityCheck`] anyway; opening one here would give a busy broker a connection more than its work needs
+/// when it is opened anyway; opening one here would give a busy broker a connection more than its work needs
 /// (a fleet of 40 busy brokers filled a server of 60 that way) and keep one open on a broker told to keep none
 /// at rest. A dead idle connection is replaced, and the new one's identity read, so a broker at rest notices a
 /// failover within one probe interval.

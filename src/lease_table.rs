@@ -339,12 +339,16 @@ impl LeaseTable {
     /// Moves the expiry of a lease that is not being revoked, earlier or later. Returns whether it is now the
     /// earliest due (so the sweeper must wake), or `None` if the lease is gone or in flight.
     pub(crate) fn set_expiry(&mut self, id: &str, expires_at: SystemTime) -> Option<bool> {
-        let Some((key, entry, Some(_))) = self.unschedule(id) else {
+        let Some((key, entry, Some(was_due))) = self.unschedule(id) else {
             return None;
         };
         entry.expires = secs(expires_at);
         entry.due = millis(expires_at);
         let due = entry.due;
+        if due == was_due {
+            // Its index item is current again (a renewal capped at the lease's max, say): no second one.
+            return Some(self.due.peek().is_some_and(|first| first.0 == (due, key)));
+        }
         Some(self.schedule(due, key))
     }
 
@@ -666,6 +670,21 @@ mod tests {
         t.claim(&id(2));
         assert!(t.set_expiry(&id(2), at(50)).is_none());
         assert!(t.set_expiry(&id(9), at(50)).is_none());
+    }
+
+    #[test]
+    fn renewals_to_the_same_end_add_no_index_items_and_keep_the_lease_due() {
+        let mut t = LeaseTable::default();
+        add(&mut t, 1, 10);
+        add(&mut t, 2, 20);
+        let items = t.due.len();
+        for _ in 0..100 {
+            assert_eq!(t.set_expiry(&id(2), at(20)), Some(false));
+            assert_eq!(t.set_expiry(&id(1), at(10)), Some(true));
+        }
+        assert_eq!(t.due.len(), items);
+        assert_eq!(ids(t.claim_due(at(20), 10)), [id(1), id(2)]);
+        assert!(t.claim_due(at(100), 10).is_empty(), "each claimed once");
     }
 
     #[test]

@@ -163,11 +163,16 @@ impl Rotating for SqlxRotation {
             let mut current = self.state.current.write();
             // Under the lock, so that no connection of the old credential is between its check and this.
             let now = Instant::now();
-            let racing = current
+            // SETTLE after the old credential's last accepted connection, if that is later than now (a
+            // connection held back until the old credential's own start counts from there); and never before
+            // the old credential's start, so that two rotations close together cannot move it back.
+            let accepted = current
                 .last_accepted
                 .lock()
-                .is_some_and(|accepted| now < accepted + SETTLE);
-            let since = if racing { now + SETTLE } else { now };
+                .map(|accepted| accepted + SETTLE);
+            let since = accepted
+                .map_or(now, |settled| settled.max(now))
+                .max(current.since);
             let new = Arc::new(Generation::new(&credential, &self.state.base, since));
             // Under the lock: `after_connect` sees the new credential current exactly when sqlx uses it.
             self.pool.set_connect_options(new.options.clone());
@@ -384,7 +389,10 @@ fn pool_options(state: &Arc<State>, options: &PoolOptions) -> PgPoolOptions {
                     }
                     // Under the lock, so that a rotation sees it; sqlx stamps the connection once this returns,
                     // after any hold-back below.
-                    *current.last_accepted.lock() = Some(Instant::now().max(current.since));
+                    let mut accepted = current.last_accepted.lock();
+                    let now = Instant::now().max(current.since);
+                    *accepted = Some(accepted.map_or(now, |earlier| earlier.max(now)));
+                    drop(accepted);
                     current.since
                 };
                 let now = Instant::now();

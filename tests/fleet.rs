@@ -96,8 +96,24 @@ fn min_idle_zero_holds_no_connection_at_rest_and_still_works() {
     assert!(
         common::eventually(Duration::from_secs(120), || sessions(&mut observer, app)
             == 0),
-        "no connection held at rest, still {}",
-        sessions(&mut observer, app)
+        "no connection held at rest, still {}: {:?}",
+        sessions(&mut observer, app),
+        observer
+            .query(
+                "SELECT state, left(query, 60), (now() - backend_start)::text, (now() - state_change)::text \
+                 FROM pg_stat_activity WHERE application_name = $1",
+                &[&app]
+            )
+            .map(|rows| rows
+                .iter()
+                .map(|r| format!(
+                    "{:?} {:?} up {:?} since {:?}",
+                    r.get::<_, Option<String>>(0),
+                    r.get::<_, Option<String>>(1),
+                    r.get::<_, Option<String>>(2),
+                    r.get::<_, Option<String>>(3)
+                ))
+                .collect::<Vec<_>>())
     );
     broker.revoke(creds.lease_id()).unwrap();
     assert!(pg.login(creds.username(), creds.password()).is_err());
