@@ -150,7 +150,10 @@ fn roles_adopted_and_dropped_at_start_are_events() {
             .instance_name(instance)
             .orphan_sweep_interval(Duration::from_secs(1))
     };
-    let short = Role::new().lease(Duration::from_secs(1), Duration::from_secs(10));
+    // Leases end on a whole second (issue time rounded down, plus the lease), so a 1-second lease issued late
+    // in a second ended within milliseconds, while its broker still ran, and was dropped by it (seen on CI):
+    // 3 seconds leave at least 2 for the brokers to stop.
+    let short = Role::new().lease(Duration::from_secs(3), Duration::from_secs(10));
     // An earlier run of instance "a" leaves a live lease and one that ends while no broker runs; instance "b"
     // dies leaving a role that becomes an orphan.
     let earlier = builder("a").build().expect("build a");
