@@ -108,7 +108,14 @@ impl managed::Manager for DeadpoolManager {
     type Error = Error;
 
     async fn create(&self) -> Result<DeadpoolClient, Error> {
+        // Counted until the client holds the count: released if the login fails, and if this future is dropped
+        // mid-login (a `get` that timed out or was cancelled), or a retired credential's count would never
+        // reach zero and its lease would last to its max.
         let generation = self.credentials.count_login();
+        let login = CountedLogin {
+            generation: Some(generation.clone()),
+            credentials: &self.credentials,
+        };
         match generation.config.connect(self.tls.clone()).await {
             Ok((client, connection)) => {
                 let lease = generation.lease_id.clone();
@@ -117,21 +124,19 @@ impl managed::Manager for DeadpoolManager {
                         log::debug!("a connection of lease {lease} ended: {e}");
                     }
                 });
+                login.handed_over();
                 Ok(DeadpoolClient {
                     client: ClientWrapper::new(client, task),
                     generation,
                     credentials: self.credentials.clone(),
                 })
             }
-            Err(e) => {
-                self.credentials.release(&generation);
-                Err(login_failed(
-                    &self.credentials.role,
-                    &generation.lease_id,
-                    &generation.username,
-                    e,
-                ))
-            }
+            Err(e) => Err(login_failed(
+                &self.credentials.role,
+                &generation.lease_id,
+                &generation.username,
+                e,
+            )),
         }
     }
 
@@ -143,6 +148,27 @@ impl managed::Manager for DeadpoolManager {
             return Err(RecycleError::message("connection closed"));
         }
         Ok(())
+    }
+}
+
+/// A login counted against its credential, released on drop unless handed over to the new client.
+struct CountedLogin<'a> {
+    generation: Option<Arc<Generation<tokio_postgres::Config>>>,
+    credentials: &'a Credentials<tokio_postgres::Config>,
+}
+
+impl CountedLogin<'_> {
+    /// The client now holds the count and releases it when dropped.
+    fn handed_over(mut self) {
+        self.generation = None;
+    }
+}
+
+impl Drop for CountedLogin<'_> {
+    fn drop(&mut self) {
+        if let Some(generation) = self.generation.take() {
+            self.credentials.release(&generation);
+        }
     }
 }
 
