@@ -13,9 +13,10 @@
 //! (one `SELECT session_user` per new connection) and opened again with the new one. One race remains: sqlx
 //! time-stamps a connection just *after* `after_connect` accepts it, so a connection of the old credential
 //! accepted just before a rotation could be stamped just after it. So a rotation that comes within [`SETTLE`] of
-//! the old credential's last accepted connection starts the new one's connections `SETTLE` later, and
-//! `after_connect` holds new connections back until then; any other rotation (nearly all: connections are
-//! opened right after a rotation, not just before one) holds nothing back.
+//! the old credential's last accepted connection starts the new one's connections `SETTLE` after that
+//! acceptance (never before the old credential's own start), and `after_connect` holds new connections back
+//! until then; any other rotation (nearly all: connections are opened right after a rotation, not just before
+//! one) holds nothing back.
 //!
 //! sqlx also closes connections on its own (idle timeout, max lifetime, a failed ping) without telling the
 //! hooks; so whether a retired credential still has connections is asked of PostgreSQL (`pg_stat_activity`),
