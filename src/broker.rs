@@ -360,9 +360,9 @@ impl BrokerBuilder {
     /// With asynchronous replication a failover loses the transactions the old primary committed last, and a
     /// role revoked then exists again on the promoted replica, with its password. The broker notices a new
     /// primary (its system identifier or timeline differs) on every new admin connection and in a probe every 5
-    /// seconds on an idle one, drops again every role it dropped within this window before, and reports every live lease whose
-    /// role the new primary lacks ([`HandleEvent::handle_lost`]; `renew` fails with [`ErrorKind::LeaseLost`]).
-    /// Make it longer than your replicas' worst lag plus the time a failover takes.
+    /// seconds on an idle one, drops again every role it dropped within this window before, and reports every
+    /// live lease whose role the new primary lacks ([`HandleEvent::handle_lost`]; `renew` fails with
+    /// [`ErrorKind::LeaseLost`]). Make it longer than your replicas' worst lag plus the time a failover takes.
     ///
     /// ```no_run
     /// # use std::time::Duration;
@@ -696,11 +696,7 @@ impl Shared {
                 ),
             )
         })?;
-        // A new connection may have found a new primary: the sweeper reconciles.
-        if self.failover.take_announcement() {
-            self.leases.request_reconcile();
-        }
-        Ok(connection)
+        Ok(self.announced(connection))
     }
 
     /// Runs `op` on a pooled connection. The pool does not ping connections on checkout (that would double the
@@ -729,11 +725,15 @@ impl Shared {
 
     /// An idle pooled admin connection, if there is one; never opens one.
     pub(crate) fn idle_connection(&self) -> Option<PooledConnection<Manager>> {
-        let connection = self.pool.try_get()?;
+        self.pool.try_get().map(|c| self.announced(c))
+    }
+
+    /// `connection`, after waking the sweeper to reconcile if a new connection found a new primary.
+    fn announced(&self, connection: PooledConnection<Manager>) -> PooledConnection<Manager> {
         if self.failover.take_announcement() {
             self.leases.request_reconcile();
         }
-        Some(connection)
+        connection
     }
 
     /// A new admin connection for background work, unless a checkout is already waiting for one or connection
@@ -741,11 +741,9 @@ impl Shared {
     /// its next turn. (Each such extra connection stays open until idle for `idle_timeout`; a fleet whose server
     /// restarted filled it with them.)
     pub(crate) fn new_connection(&self) -> Option<PooledConnection<Manager>> {
-        let connection = self.reconnects.new_connection(&self.pool)?;
-        if self.failover.take_announcement() {
-            self.leases.request_reconcile();
-        }
-        Some(connection)
+        self.reconnects
+            .new_connection(&self.pool)
+            .map(|c| self.announced(c))
     }
 
     /// Keeps `min_idle` admin connections open: takes that many idle ones (r2d2 hands out the most recently
