@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use crate::broker::Shared;
 use crate::error::{Error, ErrorKind};
 use crate::events::RevokeCause;
 use crate::leases::Why;
+use crate::shared::Shared;
 use crate::{
     Broker, BrokerBuilder, Credential, Lease, PoolOptions, Role, RolePool, ShutdownMode, Stats,
 };
@@ -180,7 +180,10 @@ impl AsyncBroker {
     /// ```
     pub async fn write_role(&self, name: &str, role: Role) -> Result<(), Error> {
         let name = name.to_owned();
-        off_worker_with(self.shared(), move |shared| shared.write_role(&name, role)).await
+        off_worker_with(self.shared(), move |shared| {
+            crate::broker::write_role(shared, &name, role)
+        })
+        .await
     }
 
     /// [`Broker::delete_role`]: no new credentials for role `name`. (No database work: it returns at once.)
@@ -218,10 +221,10 @@ impl AsyncBroker {
         let shared = self.shared().clone();
         let undo = shared.clone();
         off_worker(
-            move || shared.creds(&name),
+            move || crate::issue::creds(&shared, &name),
             move |credential: Credential| {
                 let id = credential.lease_id();
-                match undo.revoke(id, Why::Revoke(RevokeCause::Requested)) {
+                match crate::revoke::revoke(&undo, id, Why::Revoke(RevokeCause::Requested)) {
                     Ok(()) => log::info!(
                         "revoked lease {id}: the async creds call that issued it was dropped before it finished"
                     ),
@@ -245,7 +248,10 @@ impl AsyncBroker {
     /// ```
     pub async fn renew(&self, id: &str, increment: Option<Duration>) -> Result<Lease, Error> {
         let id = id.to_owned();
-        off_worker_with(self.shared(), move |shared| shared.renew(&id, increment)).await
+        off_worker_with(self.shared(), move |shared| {
+            crate::renew::renew(shared, &id, increment)
+        })
+        .await
     }
 
     /// [`Broker::revoke`]: revokes lease `id` now (ends its sessions, drops its role).
@@ -258,7 +264,7 @@ impl AsyncBroker {
     pub async fn revoke(&self, id: &str) -> Result<(), Error> {
         let id = id.to_owned();
         off_worker_with(self.shared(), move |shared| {
-            shared.revoke(&id, Why::Revoke(RevokeCause::Requested))
+            crate::revoke::revoke(shared, &id, Why::Revoke(RevokeCause::Requested))
         })
         .await
     }
@@ -272,7 +278,10 @@ impl AsyncBroker {
     /// ```
     pub async fn revoke_prefix(&self, prefix: &str) -> Result<usize, Error> {
         let prefix = prefix.to_owned();
-        off_worker_with(self.shared(), move |shared| shared.revoke_prefix(&prefix)).await
+        off_worker_with(self.shared(), move |shared| {
+            crate::revoke::revoke_prefix(shared, &prefix)
+        })
+        .await
     }
 
     /// [`Broker::revoke_force`]: revokes lease `id`, and forgets it even if its role cannot be dropped.
@@ -284,7 +293,10 @@ impl AsyncBroker {
     /// ```
     pub async fn revoke_force(&self, id: &str) -> Result<(), Error> {
         let id = id.to_owned();
-        off_worker_with(self.shared(), move |shared| shared.revoke_force(&id)).await
+        off_worker_with(self.shared(), move |shared| {
+            crate::revoke::revoke_force(shared, &id)
+        })
+        .await
     }
 
     /// [`Broker::lease`]: the lease `id`, if in the table. Reads memory only, so it is not `async`.
@@ -335,7 +347,11 @@ impl AsyncBroker {
     /// ```
     pub async fn shutdown(&self, mode: ShutdownMode) -> Result<(), Error> {
         let broker = self.broker.clone();
-        off_worker(move || broker.stop(mode), drop).await
+        off_worker(
+            move || crate::shutdown::stop(&broker.shared, &broker.sweeper, mode),
+            drop,
+        )
+        .await
     }
 }
 

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use crate::broker::Shared;
 use crate::error::{Error, ErrorKind};
+use crate::shared::Shared;
 
 /// Runs `op` on the broker's state on a thread where blocking is allowed, and waits for it without blocking
 /// the runtime.

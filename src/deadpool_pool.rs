@@ -18,12 +18,12 @@ use deadpool_postgres::ClientWrapper;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::blocking::{blocking, current_runtime, revoke_refused};
-use crate::broker::Shared;
 use crate::error::{Error, ErrorKind};
 use crate::pool::{
     close_leases, login_failed, CloseIdle, Counted, Credentials, Generation, PoolOptions,
 };
 use crate::rotation;
+use crate::shared::Shared;
 use crate::shutdown::ShutdownMode;
 
 /// A deadpool pool whose connections always log in with a valid credential: see
@@ -199,7 +199,7 @@ pub(crate) async fn open(
     let base = connection.async_config.clone();
     let credential = {
         let role = role.to_owned();
-        blocking(shared, move |shared| shared.creds(&role)).await?
+        blocking(shared, move |shared| crate::issue::creds(shared, &role)).await?
     };
     let first = Generation::new(&credential, &base, options.database.as_deref());
     let credentials = Arc::new(Credentials::new(

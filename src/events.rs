@@ -353,7 +353,6 @@ impl Events {
 
     /// Calls the handler; a panic in it is logged, never passed on (the sweeper must not die of it).
     pub(crate) fn deliver(&self, event: Event) {
-        crate::telemetry::event(&event);
         let handler = &*self.handler;
         let what = match &event {
             Event::Issued(_) => "issued",

@@ -33,7 +33,10 @@ use crate::events::{
 use crate::lease::Lease;
 use crate::lease_table::{DueLease, LeaseTable};
 use crate::role::CompiledRole;
-use crate::telemetry::Gauges;
+use crate::telemetry::{self, Gauges};
+
+/// After this many failures a lease is reported at error level (it is still retried).
+pub(crate) const FAILURES_BEFORE_ERROR: u32 = 6;
 
 /// Longest the sweeper sleeps: bounds how long a jump of the wall clock can delay a sweep.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -778,7 +781,7 @@ impl Leases {
                 lease.username
             ),
             (Err(_), _) if forced => {}
-            (Err(err), Some(n)) if n >= crate::revoke::FAILURES_BEFORE_ERROR => log::error!(
+            (Err(err), Some(n)) if n >= FAILURES_BEFORE_ERROR => log::error!(
                 "revocation of lease {} (role {}) has failed {n} times and will be retried; \
                  it can be given up with Broker::revoke_force: {err}",
                 lease.id,
@@ -825,6 +828,7 @@ impl Leases {
         while let Some(event) = state.queue.pop_front() {
             state.delivering = true;
             drop(state);
+            telemetry::event(&event);
             self.events.deliver(event);
             state = self.state.lock();
             state.delivering = false;

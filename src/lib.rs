@@ -101,25 +101,33 @@
 //!
 //! # Module map
 //!
-//! - [`broker`](Broker): configuration, roles, and the credential lifecycle.
-//! - `credential`: usernames, passwords, SCRAM verifiers, lease ids.
-//! - `lease`, `lease_table`: lease time arithmetic and the in-memory table. `leases`: the table behind its lock,
-//!   with the rules of who may renew or revoke a lease when, and the queue of events.
-//! - `sweeper`: the background thread where leases expire.
-//! - `revoke`: where roles are dropped (one at a time, in every database, or in batches).
-//! - `marker`: the marker role and lease comment every issued role carries, so the catalog holds the truth.
-//!   `owner`: the role that receives a revoked credential's objects.
-//! - `recovery`: what `build()` does with roles an earlier run left, and the orphan sweep. `failover`: noticing
-//!   a new primary, and dropping again the roles a failover brought back.
-//! - `preflight`: the admin rights `build()` checks. `shutdown`: keep or revoke leases when the broker stops.
+//! One file per thing a reader looks for, from the top down; a module imports only modules below it, never the
+//! broker (`tests/layout.rs` checks that the picture has no circle).
+//!
+//! - `broker`: [`Broker`], the public face of the lifecycle, and the role definitions. `builder`:
+//!   [`BrokerBuilder`], every setting and what `build()` does. `asynchronous` (feature `tokio`): `AsyncBroker`.
+//! - `issue`: where `creds` creates a role. `renew`: where `VALID UNTIL` moves. `revoke`: where a lease is
+//!   revoked before its end, and where every drop of a lease's role goes through. `drop_role`: the statements
+//!   that drop a role (one at a time, in every database, or in batches).
+//! - `sweeper`: the background thread where leases expire. `shutdown`: keep or revoke leases when the broker
+//!   stops. `recovery`: what `build()` does with roles an earlier run left, and the orphan sweep.
+//!   `failover`: noticing a new primary; `reconcile`: dropping again the roles a failover brought back.
 //! - `pool`: [`RolePool`], the application's connection pool on one role; `rotation`: its thread, where a
-//!   pool's lease is renewed and its credential rotated (for every kind of pool).
-//! - `runtime`: the blocking API inside a tokio runtime. `asynchronous` (feature `tokio`): `AsyncBroker`.
-//! - `sqlx_pool` (feature `sqlx`): `SqlxPool`, a sqlx `PgPool` that follows the lease; `deadpool_pool` (feature
-//!   `deadpool`): `DeadpoolPool`, the same for deadpool; `blocking`: how those async pools call the broker.
-//! - `events`: [`HandleEvent`], the events and the counters behind [`Stats`].
-//! - `telemetry`: the metrics (feature `metrics`).
-//! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `template`: role SQL.
+//!   pool's lease is renewed and its credential rotated (for every kind of pool). `sqlx_pool` (feature `sqlx`)
+//!   and `deadpool_pool` (feature `deadpool`): the same for async pools; `blocking`: how they call the broker.
+//! - `shared`: the state all of the above share (admin pool, lease table, roles, settings). `admin_pool`: the
+//!   admin connections, one connection attempt at a time.
+//! - `leases`: the lease table behind its lock, with the rules of who may renew or revoke a lease when, and the
+//!   queue of events. `lease_table`: the compact in-memory table. `lease`: lease time arithmetic.
+//! - `events`: [`HandleEvent`], the events and the counters behind [`Stats`]. `telemetry`: the metrics
+//!   (feature `metrics`).
+//! - `role`: role definitions and their templates (`template`). `credential`: usernames, passwords, SCRAM
+//!   verifiers, lease ids; `username`, `password`: their templates and policies.
+//! - `marker`: the marker role and lease comment every issued role carries, so the catalog holds the truth.
+//!   `owner`: the role that receives a revoked credential's objects. `preflight`: the admin rights `build()`
+//!   checks.
+//! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `runtime`: the
+//!   blocking API inside a tokio runtime. `backoff`: retry delays with jitter.
 //! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
 #![warn(missing_docs)]
 
@@ -130,13 +138,16 @@ mod backoff;
 #[cfg(any(feature = "sqlx", feature = "deadpool"))]
 mod blocking;
 mod broker;
+mod builder;
 mod connection;
 mod credential;
 #[cfg(feature = "deadpool")]
 mod deadpool_pool;
+mod drop_role;
 mod error;
 mod events;
 mod failover;
+mod issue;
 mod lease;
 mod lease_table;
 mod leases;
@@ -145,11 +156,14 @@ mod owner;
 mod password;
 mod pool;
 mod preflight;
+mod reconcile;
 mod recovery;
+mod renew;
 mod revoke;
 mod role;
 mod rotation;
 mod runtime;
+mod shared;
 mod shutdown;
 mod sql;
 #[cfg(feature = "sqlx")]
@@ -163,7 +177,8 @@ pub mod username;
 
 #[cfg(feature = "tokio")]
 pub use asynchronous::AsyncBroker;
-pub use broker::{Broker, BrokerBuilder};
+pub use broker::Broker;
+pub use builder::BrokerBuilder;
 pub use connection::SslMode;
 pub use credential::{Credential, DEFAULT_SCRAM_ITERATIONS};
 #[cfg(feature = "deadpool")]

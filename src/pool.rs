@@ -19,7 +19,6 @@ use parking_lot::{Mutex, RwLock};
 use postgres::Client;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::broker::Shared;
 use crate::connection::channel_binding_refusal;
 use crate::credential::Credential;
 use crate::error::{describe, Error, ErrorKind};
@@ -28,6 +27,7 @@ use crate::lease::Lease;
 use crate::leases::Why;
 use crate::rotation::{self, Rotating, Wake};
 use crate::runtime::{off_runtime, OffRuntime};
+use crate::shared::Shared;
 use crate::shutdown::ShutdownMode;
 
 /// What [`LeaseManager::is_valid`] says of a retired connection; [`PoolErrors`] logs it at debug level.
@@ -157,7 +157,7 @@ impl PoolOptions {
         self.check()?;
         let definition = shared
             .current_role(role)
-            .ok_or_else(|| crate::broker::unknown_role(role))?;
+            .ok_or_else(|| crate::shared::unknown_role(role))?;
         // Make before break: a rotating pool holds its old lease and its new one at once.
         if let Some(cap) = definition.role.get_max_leases().filter(|cap| *cap < 2) {
             return Err(Error::new(
@@ -577,7 +577,7 @@ impl RolePool {
         broker_shutdown: ShutdownMode,
     ) -> Result<RolePool, Error> {
         let rotate_before = options.checked_rotate_before(shared, role)?;
-        let credential = shared.creds(role)?;
+        let credential = crate::issue::creds(shared, role)?;
         // The admin's host, port, database and TLS settings, without the admin's password (the clone's copy is
         // replaced at once, freed unwiped like every copy inside postgres::Config).
         let mut base = shared.revoke_settings.connection.config.clone();
@@ -589,9 +589,11 @@ impl RolePool {
         // first get() with a timeout.
         if let Err(e) = generation.config.connect(tls.clone()) {
             let err = login_failed(role, &generation.lease_id, &generation.username, e);
-            if let Err(revoke) =
-                shared.revoke(&generation.lease_id, Why::Revoke(RevokeCause::PoolClosed))
-            {
+            if let Err(revoke) = crate::revoke::revoke(
+                shared,
+                &generation.lease_id,
+                Why::Revoke(RevokeCause::PoolClosed),
+            ) {
                 log::warn!("{revoke}");
             }
             return Err(err);

@@ -17,13 +17,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::broker::Shared;
 use crate::error::{Error, ErrorKind};
 use crate::events::{DropCause, RoleDroppedEvent};
 use crate::lease::Lease;
 use crate::marker::{expired_marked_roles, marked_roles, server_now, MarkedRole};
 use crate::revoke::{drop_roles, retry_delay, Target};
 use crate::role::{CompiledRole, Role};
+use crate::shared::Shared;
 use crate::sql;
 
 /// What [`build`](crate::BrokerBuilder::build) does with the live roles this instance issued before it started.

@@ -9,10 +9,10 @@ use crate::credential::{
     generate_password, generate_username, scram_verifier, DEFAULT_SCRAM_ITERATIONS,
     MAX_USERNAME_LEN,
 };
+use crate::drop_role::{revoke_role, RevokeSettings};
 use crate::error::{Error, ErrorKind};
 use crate::lease::{pg_timestamp, LeasePolicy};
 use crate::password::PasswordPolicy;
-use crate::revoke::{revoke_role, RevokeSettings};
 use crate::sql;
 use crate::template::{Placeholder, Template, Values};
 use crate::username::UsernameTemplate;

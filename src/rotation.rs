@@ -22,11 +22,11 @@ use std::time::{Duration, SystemTime};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::broker::Shared;
 use crate::credential::Credential;
 use crate::error::{Error, ErrorKind};
 use crate::events::RevokeCause;
 use crate::leases::Why;
+use crate::shared::Shared;
 
 /// Longest sleep while all is well (so a lease revoked from outside, or the broker's shutdown, is noticed within
 /// it), and the first delay before retrying a failed renewal or rotation.
@@ -104,7 +104,7 @@ impl Wake {
 /// Revokes lease `id` of a pool of `role`, unless it is already gone (the sweeper revoked it at its end). A
 /// failure is logged and left to the sweeper, which retries it.
 pub(crate) fn revoke(shared: &Shared, role: &str, id: &str, cause: RevokeCause) {
-    match shared.revoke(id, Why::Revoke(cause)) {
+    match crate::revoke::revoke(shared, id, Why::Revoke(cause)) {
         Ok(()) => {}
         // Gone already: the sweeper revoked it at its end, or a failover lost its role.
         Err(e) if matches!(e.kind(), ErrorKind::UnknownLease | ErrorKind::LeaseLost) => {}
@@ -230,7 +230,7 @@ fn keep_current(
     if now < renew_at(expires) {
         return Some(renew_at(expires).min(rotate_at));
     }
-    match shared.renew(&lease_id, Some(lease_duration)) {
+    match crate::renew::renew(shared, &lease_id, Some(lease_duration)) {
         Ok(lease) => Some(renew_at(lease.expires_at).min(rotate_at)),
         Err(e) => {
             log::warn!("pool of role {}: {e}; retrying", pool.role());
@@ -242,7 +242,7 @@ fn keep_current(
 /// Obtains a new credential, makes it current, extends the old lease to its max and closes idle connections of
 /// the old credential. Returns whether it rotated.
 fn rotate(shared: &Shared, pool: &impl Rotating) -> bool {
-    let credential = match shared.creds(pool.role()) {
+    let credential = match crate::issue::creds(shared, pool.role()) {
         Ok(credential) => credential,
         Err(e) => {
             log::warn!(
@@ -255,7 +255,7 @@ fn rotate(shared: &Shared, pool: &impl Rotating) -> bool {
     let new_id = credential.lease_id().to_owned();
     let (old_id, old_user) = pool.rotate(credential);
     // Connections checked out before the rotation keep their role until the old lease's max.
-    if let Err(e) = shared.renew(&old_id, Some(crate::lease::MAX_LEASE)) {
+    if let Err(e) = crate::renew::renew(shared, &old_id, Some(crate::lease::MAX_LEASE)) {
         log::debug!("rotation could not extend the old lease: {e}");
     }
     log::info!(

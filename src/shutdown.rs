@@ -1,13 +1,18 @@
 //! Shutdown: what happens to this instance's leases when the broker stops.
 
 use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::broker::Shared;
+use parking_lot::Mutex;
+
+use crate::drop_role::BATCH;
 use crate::error::{Error, ErrorKind};
 use crate::events::RevokeCause;
+use crate::leases::later;
 use crate::leases::Why;
-use crate::revoke::{revoke_leases, BATCH};
+use crate::revoke::revoke_leases;
+use crate::shared::Shared;
 
 /// What [`Broker::shutdown`](crate::Broker::shutdown), and dropping a [`Broker`](crate::Broker), do with the
 /// leases still in the table. Set the default for `Drop` with
@@ -92,5 +97,49 @@ fn revoke_until(shared: &Shared, deadline: Instant) -> usize {
                     .min(deadline.saturating_duration_since(Instant::now())),
             );
         }
+    }
+}
+
+/// How long stopping the broker with [`ShutdownMode::Keep`] waits for revocations in flight before leaving
+/// them to finish in the background.
+const KEEP_SHUTDOWN_WAIT: Duration = Duration::from_secs(2);
+
+/// Stops the broker, on this thread: stops and joins the sweeper, then keeps or revokes the leases as `mode`
+/// says. The calls after the first return `Ok` at once.
+pub(crate) fn stop(
+    shared: &Arc<Shared>,
+    sweeper: &Mutex<Option<JoinHandle<()>>>,
+    mode: ShutdownMode,
+) -> Result<(), Error> {
+    let Some(sweeper) = sweeper.lock().take() else {
+        return Ok(());
+    };
+    let deadline = match mode {
+        ShutdownMode::Keep => later(KEEP_SHUTDOWN_WAIT),
+        ShutdownMode::Revoke { timeout } => later(timeout),
+    };
+    shared.leases.begin_shutdown(deadline);
+    // The sweeper only waits and hands out work, so it returns at once; its workers are waited for below.
+    if sweeper.join().is_err() {
+        log::error!("the sweeper thread panicked");
+    }
+    match mode {
+        ShutdownMode::Keep => {
+            let running = shared.leases.wait_for_workers(deadline);
+            if running > 0 {
+                log::warn!(
+                    "shut down while {running} revocations were still running (blocked or slow); they go on in \
+                     the background, each bounded by the statement and lock timeouts"
+                );
+            }
+            let left = shared.leases.len();
+            log::info!(
+                "shut down; kept {left} leases: their roles work until VALID UNTIL, and the next start of \
+                 instance {} adopts them",
+                shared.instance
+            );
+            Ok(())
+        }
+        ShutdownMode::Revoke { timeout } => revoke_all(shared, timeout, deadline).map(|_| ()),
     }
 }

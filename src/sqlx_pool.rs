@@ -36,13 +36,13 @@ use sqlx::pool::PoolConnectionMetadata;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 
 use crate::blocking::{blocking, current_runtime, revoke_refused};
-use crate::broker::Shared;
 use crate::connection::{Connection, SslMode, SYSTEM_ROOTS};
 use crate::credential::Credential;
 use crate::error::{Error, ErrorKind};
 use crate::lease::Lease;
 use crate::pool::{application_name, close_leases, login_refused, PoolOptions};
 use crate::rotation::{self, Rotating, Wake};
+use crate::shared::Shared;
 use crate::shutdown::ShutdownMode;
 use crate::sql;
 
@@ -255,7 +255,7 @@ impl SqlxPool {
         )?;
         let credential = {
             let role = role.to_owned();
-            blocking(shared, move |shared| shared.creds(&role)).await?
+            blocking(shared, move |shared| crate::issue::creds(shared, &role)).await?
         };
         let first = Generation::new(&credential, &base, Instant::now());
         let state = Arc::new(State {

@@ -9,12 +9,14 @@
 
 use std::sync::Arc;
 
-use crate::broker::Shared;
-use crate::failover::{self, PROBE_INTERVAL};
+use crate::drop_role::BATCH;
+use crate::failover::PROBE_INTERVAL;
 use crate::lease_table::DueLease;
 use crate::leases::{later, SweeperWork, Why};
+use crate::reconcile;
 use crate::recovery::sweep_orphans;
-use crate::revoke::{revoke_leases_unflushed, BATCH};
+use crate::revoke::revoke_leases_unflushed;
+use crate::shared::Shared;
 
 /// The sweeper thread's body; returns when the broker shuts down.
 pub(crate) fn run(shared: Arc<Shared>) {
@@ -102,7 +104,7 @@ fn work_on(shared: &Shared, job: Job) {
         Job::Orphans => {
             sweep_orphans(shared);
         }
-        Job::Probe => failover::probe(shared),
-        Job::Reconcile => failover::reconcile(shared),
+        Job::Probe => reconcile::probe(shared),
+        Job::Reconcile => reconcile::reconcile(shared),
     }
 }
