@@ -1,4 +1,4 @@
-//! Measures what marked roles cost the catalog and the orphan sweep, for the README's sizing section:
+//! Measures what marked roles cost the catalog and the orphan sweep, for "A fleet on one server" in docs/operations.md:
 //! bytes per credential role in `pg_authid`, `pg_auth_members` and `pg_shdescription` (with their indexes), and
 //! the orphan sweep's query at 100,000 marked roles (time and `EXPLAIN ANALYZE`), with none or all of them
 //! expired. The roles are made in bulk with SQL as `creds` would make them (login, password, VALID UNTIL,

@@ -164,7 +164,7 @@ impl Broker {
     /// renews its lease in the background, and before the lease reaches its max rotates to a new credential:
     /// new connections use the new one, connections of the old one are closed as they are returned (never while
     /// checked out), and the old lease is revoked once none of its connections remain, or at its end. Each
-    /// connection's `application_name` is its lease id (see the README's section on the pool). Fails as
+    /// connection's `application_name` is its lease id (see [the pools' reference](crate::guide::reference#pools)). Fails as
     /// [`creds`](Broker::creds) does, with [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) for bad options, and with
     /// [`ErrorKind::Connection`](crate::ErrorKind::Connection) if the credential cannot log in.
     pub fn pool_with(&self, name: &str, options: PoolOptions) -> Result<RolePool, Error> {

@@ -153,7 +153,7 @@ impl BrokerBuilder {
     /// The provider runs on a thread of its own, under no lock of the broker's; the login waits for it up to
     /// the connect timeout, then fails (the provider's thread is left to finish). A panic in it is caught and
     /// fails the login the same way, its message not shown. Its password is wiped from the
-    /// broker's memory after the login (see the README's "Secrets in memory" for the copies the client
+    /// broker's memory after the login (see [Secrets in memory](crate::guide::operations#in-memory) for the copies the client
     /// library keeps) and never logged; an error it returns, a panic or a timeout fails the connection with
     /// [`ErrorKind::PasswordProvider`] (an error it returns as the source). There is no async variant yet.
     ///
@@ -336,7 +336,7 @@ impl BrokerBuilder {
     /// random characters (191 bits): no number of guesses finds one, stretched or not. Meanwhile PostgreSQL 15
     /// re-derives the key of every new password it stores (about 3.3 ms of server CPU at 4096 iterations), and
     /// every login of a credential costs the client and the server the same again. A count of 1 removes that work
-    /// (see the README's benchmark table for the measured effect). Keep the default where a policy or an auditor
+    /// (see [the benchmarks](crate::guide::benchmarks) for the measured effect). Keep the default where a policy or an auditor
     /// asks for it, or where the same verifier format is checked by tools that expect 4096.
     pub fn scram_iterations(mut self, iterations: u32) -> BrokerBuilder {
         self.scram_iterations = iterations;
@@ -383,7 +383,7 @@ impl BrokerBuilder {
     /// [`ErrorKind::Permission`] listing every right the admin user lacks, each with the `GRANT` that fixes it.
     ///
     /// Inside a tokio runtime it works too, blocking the calling worker thread until the broker is ready (see
-    /// the README's "Async services"); with feature `tokio`, `build_async` does not block it.
+    /// [Async services](crate::guide::reference#async-services)); with feature `tokio`, `build_async` does not block it.
     pub fn build(self) -> Result<Broker, Error> {
         off_runtime(|| self.build_here())
     }

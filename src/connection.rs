@@ -19,7 +19,7 @@
 //! logs in only with SCRAM-SHA-256-PLUS, which binds the exchange to the TLS channel (an interposed server
 //! cannot relay it, and SCRAM never sends the password). An explicit `channel_binding=prefer` is the opt-out.
 //!
-//! The admin may log in without a password in the string (see the README's "Admin authentication"):
+//! The admin may log in without a password in the string (see [Admin authentication](crate::guide::operations#admin-authentication)):
 //! - `sslcert`/`sslkey`: a client certificate and its key (PEM), presented by admin connections only (never by
 //!   a [`RolePool`](crate::RolePool)'s, which log in with issued credentials), for `hostssl … cert` lines in
 //!   `pg_hba.conf`. With a certificate and no password, channel binding is not forced: there is no password
@@ -130,7 +130,7 @@ pub(crate) struct Connection {
     /// (sized up front so that no growing buffer leaves a copy behind). What it does not: `postgres::Config`'s
     /// own parser and `Config::password` copy the value, and every login copies it again into the SCRAM state
     /// of `postgres-protocol`, with the salted password derived from it; those copies are freed unwiped. The
-    /// README's "Secrets in memory" lists them all.
+    /// operator's guide, [Secrets in memory](crate::guide::operations#in-memory), lists them all.
     pub config: postgres::Config,
     /// The same settings for the async client, without the admin password (for the deadpool pool).
     #[cfg(feature = "deadpool")]

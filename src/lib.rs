@@ -130,6 +130,7 @@
 //!   blocking API inside a tokio runtime. `backoff`: retry delays with jitter.
 //! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod admin_pool;
 #[cfg(feature = "tokio")]
@@ -147,6 +148,7 @@ mod drop_role;
 mod error;
 mod events;
 mod failover;
+pub mod guide;
 mod issue;
 mod lease;
 mod lease_table;

@@ -291,7 +291,7 @@ pub(crate) fn check_credentials_group(
         return Err(refuse(format!(
             "it can log in, so whoever holds its password acts as every credential, and a pg_hba.conf \
              `+{group}` line matches that login too; make it a group with `ALTER ROLE {name} NOLOGIN;` \
-             (see the README on moving a static user to a group)"
+             (see docs/operations.md, \"Identity: ephemeral logins, a stable group\", on moving a static user to a group)"
         )));
     }
     if !admin_superuser && version >= 160000 && !admin_option {

@@ -1,4 +1,4 @@
-//! Bad input everywhere, one test per row of the README's "Bad input" table: each is refused with the right
+//! Bad input everywhere, one test per row of the "Bad input" table in docs/reference.md: each is refused with the right
 //! `ErrorKind`, a message naming the cause and the fix and holding no password, and leaves the lease table and
 //! the catalog as they were.
 

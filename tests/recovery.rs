@@ -329,7 +329,7 @@ fn a_dead_instances_roles_are_dropped_by_an_instance_with_another_non_superuser_
     // Alice's instance comes first (creating the marker role and the admin group), issues, and dies.
     let dead = as_admin("alice").build().unwrap();
     // Credentials may create tables through PUBLIC (as by default before PostgreSQL 15), not through a grant of
-    // Alice's: Bob could not revoke that one (see the README's admin rights).
+    // Alice's: Bob could not revoke that one (see "Admin rights" in docs/operations.md).
     // Long enough to log in once under load; leases start at a whole second.
     let short = Role::new().lease(Duration::from_secs(3), Duration::from_secs(60));
     dead.write_role("app", short).unwrap();
