@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, ErrorKind};
 use crate::events::RevokeCause;
-use crate::leases::Why;
+use crate::leases::LeaseEnd;
 use crate::shared::Shared;
 use crate::{
     Broker, BrokerBuilder, Credential, Lease, PoolOptions, Role, RolePool, ShutdownMode, Stats,
@@ -224,7 +224,7 @@ impl AsyncBroker {
             move || crate::issue::creds(&shared, &name),
             move |credential: Credential| {
                 let id = credential.lease_id();
-                match crate::revoke::revoke(&undo, id, Why::Revoke(RevokeCause::Requested)) {
+                match crate::revoke::revoke(&undo, id, LeaseEnd::Revoked(RevokeCause::Requested)) {
                     Ok(()) => log::info!(
                         "revoked lease {id}: the async creds call that issued it was dropped before it finished"
                     ),
@@ -264,7 +264,7 @@ impl AsyncBroker {
     pub async fn revoke(&self, id: &str) -> Result<(), Error> {
         let id = id.to_owned();
         off_worker_with(self.shared(), move |shared| {
-            crate::revoke::revoke(shared, &id, Why::Revoke(RevokeCause::Requested))
+            crate::revoke::revoke(shared, &id, LeaseEnd::Revoked(RevokeCause::Requested))
         })
         .await
     }

@@ -13,7 +13,7 @@ use crate::credential::Credential;
 use crate::error::Error;
 use crate::events::{RevokeCause, Stats};
 use crate::lease::Lease;
-use crate::leases::Why;
+use crate::leases::LeaseEnd;
 use crate::pool::{PoolOptions, RolePool};
 use crate::preflight::{self, Reserved};
 use crate::role::{check_role_name, CompiledRole, Role};
@@ -149,7 +149,7 @@ impl Broker {
     /// revocation and returns its outcome; if a renewal of it is running, it waits for the renewal first. Once
     /// the lease has left the table, it fails with [`ErrorKind::UnknownLease`](crate::ErrorKind::UnknownLease).
     pub fn revoke(&self, id: &str) -> Result<(), Error> {
-        off_runtime(|| revoke::revoke(&self.shared, id, Why::Revoke(RevokeCause::Requested)))
+        off_runtime(|| revoke::revoke(&self.shared, id, LeaseEnd::Revoked(RevokeCause::Requested)))
     }
 
     /// A pool of connections for role `name` with the default [`PoolOptions`]: see

@@ -64,7 +64,7 @@ const KNOWN_KEYS: &str = "the keys understood are host, hostaddr, port, user, pa
 
 /// The `sslmode` values the broker understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
+pub(crate) enum SslMode {
     /// No TLS.
     Disable,
     /// TLS if the server offers it, certificate not checked.

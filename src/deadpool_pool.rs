@@ -20,7 +20,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::blocking::{blocking, current_runtime, revoke_refused};
 use crate::error::{Error, ErrorKind};
 use crate::pool::{
-    close_leases, login_failed, CloseIdle, Counted, Credentials, Generation, PoolOptions,
+    close_leases, login_failed, CloseIdle, Counted, Generation, Generations, PoolOptions,
 };
 use crate::rotation;
 use crate::shared::Shared;
@@ -34,15 +34,15 @@ pub type DeadpoolPool = managed::Pool<DeadpoolManager>;
 /// The deadpool manager of a [`DeadpoolPool`]: logs in with the pool's current credential, and refuses to
 /// recycle connections of a retired one.
 pub struct DeadpoolManager {
-    credentials: Arc<Credentials<tokio_postgres::Config>>,
+    generations: Arc<Generations<tokio_postgres::Config>>,
     tls: MakeRustlsConnect,
 }
 
 impl fmt::Debug for DeadpoolManager {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeadpoolManager")
-            .field("role", &self.credentials.role)
-            .field("current", &*self.credentials.current())
+            .field("role", &self.generations.role)
+            .field("current", &*self.generations.current())
             .finish_non_exhaustive()
     }
 }
@@ -52,7 +52,7 @@ impl fmt::Debug for DeadpoolManager {
 pub struct DeadpoolClient {
     client: ClientWrapper,
     generation: Arc<Generation<tokio_postgres::Config>>,
-    credentials: Arc<Credentials<tokio_postgres::Config>>,
+    generations: Arc<Generations<tokio_postgres::Config>>,
 }
 
 impl DeadpoolClient {
@@ -75,7 +75,7 @@ impl DeadpoolClient {
 
 impl Drop for DeadpoolClient {
     fn drop(&mut self) {
-        self.credentials.release(&self.generation);
+        self.generations.release(&self.generation);
     }
 }
 
@@ -111,10 +111,10 @@ impl managed::Manager for DeadpoolManager {
         // Counted until the client holds the count: released if the login fails, and if this future is dropped
         // mid-login (a `get` that timed out or was cancelled), or a retired credential's count would never
         // reach zero and its lease would last to its max.
-        let generation = self.credentials.count_login();
+        let generation = self.generations.count_login();
         let login = CountedLogin {
             generation: Some(generation.clone()),
-            credentials: &self.credentials,
+            generations: &self.generations,
         };
         match generation.config.connect(self.tls.clone()).await {
             Ok((client, connection)) => {
@@ -128,11 +128,11 @@ impl managed::Manager for DeadpoolManager {
                 Ok(DeadpoolClient {
                     client: ClientWrapper::new(client, task),
                     generation,
-                    credentials: self.credentials.clone(),
+                    generations: self.generations.clone(),
                 })
             }
             Err(e) => Err(login_failed(
-                &self.credentials.role,
+                &self.generations.role,
                 &generation.lease_id,
                 &generation.username,
                 e,
@@ -154,7 +154,7 @@ impl managed::Manager for DeadpoolManager {
 /// A login counted against its credential, released on drop unless handed over to the new client.
 struct CountedLogin<'a> {
     generation: Option<Arc<Generation<tokio_postgres::Config>>>,
-    credentials: &'a Credentials<tokio_postgres::Config>,
+    generations: &'a Generations<tokio_postgres::Config>,
 }
 
 impl CountedLogin<'_> {
@@ -167,7 +167,7 @@ impl CountedLogin<'_> {
 impl Drop for CountedLogin<'_> {
     fn drop(&mut self) {
         if let Some(generation) = self.generation.take() {
-            self.credentials.release(&generation);
+            self.generations.release(&generation);
         }
     }
 }
@@ -202,14 +202,14 @@ pub(crate) async fn open(
         blocking(shared, move |shared| crate::issue::creds(shared, &role)).await?
     };
     let first = Generation::new(&credential, &base, options.database.as_deref());
-    let credentials = Arc::new(Credentials::new(
+    let generations = Arc::new(Generations::new(
         role,
         base,
         options.database.clone(),
         first,
     ));
     let manager = DeadpoolManager {
-        credentials: credentials.clone(),
+        generations: generations.clone(),
         tls: connection.tls.clone(),
     };
     let built = managed::Pool::builder(manager)
@@ -245,13 +245,13 @@ pub(crate) async fn open(
     };
     let on_drop = options.on_drop.unwrap_or(broker_shutdown);
     let rotating = Counted {
-        credentials,
+        generations,
         pool: pool.weak(),
     };
     rotation::spawn(shared, rotating, rotate_before, move |shared, rotating| {
         if rotating.pool.is_closed() {
-            let leases = rotating.credentials.all_leases();
-            close_leases(shared, &rotating.credentials.role, &leases, on_drop);
+            let leases = rotating.generations.all_leases();
+            close_leases(shared, &rotating.generations.role, &leases, on_drop);
         }
     })?;
     log::info!(

@@ -112,7 +112,7 @@ pub struct RotatedEvent {
     pub new: Lease,
 }
 
-/// Why a lease was revoked before its end.
+/// LeaseEnd a lease was revoked before its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RevokeCause {
@@ -149,7 +149,7 @@ impl fmt::Display for RevokeCause {
 pub struct RevokedEvent {
     /// The lease, as it was when revoked.
     pub lease: Lease,
-    /// Why.
+    /// LeaseEnd.
     pub cause: RevokeCause,
     /// When the revocation completed.
     pub revoked_at: SystemTime,
@@ -183,7 +183,7 @@ pub struct AdoptedEvent {
     pub lease: Lease,
 }
 
-/// Why the broker dropped a role no lease of its table held.
+/// LeaseEnd the broker dropped a role no lease of its table held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum DropCause {
@@ -227,7 +227,7 @@ pub struct RoleDroppedEvent {
     pub instance: Option<String>,
     /// Its lease's end (`VALID UNTIL`), if it had one.
     pub expires_at: Option<SystemTime>,
-    /// Why it was dropped.
+    /// LeaseEnd it was dropped.
     pub cause: DropCause,
     /// When.
     pub dropped_at: SystemTime,

@@ -117,23 +117,24 @@ pub(crate) enum SweeperWork {
     Reconcile,
 }
 
-/// How a revocation ended, for [`Leases::settle`].
+/// How a lease came to be revoked, for [`Leases::settle`]: at its end, a retry, or before its end for a
+/// public [`RevokeCause`] (the cause its [`RevokedEvent`] reports).
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Why {
+pub(crate) enum LeaseEnd {
     /// The sweeper found it at its end.
     Expired,
     /// The sweeper retries a failed revocation (of an expired lease, or one revoked on request).
     Retried,
     /// Revoked before its end.
-    Revoke(RevokeCause),
+    Revoked(RevokeCause),
 }
 
-impl std::fmt::Display for Why {
+impl std::fmt::Display for LeaseEnd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Why::Expired => f.write_str("expired"),
-            Why::Retried => f.write_str("retried"),
-            Why::Revoke(cause) => cause.fmt(f),
+            LeaseEnd::Expired => f.write_str("expired"),
+            LeaseEnd::Retried => f.write_str("retried"),
+            LeaseEnd::Revoked(cause) => cause.fmt(f),
         }
     }
 }
@@ -711,10 +712,10 @@ impl Leases {
         &self,
         lease: &DueLease,
         result: Result<(), Error>,
-        why: Why,
+        why: LeaseEnd,
         retry_at: SystemTime,
     ) -> Result<(), Error> {
-        let forced = matches!(why, Why::Revoke(RevokeCause::Forced));
+        let forced = matches!(why, LeaseEnd::Revoked(RevokeCause::Forced));
         let mut state = self.state.lock();
         state.note_settled(lease);
         let attempts = match &result {
@@ -722,10 +723,10 @@ impl Leases {
                 if let Some(gone) = state.table.take(&lease.id) {
                     let now = SystemTime::now();
                     let cause = match why {
-                        Why::Expired => None,
-                        Why::Retried if gone.expires_at <= now => None,
-                        Why::Retried => Some(RevokeCause::Requested),
-                        Why::Revoke(cause) => Some(cause),
+                        LeaseEnd::Expired => None,
+                        LeaseEnd::Retried if gone.expires_at <= now => None,
+                        LeaseEnd::Retried => Some(RevokeCause::Requested),
+                        LeaseEnd::Revoked(cause) => Some(cause),
                     };
                     let event = match cause {
                         None => Event::Expired(ExpiredEvent {

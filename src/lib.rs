@@ -181,7 +181,6 @@ pub mod username;
 pub use asynchronous::AsyncBroker;
 pub use broker::Broker;
 pub use builder::BrokerBuilder;
-pub use connection::SslMode;
 pub use credential::{Credential, DEFAULT_SCRAM_ITERATIONS};
 #[cfg(feature = "deadpool")]
 pub use deadpool_pool::{DeadpoolClient, DeadpoolManager, DeadpoolPool};

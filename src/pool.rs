@@ -24,14 +24,11 @@ use crate::credential::Credential;
 use crate::error::{describe, Error, ErrorKind};
 use crate::events::RevokeCause;
 use crate::lease::Lease;
-use crate::leases::Why;
+use crate::leases::LeaseEnd;
 use crate::rotation::{self, Rotating, Wake};
 use crate::runtime::{off_runtime, OffRuntime};
 use crate::shared::Shared;
 use crate::shutdown::ShutdownMode;
-
-/// What [`LeaseManager::is_valid`] says of a retired connection; [`PoolErrors`] logs it at debug level.
-const RETIRED: &str = "retired by a rotation; closing it";
 
 /// PostgreSQL keeps the first 63 bytes of `application_name` (NAMEDATALEN - 1).
 const MAX_APPLICATION_NAME: usize = 63;
@@ -277,7 +274,7 @@ pub(crate) fn application_name(id: &str) -> &str {
 
 /// What a pool's connections, its rotation thread and its handle share, for pools that count their connections
 /// themselves ([`RolePool`], deadpool): the current generation and the retired ones not yet revoked.
-pub(crate) struct Credentials<C = postgres::Config> {
+pub(crate) struct Generations<C = postgres::Config> {
     pub(crate) role: String,
     base: C,
     database: Option<String>,
@@ -287,14 +284,14 @@ pub(crate) struct Credentials<C = postgres::Config> {
     pub(crate) wake: Wake,
 }
 
-impl<C: Login> Credentials<C> {
+impl<C: Login> Generations<C> {
     pub(crate) fn new(
         role: &str,
         base: C,
         database: Option<String>,
         first: Generation<C>,
-    ) -> Credentials<C> {
-        Credentials {
+    ) -> Generations<C> {
+        Generations {
             role: role.to_owned(),
             base,
             database,
@@ -309,7 +306,7 @@ impl<C: Login> Credentials<C> {
     }
 
     /// The current generation, with one more connection counted: call before a login, under the read lock, so
-    /// that rotation never revokes a lease that a login in progress is using. [`Credentials::release`] undoes it.
+    /// that rotation never revokes a lease that a login in progress is using. [`Generations::release`] undoes it.
     pub(crate) fn count_login(&self) -> Arc<Generation<C>> {
         let current = self.current.read();
         current.connections.fetch_add(1, Ordering::AcqRel);
@@ -387,22 +384,22 @@ pub(crate) trait CloseIdle: Send + Sync + 'static {
 
 /// A pool that counts its connections ([`RolePool`], deadpool), as its rotation thread sees it.
 pub(crate) struct Counted<C, P> {
-    pub(crate) credentials: Arc<Credentials<C>>,
+    pub(crate) generations: Arc<Generations<C>>,
     pub(crate) pool: P,
 }
 
 impl<C: Login, P: CloseIdle> Rotating for Counted<C, P> {
     fn role(&self) -> &str {
-        &self.credentials.role
+        &self.generations.role
     }
 
     fn current_lease(&self) -> (String, Duration) {
-        let current = self.credentials.current();
+        let current = self.generations.current();
         (current.lease_id.clone(), current.lease_duration)
     }
 
     fn rotate(&self, credential: Credential) -> (String, String) {
-        self.credentials.rotate(credential)
+        self.generations.rotate(credential)
     }
 
     fn close_idle(&self) {
@@ -410,11 +407,11 @@ impl<C: Login, P: CloseIdle> Rotating for Counted<C, P> {
     }
 
     fn take_drained(&self, _: &Shared) -> Vec<String> {
-        self.credentials.take_drained()
+        self.generations.take_drained()
     }
 
     fn wake(&self) -> &Wake {
-        &self.credentials.wake
+        &self.generations.wake
     }
 
     fn is_closed(&self) -> bool {
@@ -433,7 +430,7 @@ impl CloseIdle for r2d2::Pool<LeaseManager> {
 
 /// The r2d2 connection manager: logs in with the pool's current credential.
 pub(crate) struct LeaseManager {
-    credentials: Arc<Credentials>,
+    generations: Arc<Generations>,
     tls: MakeRustlsConnect,
 }
 
@@ -442,59 +439,88 @@ pub(crate) struct LeaseConnection {
     /// Closed off any tokio runtime: a `PooledClient` of a retired generation may be returned on one.
     client: OffRuntime<Client>,
     generation: Arc<Generation>,
-    credentials: Arc<Credentials>,
+    generations: Arc<Generations>,
     /// When it was last returned to the pool (or opened).
     returned: Instant,
 }
 
 impl Drop for LeaseConnection {
     fn drop(&mut self) {
-        self.credentials.release(&self.generation);
+        self.generations.release(&self.generation);
+    }
+}
+
+/// LeaseEnd r2d2 let go of a connection or could not open one: [`PoolErrors`] tells the routine from the failures by
+/// kind, not by message.
+#[derive(Debug)]
+pub(crate) enum ManagerError {
+    /// A connection of a credential a rotation retired, closed as planned.
+    Retired(Error),
+    /// A login or a health check that failed.
+    Failed(Error),
+}
+
+impl fmt::Display for ManagerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ManagerError::Retired(e) | ManagerError::Failed(e) => e.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for ManagerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ManagerError::Retired(e) | ManagerError::Failed(e) => e.source(),
+        }
     }
 }
 
 impl r2d2::ManageConnection for LeaseManager {
     type Connection = LeaseConnection;
-    type Error = Error;
+    type Error = ManagerError;
 
-    fn connect(&self) -> Result<LeaseConnection, Error> {
-        let generation = self.credentials.count_login();
+    fn connect(&self) -> Result<LeaseConnection, ManagerError> {
+        let generation = self.generations.count_login();
         match generation.config.connect(self.tls.clone()) {
             Ok(client) => Ok(LeaseConnection {
                 client: OffRuntime::new(client),
                 generation,
-                credentials: self.credentials.clone(),
+                generations: self.generations.clone(),
                 returned: Instant::now(),
             }),
             Err(e) => {
-                self.credentials.release(&generation);
-                Err(login_failed(
-                    &self.credentials.role,
+                self.generations.release(&generation);
+                Err(ManagerError::Failed(login_failed(
+                    &self.generations.role,
                     &generation.lease_id,
                     &generation.username,
                     e,
-                ))
+                )))
             }
         }
     }
 
-    fn is_valid(&self, conn: &mut LeaseConnection) -> Result<(), Error> {
+    fn is_valid(&self, conn: &mut LeaseConnection) -> Result<(), ManagerError> {
         if conn.generation.is_retired() {
-            return Err(Error::new(
+            return Err(ManagerError::Retired(Error::new(
                 ErrorKind::Connection,
-                format!("connection of lease {} {RETIRED}", conn.generation.lease_id),
-            ));
+                format!(
+                    "connection of lease {} retired by a rotation; closing it",
+                    conn.generation.lease_id
+                ),
+            )));
         }
         if conn.returned.elapsed() > TRUST_IDLE_FOR {
             conn.client.simple_query("").map_err(|e| {
-                Error::new(
+                ManagerError::Failed(Error::new(
                     ErrorKind::Connection,
                     format!(
                         "idle connection of lease {} is broken ({}); opening another",
                         conn.generation.lease_id,
                         describe(&e)
                     ),
-                )
+                ))
             })?;
         }
         Ok(())
@@ -539,12 +565,11 @@ pub(crate) fn login_refused(role: &str, lease_id: &str, username: &str, why: &st
 #[derive(Debug)]
 struct PoolErrors;
 
-impl r2d2::HandleError<Error> for PoolErrors {
-    fn handle_error(&self, error: Error) {
-        if error.to_string().ends_with(RETIRED) {
-            log::debug!("{error}");
-        } else {
-            log::warn!("{error}");
+impl r2d2::HandleError<ManagerError> for PoolErrors {
+    fn handle_error(&self, error: ManagerError) {
+        match error {
+            ManagerError::Retired(e) => log::debug!("{e}"),
+            ManagerError::Failed(e) => log::warn!("{e}"),
         }
     }
 }
@@ -563,7 +588,7 @@ pub struct RolePool {
 
 struct PoolHandle {
     pool: OffRuntime<r2d2::Pool<LeaseManager>>,
-    credentials: Arc<Credentials>,
+    generations: Arc<Generations>,
     shared: Arc<Shared>,
     rotation: Mutex<Option<JoinHandle<()>>>,
     on_drop: ShutdownMode,
@@ -592,13 +617,13 @@ impl RolePool {
             if let Err(revoke) = crate::revoke::revoke(
                 shared,
                 &generation.lease_id,
-                Why::Revoke(RevokeCause::PoolClosed),
+                LeaseEnd::Revoked(RevokeCause::PoolClosed),
             ) {
                 log::warn!("{revoke}");
             }
             return Err(err);
         }
-        let credentials = Arc::new(Credentials::new(role, base, options.database, generation));
+        let generations = Arc::new(Generations::new(role, base, options.database, generation));
         let pool = r2d2::Pool::builder()
             .max_size(options.max_size)
             .min_idle(Some(options.min_idle))
@@ -606,11 +631,11 @@ impl RolePool {
             .test_on_check_out(true)
             .error_handler(Box::new(PoolErrors))
             .build_unchecked(LeaseManager {
-                credentials: credentials.clone(),
+                generations: generations.clone(),
                 tls,
             });
         let rotating = Counted {
-            credentials: credentials.clone(),
+            generations: generations.clone(),
             pool: pool.clone(),
         };
         let rotation = rotation::spawn(shared, rotating, rotate_before, |_, _| {})?;
@@ -618,12 +643,12 @@ impl RolePool {
             "opened pool of role {role} (max {} connections) with lease {}; rotating {rotate_before:?} before \
              the max lease",
             options.max_size,
-            credentials.current().lease_id
+            generations.current().lease_id
         );
         Ok(RolePool {
             handle: Arc::new(PoolHandle {
                 pool: OffRuntime::new(pool),
-                credentials,
+                generations,
                 shared: shared.clone(),
                 rotation: Mutex::new(Some(rotation)),
                 on_drop: options.on_drop.unwrap_or(broker_shutdown),
@@ -653,7 +678,7 @@ impl RolePool {
                         format!(
                             "no connection in the pool of role {:?}: its broker has shut down, so the pool no longer \
                              renews or rotates its credential ({e}); keep the Broker alive as long as its pools",
-                            self.handle.credentials.role
+                            self.handle.generations.role
                         ),
                     );
                 }
@@ -662,7 +687,7 @@ impl RolePool {
                     format!(
                         "no connection in the pool of role {:?} within {:?}: {e}; check that the server is up, or \
                          raise max_size",
-                        self.handle.credentials.role,
+                        self.handle.generations.role,
                         pool.connection_timeout()
                     ),
                 )
@@ -671,12 +696,12 @@ impl RolePool {
 
     /// The broker role this pool's credentials are issued for.
     pub fn role(&self) -> &str {
-        &self.handle.credentials.role
+        &self.handle.generations.role
     }
 
     /// The lease new connections log in with.
     pub fn lease_id(&self) -> String {
-        self.handle.credentials.current().lease_id.clone()
+        self.handle.generations.current().lease_id.clone()
     }
 
     /// The lease new connections log in with, as the broker's lease table holds it (`None` if it has just been
@@ -696,8 +721,8 @@ impl fmt::Debug for RolePool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RolePool")
             .field("role", &self.role())
-            .field("current", &*self.handle.credentials.current())
-            .field("retired", &*self.handle.credentials.retired.lock())
+            .field("current", &*self.handle.generations.current())
+            .field("retired", &*self.handle.generations.retired.lock())
             .finish()
     }
 }
@@ -710,7 +735,7 @@ impl Drop for PoolHandle {
         }) {
             log::error!(
                 "pool of role {}: {e}; its leases are left to expire",
-                self.credentials.role
+                self.generations.role
             );
         }
     }
@@ -719,17 +744,17 @@ impl Drop for PoolHandle {
 impl PoolHandle {
     /// Stops the rotation thread and keeps or revokes the pool's leases.
     fn close(&self) {
-        self.credentials.wake.stop();
+        self.generations.wake.stop();
         if let Some(thread) = self.rotation.lock().take() {
             if thread.join().is_err() {
                 log::error!(
                     "the rotation thread of pool {} panicked",
-                    self.credentials.role
+                    self.generations.role
                 );
             }
         }
-        let leases = self.credentials.all_leases();
-        close_leases(&self.shared, &self.credentials.role, &leases, self.on_drop);
+        let leases = self.generations.all_leases();
+        close_leases(&self.shared, &self.generations.role, &leases, self.on_drop);
     }
 }
 

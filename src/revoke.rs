@@ -11,7 +11,7 @@ use crate::drop_role::{revoke_batch, revoke_role, BATCH};
 use crate::error::{describe, Error, ErrorKind};
 use crate::events::RevokeCause;
 use crate::lease_table::DueLease;
-use crate::leases::{Claim, Why};
+use crate::leases::{Claim, LeaseEnd};
 use crate::shared::Shared;
 use crate::template::Template;
 use crate::{sql, telemetry};
@@ -135,7 +135,7 @@ fn run_batches(shared: &Shared, targets: &[Target<'_>], chunks: &[&[usize]]) -> 
 pub(crate) fn revoke_leases(
     shared: &Shared,
     leases: &[DueLease],
-    why: Why,
+    why: LeaseEnd,
 ) -> Vec<Result<(), Error>> {
     let results = revoke_leases_unflushed(shared, leases, why);
     // Events go out once every lease claimed is settled: a handler may revoke one of them.
@@ -148,7 +148,7 @@ pub(crate) fn revoke_leases(
 pub(crate) fn revoke_leases_unflushed(
     shared: &Shared,
     leases: &[DueLease],
-    why: Why,
+    why: LeaseEnd,
 ) -> Vec<Result<(), Error>> {
     let roles: Vec<_> = leases
         .iter()
@@ -184,7 +184,7 @@ pub(crate) fn revoke_leases_unflushed(
 }
 
 /// Revokes one claimed lease; see [`revoke_leases`].
-pub(crate) fn revoke_lease(shared: &Shared, lease: &DueLease, why: Why) -> Result<(), Error> {
+pub(crate) fn revoke_lease(shared: &Shared, lease: &DueLease, why: LeaseEnd) -> Result<(), Error> {
     revoke_leases(shared, std::slice::from_ref(lease), why)
         .pop()
         .unwrap_or(Ok(()))
@@ -198,7 +198,7 @@ pub(crate) fn retry_delay(attempt: u32) -> Duration {
 }
 
 /// Revokes lease `id` now, or joins the revocation of it in flight; see [`Broker::revoke`](crate::Broker::revoke).
-pub(crate) fn revoke(shared: &Shared, id: &str, why: Why) -> Result<(), Error> {
+pub(crate) fn revoke(shared: &Shared, id: &str, why: LeaseEnd) -> Result<(), Error> {
     let started = telemetry::start();
     let result = match shared
         .leases
@@ -230,7 +230,7 @@ pub(crate) fn revoke_prefix(shared: &Shared, prefix: &str) -> Result<usize, Erro
                 None => {}
             }
         }
-        let why = Why::Revoke(RevokeCause::Requested);
+        let why = LeaseEnd::Revoked(RevokeCause::Requested);
         for result in revoke_leases(shared, &claimed, why) {
             match result {
                 Ok(()) => revoked += 1,
@@ -264,7 +264,7 @@ pub(crate) fn revoke_prefix(shared: &Shared, prefix: &str) -> Result<usize, Erro
 
 /// See [`Broker::revoke_force`](crate::Broker::revoke_force).
 pub(crate) fn revoke_force(shared: &Shared, id: &str) -> Result<(), Error> {
-    let why = Why::Revoke(RevokeCause::Forced);
+    let why = LeaseEnd::Revoked(RevokeCause::Forced);
     let lease = loop {
         match shared
             .leases

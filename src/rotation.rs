@@ -25,7 +25,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::credential::Credential;
 use crate::error::{Error, ErrorKind};
 use crate::events::RevokeCause;
-use crate::leases::Why;
+use crate::leases::LeaseEnd;
 use crate::shared::Shared;
 
 /// Longest sleep while all is well (so a lease revoked from outside, or the broker's shutdown, is noticed within
@@ -104,7 +104,7 @@ impl Wake {
 /// Revokes lease `id` of a pool of `role`, unless it is already gone (the sweeper revoked it at its end). A
 /// failure is logged and left to the sweeper, which retries it.
 pub(crate) fn revoke(shared: &Shared, role: &str, id: &str, cause: RevokeCause) {
-    match crate::revoke::revoke(shared, id, Why::Revoke(cause)) {
+    match crate::revoke::revoke(shared, id, LeaseEnd::Revoked(cause)) {
         Ok(()) => {}
         // Gone already: the sweeper revoked it at its end, or a failover lost its role.
         Err(e) if matches!(e.kind(), ErrorKind::UnknownLease | ErrorKind::LeaseLost) => {}

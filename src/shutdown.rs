@@ -10,7 +10,7 @@ use crate::drop_role::BATCH;
 use crate::error::{Error, ErrorKind};
 use crate::events::RevokeCause;
 use crate::leases::later;
-use crate::leases::Why;
+use crate::leases::LeaseEnd;
 use crate::revoke::revoke_leases;
 use crate::shared::Shared;
 
@@ -85,7 +85,7 @@ fn revoke_until(shared: &Shared, deadline: Instant) -> usize {
         if claimed.is_empty() {
             return revoked;
         }
-        revoked += revoke_leases(shared, &claimed, Why::Revoke(RevokeCause::Shutdown))
+        revoked += revoke_leases(shared, &claimed, LeaseEnd::Revoked(RevokeCause::Shutdown))
             .iter()
             .filter(|r| r.is_ok())
             .count();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use crate::drop_role::BATCH;
 use crate::failover::PROBE_INTERVAL;
 use crate::lease_table::DueLease;
-use crate::leases::{later, SweeperWork, Why};
+use crate::leases::{later, LeaseEnd, SweeperWork};
 use crate::reconcile;
 use crate::recovery::sweep_orphans;
 use crate::revoke::revoke_leases_unflushed;
@@ -97,8 +97,8 @@ fn work_on(shared: &Shared, job: Job) {
                 due.into_iter().partition(|l| l.attempts == 0);
             // Failures are recorded in the lease table and logged by revoke_leases. Events go out once both
             // groups are settled, so a handler revoking a lease of either never waits for this thread.
-            let _ = revoke_leases_unflushed(shared, &expired, Why::Expired);
-            let _ = revoke_leases_unflushed(shared, &retried, Why::Retried);
+            let _ = revoke_leases_unflushed(shared, &expired, LeaseEnd::Expired);
+            let _ = revoke_leases_unflushed(shared, &retried, LeaseEnd::Retried);
             shared.leases.flush();
         }
         Job::Orphans => {
