@@ -170,7 +170,7 @@ fn mismatch_report(old: &[&str], new: &[&str]) -> String {
         report.push_str(" (missing or empty)");
     }
     report.push_str(&format!(
-        ": {} removed, {} added\n",
+        ": {} removed (-, only in the snapshot), {} added (+, only in the crate)\n",
         removed.len(),
         added.len()
     ));
