@@ -494,7 +494,7 @@ fn creds(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Result<()> {
     for iterations in [4096, 1] {
         for (k, threads) in [1, 2, 4, 8].into_iter().enumerate() {
             let broker = broker(pg, threads as u32 + 1, iterations)?;
-            broker.creds("bench")?;
+            let _ = broker.creds("bench")?;
             let (base, ours) = compare(
                 || {
                     run(
@@ -604,7 +604,7 @@ fn creds_in_runtime(pg: &TestPostgres, rows: &mut Vec<Row>, ops: usize) -> Resul
         .build()?;
     for threads in [1, 4] {
         let broker = std::sync::Arc::new(broker(pg, threads as u32 + 1, 4096)?);
-        broker.creds("bench")?;
+        let _ = broker.creds("bench")?;
         let plain = || {
             run(
                 threads,
@@ -1315,7 +1315,7 @@ fn fleet(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         Work::Ops(ops / 4),
         |_| Ok(&brokers[0]),
         |b, _| {
-            b.creds("app")?;
+            let _ = b.creds("app")?;
             Ok(())
         },
     )?;
@@ -1327,7 +1327,7 @@ fn fleet(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
             Work::Ops(ops),
             |t| Ok(&brokers[t]),
             |b, _| {
-                b.creds("app")?;
+                let _ = b.creds("app")?;
                 Ok(())
             },
         );
@@ -1366,7 +1366,7 @@ fn fleet(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         Work::Ops(leases),
         |t| Ok(&brokers[t]),
         |b, _| {
-            b.creds("short")?;
+            let _ = b.creds("short")?;
             Ok(())
         },
     )?;

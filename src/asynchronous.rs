@@ -77,6 +77,8 @@ impl BrokerBuilder {
     /// blocking thread, without holding a runtime worker thread. Turn the broker into an [`AsyncBroker`] with
     /// [`Broker::into_async`].
     ///
+    /// # Examples
+    ///
     /// ```no_run
     /// # async fn example() -> Result<(), credbroker::Error> {
     /// let broker = credbroker::Broker::builder()
@@ -94,6 +96,25 @@ impl BrokerBuilder {
 impl Broker {
     /// This broker as an [`AsyncBroker`]: the same broker (its lease table, roles and sweeper), with async
     /// lifecycle methods.
+    ///
+    /// # Examples
+    ///
+    /// A broker built with the blocking [`build`](BrokerBuilder::build) (before the runtime starts, say), then
+    /// handed to async code:
+    ///
+    /// ```no_run
+    /// let broker = credbroker::Broker::builder()
+    ///     .connection("host=localhost user=username password=password")
+    ///     .build()?
+    ///     .into_async();
+    /// let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    /// runtime.block_on(async move {
+    ///     let creds = broker.creds("web").await?;
+    ///     broker.revoke(creds.lease_id()).await
+    /// })?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use = "the broker stops when the handle is dropped"]
     pub fn into_async(self) -> AsyncBroker {
         AsyncBroker::from(self)
     }
@@ -110,6 +131,8 @@ impl Broker {
 /// Each database call runs on tokio's blocking threads (`spawn_blocking`), at the cost of a hand-over there and
 /// back. If the future of a call is dropped before it finishes (a timeout, a cancelled request), the call still
 /// completes on its blocking thread; a credential that `creds` issued for a dropped future is revoked at once.
+///
+/// # Examples
 ///
 /// ```no_run
 /// use credbroker::{Broker, Role};
@@ -157,6 +180,23 @@ impl std::fmt::Debug for AsyncBroker {
 
 impl AsyncBroker {
     /// The broker itself, for its blocking API.
+    ///
+    /// # Examples
+    ///
+    /// A [`RolePool`]'s connections block, so they are used on tokio's blocking threads:
+    ///
+    /// ```no_run
+    /// type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    ///
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), BoxError> {
+    /// let pool = broker.broker().pool("reports")?;
+    /// let orders: i64 = tokio::task::spawn_blocking(move || -> Result<i64, BoxError> {
+    ///     Ok(pool.get()?.query_one("SELECT count(*) FROM orders", &[])?.get(0))
+    /// })
+    /// .await??;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn broker(&self) -> &Broker {
         &self.broker
     }
@@ -167,13 +207,15 @@ impl AsyncBroker {
 
     /// [`Broker::write_role`]: creates or replaces role `name`, after trying its SQL on the server.
     ///
+    /// # Examples
+    ///
     /// ```no_run
     /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
     /// use credbroker::Role;
     /// broker
     ///     .write_role("readonly", Role::new().creation_sql(
-    ///         "CREATE ROLE {{name}} WITH LOGIN PASSWORD {{password}} VALID UNTIL {{expiration}};
-    ///          GRANT SELECT ON ALL TABLES IN SCHEMA public TO {{name}};",
+    ///         r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';
+    ///            GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{{name}}";"#,
     ///     ))
     ///     .await?;
     /// # Ok(()) }
@@ -188,6 +230,8 @@ impl AsyncBroker {
 
     /// [`Broker::delete_role`]: no new credentials for role `name`. (No database work: it returns at once.)
     ///
+    /// # Examples
+    ///
     /// ```no_run
     /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
     /// broker.delete_role("readonly").await?;
@@ -198,17 +242,41 @@ impl AsyncBroker {
     }
 
     /// [`Broker::role`]: the definition of role `name`, if defined.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
+    /// if let Some(role) = broker.role("readonly") {
+    ///     println!("readonly leases: {:?}", role.get_lease());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn role(&self, name: &str) -> Option<Role> {
         self.broker.role(name)
     }
 
     /// [`Broker::roles`]: the names of the defined roles, sorted.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
+    /// for name in broker.roles() {
+    ///     println!("{name}: {} live leases", broker.stats().live.get(&name).copied().unwrap_or(0));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn roles(&self) -> Vec<String> {
         self.broker.roles()
     }
 
     /// [`Broker::creds`]: issues a credential for role `name`. Should this future be dropped before the
     /// credential reaches it, the credential is revoked.
+    ///
+    /// # Examples
     ///
     /// ```no_run
     /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
@@ -240,6 +308,8 @@ impl AsyncBroker {
 
     /// [`Broker::renew`]: moves lease `id`'s end to now plus `increment` (`None`: the role's default lease).
     ///
+    /// # Examples
+    ///
     /// ```no_run
     /// # async fn example(broker: credbroker::AsyncBroker, id: &str) -> Result<(), credbroker::Error> {
     /// let lease = broker.renew(id, Some(std::time::Duration::from_secs(1800))).await?;
@@ -256,6 +326,8 @@ impl AsyncBroker {
 
     /// [`Broker::revoke`]: revokes lease `id` now (ends its sessions, drops its role).
     ///
+    /// # Examples
+    ///
     /// ```no_run
     /// # async fn example(broker: credbroker::AsyncBroker, id: &str) -> Result<(), credbroker::Error> {
     /// broker.revoke(id).await?;
@@ -270,6 +342,8 @@ impl AsyncBroker {
     }
 
     /// [`Broker::revoke_prefix`]: revokes every lease whose id starts with `prefix`; returns how many.
+    ///
+    /// # Examples
     ///
     /// ```no_run
     /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
@@ -286,6 +360,8 @@ impl AsyncBroker {
 
     /// [`Broker::revoke_force`]: revokes lease `id`, and forgets it even if its role cannot be dropped.
     ///
+    /// # Examples
+    ///
     /// ```no_run
     /// # async fn example(broker: credbroker::AsyncBroker, id: &str) -> Result<(), credbroker::Error> {
     /// broker.revoke_force(id).await?;
@@ -300,27 +376,96 @@ impl AsyncBroker {
     }
 
     /// [`Broker::lease`]: the lease `id`, if in the table. Reads memory only, so it is not `async`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker, id: &str) -> Result<(), credbroker::Error> {
+    /// match broker.lease(id) {
+    ///     Some(lease) => println!("valid until {}", humantime::format_rfc3339_seconds(lease.expires_at())),
+    ///     None => println!("revoked or expired"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn lease(&self, id: &str) -> Option<Lease> {
         self.broker.lease(id)
     }
 
     /// [`Broker::leases`]: every lease in the table, sorted by id.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
+    /// for lease in broker.leases() {
+    ///     println!("{} {} {}", lease.id(), lease.username(), humantime::format_rfc3339_seconds(lease.expires_at()));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn leases(&self) -> Vec<Lease> {
         self.broker.leases()
     }
 
     /// [`Broker::failed_leases`]: leases whose revocation has failed at least once.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
+    /// for lease in broker.failed_leases() {
+    ///     eprintln!("{}: {}", lease.username(), lease.last_error().unwrap_or_default());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn failed_leases(&self) -> Vec<Lease> {
         self.broker.failed_leases()
     }
 
     /// [`Broker::stats`]: counts of what the broker did, live leases per role, sweeper lag.
+    ///
+    /// # Examples
+    ///
+    /// A task that reports once a minute:
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    ///
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
+    /// tokio::spawn(async move {
+    ///     let mut every_minute = tokio::time::interval(Duration::from_secs(60));
+    ///     loop {
+    ///         every_minute.tick().await;
+    ///         let stats = broker.stats();
+    ///         println!("{} issued, {} failing, sweeper {:?} late", stats.issued, stats.failing, stats.sweeper_lag);
+    ///     }
+    /// });
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn stats(&self) -> Stats {
         self.broker.stats()
     }
 
     /// [`Broker::pool`]: a [`RolePool`] for role `name` with the default [`PoolOptions`]; see
     /// [`pool_with`](AsyncBroker::pool_with).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    ///
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), BoxError> {
+    /// let pool = broker.pool("reports").await?; // opened without blocking this task
+    /// let handle = pool.clone();
+    /// let orders: i64 = tokio::task::spawn_blocking(move || -> Result<i64, BoxError> {
+    ///     Ok(handle.get()?.query_one("SELECT count(*) FROM orders", &[])?.get(0))
+    /// })
+    /// .await??;
+    /// # Ok(()) }
+    /// ```
     pub async fn pool(&self, name: &str) -> Result<RolePool, Error> {
         self.pool_with(name, PoolOptions::new()).await
     }
@@ -328,6 +473,16 @@ impl AsyncBroker {
     /// [`Broker::pool_with`]: a [`RolePool`] for role `name`, opened (one credential issued, one login tried)
     /// on a blocking thread. Its connections are blocking `postgres::Client`s: query them inside
     /// `tokio::task::spawn_blocking`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {
+    /// use credbroker::PoolOptions;
+    ///
+    /// let pool = broker.pool_with("reports", PoolOptions::new().max_size(4)).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn pool_with(&self, name: &str, options: PoolOptions) -> Result<RolePool, Error> {
         let name = name.to_owned();
         let broker = self.broker.clone();
@@ -337,6 +492,8 @@ impl AsyncBroker {
     /// Stops the broker for every handle, as [`Broker::shutdown`] does: stops the sweeper, then keeps or
     /// revokes the leases as `mode` says. Calls of other handles then fail with [`ErrorKind::ShutDown`]; a
     /// second `shutdown` returns `Ok` at once.
+    ///
+    /// # Examples
     ///
     /// ```no_run
     /// # async fn example(broker: credbroker::AsyncBroker) -> Result<(), credbroker::Error> {

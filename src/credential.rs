@@ -22,7 +22,31 @@ pub(crate) const MAX_USERNAME_LEN: usize = 63;
 
 /// A credential just issued by [`Broker::creds`](crate::Broker::creds): the lease and the login it grants.
 ///
-/// The password is wiped from memory when the credential is dropped, and `Debug` never shows it.
+/// The password is wiped from memory when the credential is dropped, and `Debug` never shows it. Dropping a
+/// credential does not revoke it: its role stays in PostgreSQL, able to log in, until its lease is revoked
+/// ([`Broker::revoke`](crate::Broker::revoke)) or ends.
+///
+/// # Examples
+///
+/// Issue a credential, log in with it, and revoke it when done:
+///
+/// ```no_run
+/// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+/// let creds = broker.creds("readonly")?;
+/// let mut client = postgres::Config::new()
+///     .host("localhost")
+///     .dbname("app")
+///     .user(creds.username())
+///     .password(creds.password())
+///     .connect(postgres::NoTls)?;
+/// client.simple_query("SELECT 1")?;
+///
+/// // Done with it: end its sessions and drop its role now rather than at the end of its lease.
+/// broker.revoke(creds.lease_id())?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use = "an unused credential leaves a PostgreSQL role that can log in until its lease ends; revoke it \
+              (Broker::revoke) if it is not needed"]
 pub struct Credential {
     pub(crate) lease_id: String,
     pub(crate) lease_duration: Duration,
@@ -32,22 +56,83 @@ pub struct Credential {
 
 impl Credential {
     /// The lease id, `postgresql/creds/<role>/<random id>`: pass it to `renew` and `revoke`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    ///
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let creds = broker.creds("readonly")?;
+    /// assert!(creds.lease_id().starts_with("postgresql/creds/readonly/"));
+    /// let lease = broker.renew(creds.lease_id(), Some(Duration::from_secs(1800)))?;
+    /// broker.revoke(lease.id())?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn lease_id(&self) -> &str {
         &self.lease_id
     }
 
     /// How long the credential is valid from its issue, unless renewed.
+    ///
+    /// # Examples
+    ///
+    /// Renewing at half the lease, as a long-running job that holds one credential would:
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let creds = broker.creds("batch")?;
+    /// let renew_every = creds.lease_duration() / 2;
+    /// loop {
+    ///     std::thread::sleep(renew_every);
+    ///     // Fails once the lease reaches its max (or was revoked): then get a new credential.
+    ///     if broker.renew(creds.lease_id(), None).is_err() {
+    ///         break;
+    ///     }
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn lease_duration(&self) -> Duration {
         self.lease_duration
     }
 
     /// The PostgreSQL user name: the role name lowercased, the issue time and a random part, or what the role's
     /// [username template](crate::Role::username_template) makes.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let creds = broker.creds("readonly")?;
+    /// // readonly-1764342245-k3j9x0c2m5q8w1e4: the role, the issue time, a random part
+    /// println!("log in as {}", creds.username());
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn username(&self) -> &str {
         &self.username
     }
 
     /// The password, in plaintext. It was sent to PostgreSQL only as a SCRAM-SHA-256 verifier.
+    ///
+    /// # Examples
+    ///
+    /// Handing the credential to a client library; the plaintext never needs to be copied into a string of
+    /// its own:
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let creds = broker.creds("readonly")?;
+    /// let client = postgres::Config::new()
+    ///     .host("db.internal")
+    ///     .user(creds.username())
+    ///     .password(creds.password())
+    ///     .connect(postgres::NoTls)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn password(&self) -> &str {
         &self.password
     }
@@ -243,6 +328,20 @@ impl UsernameSuffix {
 }
 
 /// RFC 7677's iteration count, and PostgreSQL's default (`scram_iterations`).
+///
+/// # Examples
+///
+/// The default of [`BrokerBuilder::scram_iterations`](crate::BrokerBuilder::scram_iterations), stated where an
+/// auditor will look for it:
+///
+/// ```
+/// use credbroker::{Broker, DEFAULT_SCRAM_ITERATIONS};
+///
+/// assert_eq!(DEFAULT_SCRAM_ITERATIONS, 4096);
+/// let builder = Broker::builder()
+///     .connection("host=localhost user=username password=password")
+///     .scram_iterations(DEFAULT_SCRAM_ITERATIONS);
+/// ```
 pub const DEFAULT_SCRAM_ITERATIONS: u32 = 4096;
 
 /// The SCRAM-SHA-256 verifier PostgreSQL stores for `password`: `iterations` rounds of PBKDF2-HMAC-SHA-256 with a

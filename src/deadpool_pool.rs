@@ -29,10 +29,50 @@ use crate::shutdown::ShutdownMode;
 /// A deadpool pool whose connections always log in with a valid credential: see
 /// [`Broker::deadpool`](crate::Broker::deadpool). `pool.get().await?` gives a [`DeadpoolClient`], which derefs to
 /// deadpool-postgres' [`ClientWrapper`] (`prepare_cached`, `transaction`) and on to [`tokio_postgres::Client`].
+///
+/// # Examples
+///
+/// ```no_run
+/// use credbroker::{DeadpoolPool, PoolOptions};
+///
+/// async fn customer_name(pool: &DeadpoolPool, id: i64) -> Result<Option<String>, Box<dyn std::error::Error>> {
+///     let client = pool.get().await?;
+///     let statement = client.prepare_cached("SELECT name FROM customers WHERE id = $1").await?;
+///     Ok(client.query_opt(&statement, &[&id]).await?.map(|row| row.get(0)))
+/// }
+///
+/// # async fn example(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = broker.deadpool("readonly", PoolOptions::new().max_size(16)).await?;
+/// println!("{:?}", customer_name(&pool, 7).await?);
+/// let status = pool.status();
+/// println!("{} connections, {} idle", status.size, status.available);
+/// # Ok(()) }
+/// ```
 pub type DeadpoolPool = managed::Pool<DeadpoolManager>;
 
 /// The deadpool manager of a [`DeadpoolPool`]: logs in with the pool's current credential, and refuses to
 /// recycle connections of a retired one.
+///
+/// It is made by [`Broker::deadpool`](crate::Broker::deadpool), never by hand; its name appears in the types
+/// of what the pool hands out.
+///
+/// # Examples
+///
+/// A function that takes a connection checked out of the pool:
+///
+/// ```no_run
+/// use credbroker::DeadpoolManager;
+/// use deadpool::managed::Object;
+///
+/// async fn mark_done(client: &Object<DeadpoolManager>, job: i64) -> Result<u64, tokio_postgres::Error> {
+///     client.execute("UPDATE jobs SET state = 'done' WHERE id = $1", &[&job]).await
+/// }
+///
+/// # async fn example(pool: credbroker::DeadpoolPool) -> Result<(), Box<dyn std::error::Error>> {
+/// let client = pool.get().await?;
+/// mark_done(&client, 42).await?;
+/// # Ok(()) }
+/// ```
 pub struct DeadpoolManager {
     generations: Arc<Generations<tokio_postgres::Config>>,
     tls: MakeRustlsConnect,
@@ -49,6 +89,18 @@ impl fmt::Debug for DeadpoolManager {
 
 /// A connection of a [`DeadpoolPool`] and the credential it logged in with; derefs to deadpool-postgres'
 /// [`ClientWrapper`].
+///
+/// # Examples
+///
+/// ```no_run
+/// # async fn example(pool: credbroker::DeadpoolPool) -> Result<(), Box<dyn std::error::Error>> {
+/// let mut client = pool.get().await?; // derefs to a DeadpoolClient, then to the tokio-postgres client
+/// let tx = client.transaction().await?;
+/// tx.execute("UPDATE jobs SET state = 'done' WHERE id = $1", &[&42i64]).await?;
+/// tx.commit().await?;
+/// println!("as {} under lease {}", client.username(), client.lease_id());
+/// # Ok(()) }
+/// ```
 pub struct DeadpoolClient {
     client: ClientWrapper,
     generation: Arc<Generation<tokio_postgres::Config>>,
@@ -57,17 +109,62 @@ pub struct DeadpoolClient {
 
 impl DeadpoolClient {
     /// The lease this connection logged in with (its `application_name` is this id, or its last 63 bytes).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool = broker.deadpool("readonly", credbroker::PoolOptions::new()).await?;
+    /// let client = pool.get().await?;
+    /// if let Err(e) = client.batch_execute("REFRESH MATERIALIZED VIEW daily_totals").await {
+    ///     eprintln!("refresh failed on the connection of lease {}: {e}", client.lease_id());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn lease_id(&self) -> &str {
         &self.generation.lease_id
     }
 
     /// The PostgreSQL user this connection logged in as.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool = broker.deadpool("readonly", credbroker::PoolOptions::new()).await?;
+    /// let client = pool.get().await?;
+    /// let user: String = client.query_one("SELECT session_user::text", &[]).await?.get(0);
+    /// assert_eq!(user, client.username());
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn username(&self) -> &str {
         &self.generation.username
     }
 
     /// Whether the pool has rotated away from this connection's credential: it is closed instead of being
     /// handed out again.
+    ///
+    /// # Examples
+    ///
+    /// A task that holds a connection for a long time and takes a fresh one after a rotation, before the old
+    /// lease reaches its max and its sessions are ended:
+    ///
+    /// ```no_run
+    /// # async fn example(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool = broker.deadpool("readonly", credbroker::PoolOptions::new()).await?;
+    /// let mut client = pool.get().await?;
+    /// loop {
+    ///     client.batch_execute("SELECT pg_sleep(1)").await?; // a unit of work
+    ///     if client.is_retired() {
+    ///         client = pool.get().await?; // the old connection is closed, not handed out again
+    ///     }
+    /// #   break;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn is_retired(&self) -> bool {
         self.generation.is_retired()
     }

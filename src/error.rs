@@ -8,6 +8,58 @@ use std::error::Error as StdError;
 use std::fmt;
 
 /// What kind of failure an [`Error`] is; match on it to decide what to do.
+///
+/// More kinds may come: match with a `_` arm.
+///
+/// # Examples
+///
+/// Revoking a lease when the role cannot be dropped right now (the server is down, a lock is held): the lease
+/// stays in the table and the sweeper retries it with backoff, so the caller need not retry itself.
+///
+/// ```no_run
+/// use credbroker::ErrorKind;
+///
+/// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+/// # let creds = broker.creds("readonly")?;
+/// let id = creds.lease_id();
+/// match broker.revoke(id) {
+///     Ok(()) => {}
+///     // Revoked by someone else meanwhile, or expired and swept: nothing left to do.
+///     Err(e) if e.kind() == ErrorKind::UnknownLease => {}
+///     // Stop using the credential (its `VALID UNTIL` still fences it) and let the sweeper finish;
+///     // `failed_leases` lists what is waiting, with the last error, for an alert if it lasts.
+///     Err(e) if e.kind() == ErrorKind::Revocation => {
+///         eprintln!("revocation of {id} deferred: {e}");
+///         for lease in broker.failed_leases() {
+///             eprintln!("  {} after {} attempts: {:?}", lease.id(), lease.revocation_attempts(), lease.last_error());
+///         }
+///     }
+///     Err(e) => return Err(e),
+/// }
+/// # Ok::<(), credbroker::Error>(())
+/// ```
+///
+/// Deciding what to do when issuing fails:
+///
+/// ```no_run
+/// use credbroker::{Credential, Error, ErrorKind};
+/// use std::time::Duration;
+///
+/// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+/// let creds: Credential = loop {
+///     match broker.creds("readonly") {
+///         Ok(creds) => break creds,
+///         // The server is down or restarting, or every role of the cap is in use: wait and try again.
+///         Err(e) if matches!(e.kind(), ErrorKind::Connection | ErrorKind::LeaseCap) => {
+///             eprintln!("{e}; retrying in 5 s");
+///             std::thread::sleep(Duration::from_secs(5));
+///         }
+///         // A bug in the configuration (unknown role, missing right): retrying will not help.
+///         Err(e) => return Err(e),
+///     }
+/// };
+/// # Ok::<(), Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
@@ -59,6 +111,40 @@ pub enum ErrorKind {
 ///
 /// [`Error::kind`] says what failed; `Display` says what happened and what fixes it; [`std::error::Error::source`]
 /// keeps the underlying cause (a `postgres::Error`, an I/O error) where there is one.
+///
+/// # Examples
+///
+/// Checking the configuration fails before anything is contacted, so this runs without a server:
+///
+/// ```
+/// use credbroker::{Broker, ErrorKind};
+/// use std::time::Duration;
+///
+/// let err = Broker::builder()
+///     .connection("host=localhost user=username password=password")
+///     .lease(Duration::from_secs(7200), Duration::from_secs(3600)) // default above max
+///     .build()
+///     .unwrap_err();
+/// assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+/// println!("{err}"); // says what is wrong and how to fix it
+/// ```
+///
+/// Logging an error with every cause behind it:
+///
+/// ```no_run
+/// use std::error::Error as _;
+///
+/// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+/// if let Err(e) = broker.creds("readonly") {
+///     eprintln!("could not get a credential ({:?}): {e}", e.kind());
+///     let mut cause = e.source();
+///     while let Some(c) = cause {
+///         eprintln!("  caused by: {c}");
+///         cause = c.source();
+///     }
+/// }
+/// # Ok::<(), credbroker::Error>(())
+/// ```
 pub struct Error {
     kind: ErrorKind,
     message: String,
@@ -129,11 +215,44 @@ impl Error {
     }
 
     /// What kind of failure this is.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{Broker, ErrorKind};
+    ///
+    /// // No connection string: refused before anything is contacted.
+    /// let err = Broker::builder().build().unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    /// ```
+    #[must_use]
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
 
     /// The five-character SQLSTATE PostgreSQL returned (for example `42710`), when the server reported the error.
+    ///
+    /// # Examples
+    ///
+    /// Telling a role's SQL that names a missing table (`42P01`) from other rejections:
+    ///
+    /// ```no_run
+    /// use credbroker::{ErrorKind, Role};
+    ///
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let role = Role::new().creation_sql(
+    ///     r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';
+    ///        GRANT SELECT ON orders TO "{{name}}";"#,
+    /// );
+    /// match broker.write_role("orders", role) {
+    ///     Err(e) if e.kind() == ErrorKind::TemplateRejected && e.db_code() == Some("42P01") => {
+    ///         eprintln!("table orders does not exist yet; run the migrations first");
+    ///     }
+    ///     other => other?,
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn db_code(&self) -> Option<&str> {
         self.code.as_deref()
     }

@@ -26,29 +26,165 @@ use crate::lease::Lease;
 /// Methods are called with no lock of the broker held, so they may call back into the broker; but they run on
 /// the thread that issued, renewed or revoked the lease (or on one delivering events at that moment), so they
 /// should be quick and must not block: hand slow work (a network audit log) to a channel.
+///
+/// # Examples
+///
+/// An audit log that implements the methods it cares about and hands each line to a thread of its own, so the
+/// broker never waits for the log; it is installed with
+/// [`BrokerBuilder::event_handler`](crate::BrokerBuilder::event_handler):
+///
+/// ```no_run
+/// use credbroker::{Broker, ExpiredEvent, HandleEvent, IssuedEvent, RevocationFailedEvent, RevokedEvent};
+/// use std::sync::mpsc::{channel, Sender};
+///
+/// #[derive(Debug)]
+/// struct Audit(Sender<String>);
+///
+/// impl HandleEvent for Audit {
+///     fn handle_issued(&self, event: IssuedEvent) {
+///         let _ = self.0.send(format!("issued {} as {}", event.lease.id(), event.lease.username()));
+///     }
+///     fn handle_revoked(&self, event: RevokedEvent) {
+///         let _ = self.0.send(format!("revoked {} ({})", event.lease.id(), event.cause));
+///     }
+///     fn handle_expired(&self, event: ExpiredEvent) {
+///         let _ = self.0.send(format!("expired {}", event.lease.id()));
+///     }
+///     fn handle_revocation_failed(&self, event: RevocationFailedEvent) {
+///         let error = event.lease.last_error().unwrap_or("unknown error");
+///         let _ = self.0.send(format!("could not drop {}: {error}", event.lease.username()));
+///     }
+/// }
+///
+/// let (sender, lines) = channel();
+/// std::thread::spawn(move || {
+///     for line in lines {
+///         println!("audit: {line}"); // or append to a file, send to a SIEM, ...
+///     }
+/// });
+/// let broker = Broker::builder()
+///     .connection("host=localhost user=username password=password")
+///     .event_handler(Audit(sender))
+///     .build()?;
+/// # Ok::<(), credbroker::Error>(())
+/// ```
 pub trait HandleEvent: fmt::Debug + Send + Sync + 'static {
     /// A credential was issued: its role now exists in PostgreSQL.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{Broker, HandleEvent, IssuedEvent};
+    ///
+    /// #[derive(Debug)]
+    /// struct LogIssued;
+    ///
+    /// impl HandleEvent for LogIssued {
+    ///     fn handle_issued(&self, event: IssuedEvent) {
+    ///         let lease = &event.lease;
+    ///         println!("{} got {} ({}) until {:?}", lease.role(), lease.username(), lease.id(), lease.expires_at());
+    ///     }
+    /// }
+    ///
+    /// let builder = Broker::builder().event_handler(LogIssued);
+    /// ```
     fn handle_issued(&self, event: IssuedEvent) {
         let _ = event;
     }
 
     /// A lease was renewed: its role's `VALID UNTIL` moved.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{Broker, HandleEvent, RenewedEvent};
+    ///
+    /// #[derive(Debug)]
+    /// struct WatchCeiling;
+    ///
+    /// impl HandleEvent for WatchCeiling {
+    ///     fn handle_renewed(&self, event: RenewedEvent) {
+    ///         if event.lease.expires_at() == event.lease.max_expires_at() {
+    ///             println!("lease {} reached its max: it cannot be renewed again", event.lease.id());
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let builder = Broker::builder().event_handler(WatchCeiling);
+    /// ```
     fn handle_renewed(&self, event: RenewedEvent) {
         let _ = event;
     }
 
     /// A [`RolePool`](crate::RolePool) replaced its credential: new connections use the new lease, and the old
     /// one is revoked once its last connection is returned (or at its end).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{Broker, HandleEvent, RotatedEvent};
+    ///
+    /// #[derive(Debug)]
+    /// struct LogRotations;
+    ///
+    /// impl HandleEvent for LogRotations {
+    ///     fn handle_rotated(&self, event: RotatedEvent) {
+    ///         println!("pool of {}: {} -> {}", event.new.role(), event.old.username(), event.new.username());
+    ///     }
+    /// }
+    ///
+    /// let builder = Broker::builder().event_handler(LogRotations);
+    /// ```
     fn handle_rotated(&self, event: RotatedEvent) {
         let _ = event;
     }
 
     /// A lease was revoked before its end: its role is gone (or, for [`RevokeCause::Forced`], forgotten).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{Broker, HandleEvent, RevokedEvent};
+    ///
+    /// #[derive(Debug)]
+    /// struct WatchForced;
+    ///
+    /// impl HandleEvent for WatchForced {
+    ///     fn handle_revoked(&self, event: RevokedEvent) {
+    ///         if !event.role_dropped {
+    ///             eprintln!("role {} was forgotten, not dropped: drop it by hand", event.lease.username());
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let builder = Broker::builder().event_handler(WatchForced);
+    /// ```
     fn handle_revoked(&self, event: RevokedEvent) {
         let _ = event;
     }
 
     /// A lease reached its end and the sweeper dropped its role.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{Broker, ExpiredEvent, HandleEvent};
+    /// use std::time::Duration;
+    ///
+    /// #[derive(Debug)]
+    /// struct WatchLateness;
+    ///
+    /// impl HandleEvent for WatchLateness {
+    ///     fn handle_expired(&self, event: ExpiredEvent) {
+    ///         let late = event.revoked_at.duration_since(event.lease.expires_at()).unwrap_or_default();
+    ///         if late > Duration::from_secs(10) {
+    ///             eprintln!("lease {} was dropped {late:?} after its end", event.lease.id());
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let builder = Broker::builder().event_handler(WatchLateness);
+    /// ```
     fn handle_expired(&self, event: ExpiredEvent) {
         let _ = event;
     }
@@ -57,12 +193,55 @@ pub trait HandleEvent: fmt::Debug + Send + Sync + 'static {
     /// that created it): the lease has left the table, [`Broker::renew`](crate::Broker::renew) of it fails with
     /// [`ErrorKind::LeaseLost`](crate::ErrorKind::LeaseLost), and a [`RolePool`](crate::RolePool) holding it
     /// obtains a new credential.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{Broker, HandleEvent, LostEvent};
+    ///
+    /// #[derive(Debug)]
+    /// struct WarnLost;
+    ///
+    /// impl HandleEvent for WarnLost {
+    ///     fn handle_lost(&self, event: LostEvent) {
+    ///         // Whoever holds this credential can no longer log in with it: tell them to call `creds` again.
+    ///         eprintln!("failover lost {} ({}) at {:?}", event.lease.id(), event.lease.username(), event.detected_at);
+    ///     }
+    /// }
+    ///
+    /// let builder = Broker::builder().event_handler(WarnLost);
+    /// ```
     fn handle_lost(&self, event: LostEvent) {
         let _ = event;
     }
 
     /// Dropping a lease's role failed; the lease stays in the table and is retried at
     /// [`RevocationFailedEvent::retry_at`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{Broker, HandleEvent, RevocationFailedEvent};
+    ///
+    /// #[derive(Debug)]
+    /// struct Alert;
+    ///
+    /// impl HandleEvent for Alert {
+    ///     fn handle_revocation_failed(&self, event: RevocationFailedEvent) {
+    ///         // The first failures are often a lock held for a moment; page someone only when it persists.
+    ///         if event.lease.revocation_attempts() >= 5 {
+    ///             eprintln!(
+    ///                 "role {} still not dropped after {} attempts: {}",
+    ///                 event.lease.username(),
+    ///                 event.lease.revocation_attempts(),
+    ///                 event.lease.last_error().unwrap_or("unknown error"),
+    ///             );
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// let builder = Broker::builder().event_handler(Alert);
+    /// ```
     fn handle_revocation_failed(&self, event: RevocationFailedEvent) {
         let _ = event;
     }
@@ -70,32 +249,119 @@ pub trait HandleEvent: fmt::Debug + Send + Sync + 'static {
     /// [`build`](crate::BrokerBuilder::build) put a live lease that an earlier run of this instance issued back
     /// in the table ([`RecoveryMode::Adopt`](crate::RecoveryMode::Adopt)); its end is later a revoked or expired
     /// event like any other lease's.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{AdoptedEvent, Broker, HandleEvent};
+    ///
+    /// #[derive(Debug)]
+    /// struct LogAdopted;
+    ///
+    /// impl HandleEvent for LogAdopted {
+    ///     fn handle_adopted(&self, event: AdoptedEvent) {
+    ///         println!("kept {} from the last run, valid until {:?}", event.lease.username(), event.lease.expires_at());
+    ///     }
+    /// }
+    ///
+    /// let builder = Broker::builder().event_handler(LogAdopted);
+    /// ```
     fn handle_adopted(&self, event: AdoptedEvent) {
         let _ = event;
     }
 
     /// The broker dropped a credential role that no lease of its table held: one an earlier run of this
     /// instance left, at [`build`](crate::BrokerBuilder::build), or an orphan (see [`DropCause`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{Broker, HandleEvent, RoleDroppedEvent};
+    ///
+    /// #[derive(Debug)]
+    /// struct LogDropped;
+    ///
+    /// impl HandleEvent for LogDropped {
+    ///     fn handle_role_dropped(&self, event: RoleDroppedEvent) {
+    ///         let instance = event.instance.as_deref().unwrap_or("an unknown instance");
+    ///         println!("dropped {} of {instance} ({})", event.username, event.cause);
+    ///     }
+    /// }
+    ///
+    /// let builder = Broker::builder().event_handler(LogDropped);
+    /// ```
     fn handle_role_dropped(&self, event: RoleDroppedEvent) {
         let _ = event;
     }
 }
 
 /// The default handler: ignores every event.
+///
+/// # Examples
+///
+/// A broker built without [`event_handler`](crate::BrokerBuilder::event_handler) uses it; naming it is the same:
+///
+/// ```no_run
+/// use credbroker::{Broker, NopEventHandler};
+///
+/// let broker = Broker::builder()
+///     .connection("host=localhost user=username password=password")
+///     .event_handler(NopEventHandler)
+///     .build()?;
+/// // Counts are kept all the same:
+/// assert_eq!(broker.stats().issued, 0);
+/// # Ok::<(), credbroker::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NopEventHandler;
 
 impl HandleEvent for NopEventHandler {}
 
 /// See [`HandleEvent::handle_issued`].
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{HandleEvent, IssuedEvent};
+/// use std::collections::HashMap;
+/// use std::sync::Mutex;
+///
+/// /// Credentials issued per role, for a dashboard.
+/// #[derive(Debug, Default)]
+/// struct IssuedPerRole(Mutex<HashMap<String, u64>>);
+///
+/// impl HandleEvent for IssuedPerRole {
+///     fn handle_issued(&self, event: IssuedEvent) {
+///         *self.0.lock().unwrap().entry(event.lease.role().to_owned()).or_default() += 1;
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct IssuedEvent {
     /// The new lease.
     pub lease: Lease,
 }
 
 /// See [`HandleEvent::handle_renewed`].
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{HandleEvent, RenewedEvent};
+///
+/// #[derive(Debug)]
+/// struct LogRenewals;
+///
+/// impl HandleEvent for LogRenewals {
+///     fn handle_renewed(&self, event: RenewedEvent) {
+///         let gained = event.lease.expires_at().duration_since(event.previous_expires_at).unwrap_or_default();
+///         println!("{} renewed: {gained:?} more", event.lease.id());
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RenewedEvent {
     /// The lease after the renewal.
     pub lease: Lease,
@@ -104,7 +370,29 @@ pub struct RenewedEvent {
 }
 
 /// See [`HandleEvent::handle_rotated`].
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{HandleEvent, RotatedEvent};
+///
+/// #[derive(Debug)]
+/// struct LogRotations;
+///
+/// impl HandleEvent for LogRotations {
+///     fn handle_rotated(&self, event: RotatedEvent) {
+///         println!(
+///             "pool of {} rotated from {} (ends {:?}) to {}",
+///             event.new.role(),
+///             event.old.id(),
+///             event.old.expires_at(),
+///             event.new.id(),
+///         );
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RotatedEvent {
     /// The lease the pool stopped using for new connections.
     pub old: Lease,
@@ -112,7 +400,30 @@ pub struct RotatedEvent {
     pub new: Lease,
 }
 
-/// LeaseEnd a lease was revoked before its end.
+/// Why a lease was revoked before its end.
+///
+/// Its `Display` is the `cause` label of the metrics (`requested`, `pool closed`, …). More causes may come: match
+/// with a `_` arm.
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{HandleEvent, RevokeCause, RevokedEvent};
+///
+/// #[derive(Debug)]
+/// struct LogRevocations;
+///
+/// impl HandleEvent for LogRevocations {
+///     fn handle_revoked(&self, event: RevokedEvent) {
+///         match event.cause {
+///             // Pools revoke their own leases all the time; nothing to report.
+///             RevokeCause::Rotated | RevokeCause::PoolClosed => {}
+///             RevokeCause::Forced => eprintln!("forced revocation of {}", event.lease.id()),
+///             cause => println!("revoked {} ({cause})", event.lease.id()),
+///         }
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RevokeCause {
@@ -145,11 +456,31 @@ impl fmt::Display for RevokeCause {
 }
 
 /// See [`HandleEvent::handle_revoked`].
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{HandleEvent, RevokedEvent};
+///
+/// #[derive(Debug)]
+/// struct LogRevoked;
+///
+/// impl HandleEvent for LogRevoked {
+///     fn handle_revoked(&self, event: RevokedEvent) {
+///         let early = event.lease.expires_at().duration_since(event.revoked_at).unwrap_or_default();
+///         println!("{} revoked ({}), {early:?} before its end", event.lease.username(), event.cause);
+///         if !event.role_dropped {
+///             eprintln!("role {} is still in PostgreSQL: drop it by hand", event.lease.username());
+///         }
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RevokedEvent {
     /// The lease, as it was when revoked.
     pub lease: Lease,
-    /// LeaseEnd.
+    /// Why.
     pub cause: RevokeCause,
     /// When the revocation completed.
     pub revoked_at: SystemTime,
@@ -159,7 +490,23 @@ pub struct RevokedEvent {
 }
 
 /// See [`HandleEvent::handle_expired`].
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{ExpiredEvent, HandleEvent};
+///
+/// #[derive(Debug)]
+/// struct LogExpired;
+///
+/// impl HandleEvent for LogExpired {
+///     fn handle_expired(&self, event: ExpiredEvent) {
+///         println!("{} expired; its role was dropped at {:?}", event.lease.id(), event.revoked_at);
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ExpiredEvent {
     /// The lease, as it was when it expired.
     pub lease: Lease,
@@ -168,7 +515,23 @@ pub struct ExpiredEvent {
 }
 
 /// See [`HandleEvent::handle_lost`].
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{HandleEvent, LostEvent};
+///
+/// #[derive(Debug)]
+/// struct LogLost;
+///
+/// impl HandleEvent for LogLost {
+///     fn handle_lost(&self, event: LostEvent) {
+///         eprintln!("{} lost in a failover (noticed at {:?})", event.lease.username(), event.detected_at);
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct LostEvent {
     /// The lease, as the table held it.
     pub lease: Lease,
@@ -177,13 +540,50 @@ pub struct LostEvent {
 }
 
 /// See [`HandleEvent::handle_adopted`].
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{AdoptedEvent, HandleEvent};
+///
+/// #[derive(Debug)]
+/// struct LogAdopted;
+///
+/// impl HandleEvent for LogAdopted {
+///     fn handle_adopted(&self, event: AdoptedEvent) {
+///         println!("adopted {} of role {}", event.lease.id(), event.lease.role());
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct AdoptedEvent {
     /// The lease, as read back from its role (`VALID UNTIL` and the broker's comment).
     pub lease: Lease,
 }
 
-/// LeaseEnd the broker dropped a role no lease of its table held.
+/// Why the broker dropped a role no lease of its table held.
+///
+/// Its `Display` is the `cause` label of the metrics. More causes may come: match with a `_` arm.
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{DropCause, HandleEvent, RoleDroppedEvent};
+///
+/// #[derive(Debug)]
+/// struct LogDropped;
+///
+/// impl HandleEvent for LogDropped {
+///     fn handle_role_dropped(&self, event: RoleDroppedEvent) {
+///         match event.cause {
+///             DropCause::Orphan => println!("swept orphan {} of {:?}", event.username, event.instance),
+///             DropCause::Failover => eprintln!("{} came back with a failover; dropped again", event.username),
+///             cause => println!("dropped {} at start ({cause})", event.username),
+///         }
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum DropCause {
@@ -214,7 +614,26 @@ impl fmt::Display for DropCause {
 }
 
 /// See [`HandleEvent::handle_role_dropped`].
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{HandleEvent, RoleDroppedEvent};
+///
+/// #[derive(Debug)]
+/// struct LogDropped;
+///
+/// impl HandleEvent for LogDropped {
+///     fn handle_role_dropped(&self, event: RoleDroppedEvent) {
+///         match (&event.lease_id, &event.role) {
+///             (Some(id), Some(role)) => println!("dropped {} (lease {id} of role {role})", event.username),
+///             _ => println!("dropped {}, which carried no lease the broker could read", event.username),
+///         }
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RoleDroppedEvent {
     /// The PostgreSQL role dropped.
     pub username: String,
@@ -227,14 +646,35 @@ pub struct RoleDroppedEvent {
     pub instance: Option<String>,
     /// Its lease's end (`VALID UNTIL`), if it had one.
     pub expires_at: Option<SystemTime>,
-    /// LeaseEnd it was dropped.
+    /// Why it was dropped.
     pub cause: DropCause,
     /// When.
     pub dropped_at: SystemTime,
 }
 
 /// See [`HandleEvent::handle_revocation_failed`].
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{HandleEvent, RevocationFailedEvent};
+///
+/// #[derive(Debug)]
+/// struct LogFailures;
+///
+/// impl HandleEvent for LogFailures {
+///     fn handle_revocation_failed(&self, event: RevocationFailedEvent) {
+///         eprintln!(
+///             "could not drop {} ({}); retrying at {:?}",
+///             event.lease.username(),
+///             event.lease.last_error().unwrap_or("unknown error"),
+///             event.retry_at,
+///         );
+///     }
+/// }
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RevocationFailedEvent {
     /// The lease; [`Lease::revocation_attempts`] counts this failure, and [`Lease::last_error`] is its error.
     pub lease: Lease,
@@ -244,6 +684,35 @@ pub struct RevocationFailedEvent {
 
 /// Counts of what the broker did since it was built, and where it stands: see
 /// [`Broker::stats`](crate::Broker::stats).
+///
+/// More fields may come, so it cannot be built with a struct literal outside this crate; `Stats::default()` is
+/// all zeros.
+///
+/// # Examples
+///
+/// A thread that polls the broker once a minute, reports what it did, and warns when revocation falls behind:
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+/// let broker = Arc::new(broker);
+/// let watched = Arc::clone(&broker);
+/// std::thread::spawn(move || loop {
+///     let stats = watched.stats();
+///     let live: usize = stats.live.values().sum();
+///     println!(
+///         "{live} live leases; {} issued, {} renewed, {} revoked, {} expired",
+///         stats.issued, stats.renewed, stats.revoked, stats.expired,
+///     );
+///     if stats.failing > 0 || stats.sweeper_lag > Duration::from_secs(5) {
+///         eprintln!("{} leases wait for a retry; the sweeper is {:?} late", stats.failing, stats.sweeper_lag);
+///     }
+///     std::thread::sleep(Duration::from_secs(60));
+/// });
+/// # Ok::<(), credbroker::Error>(())
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {

@@ -6,11 +6,43 @@ use crate::error::{Error, ErrorKind};
 
 /// Longest lease duration accepted anywhere: beyond it a typo (`from_millis` for `from_secs`, say) is likelier
 /// than intent, and timestamps stay far from overflow.
+///
+/// # Examples
+///
+/// Bounding a lease duration read from configuration before the builder refuses it:
+///
+/// ```
+/// use credbroker::MAX_LEASE;
+/// use std::time::Duration;
+///
+/// let hours: u64 = 36; // from a configuration file
+/// let max = Duration::from_secs(hours * 3600).min(MAX_LEASE);
+/// let builder = credbroker::Broker::builder().lease(Duration::from_secs(3600), max);
+/// ```
 pub const MAX_LEASE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// A lease on one issued credential, as the lease table holds it.
 ///
 /// Times are whole seconds: the role's `VALID UNTIL` in PostgreSQL is exactly [`Lease::expires_at`].
+///
+/// # Examples
+///
+/// Reading when a credential expires, and renewing it while it can still be renewed:
+///
+/// ```no_run
+/// use std::time::{Duration, SystemTime};
+///
+/// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+/// let creds = broker.creds("readonly")?;
+/// let lease = broker.lease(creds.lease_id()).expect("just issued");
+/// let left = lease.expires_at().duration_since(SystemTime::now()).unwrap_or_default();
+/// println!("{} is valid for {left:?} more", lease.username());
+/// if lease.expires_at() < lease.max_expires_at() {
+///     let lease = broker.renew(lease.id(), Some(Duration::from_secs(3600)))?;
+///     println!("now valid until {}", humantime::format_rfc3339_seconds(lease.expires_at()));
+/// }
+/// # Ok::<(), credbroker::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub(crate) id: String,
@@ -25,41 +57,157 @@ pub struct Lease {
 
 impl Lease {
     /// The lease id, `postgresql/creds/<role>/<random id>`.
+    ///
+    /// # Examples
+    ///
+    /// Revoking every lease of one role, one at a time:
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// for lease in broker.leases().iter().filter(|l| l.role() == "batch") {
+    ///     broker.revoke(lease.id())?;
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn id(&self) -> &str {
         &self.id
     }
 
     /// The name of the broker role the credential was issued for.
+    ///
+    /// # Examples
+    ///
+    /// Counting live leases by role:
+    ///
+    /// ```no_run
+    /// use std::collections::BTreeMap;
+    ///
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let mut per_role: BTreeMap<String, usize> = BTreeMap::new();
+    /// for lease in broker.leases() {
+    ///     *per_role.entry(lease.role().to_owned()).or_default() += 1;
+    /// }
+    /// // The same counts as broker.stats().live
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn role(&self) -> &str {
         &self.role
     }
 
     /// The PostgreSQL login role (user name) of the credential.
+    ///
+    /// # Examples
+    ///
+    /// Finding the lease behind a user name seen in `pg_stat_activity` or a server log:
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let suspicious = "readonly-1764342245-k3j9x0c2m5q8w1e4";
+    /// if let Some(lease) = broker.leases().into_iter().find(|l| l.username() == suspicious) {
+    ///     broker.revoke(lease.id())?;
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn username(&self) -> &str {
         &self.username
     }
 
     /// When the credential was issued.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::SystemTime;
+    ///
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// # let id = "postgresql/creds/readonly/00000000-0000-0000-0000-000000000000";
+    /// if let Some(lease) = broker.lease(id) {
+    ///     let age = SystemTime::now().duration_since(lease.issued_at()).unwrap_or_default();
+    ///     println!("{} was issued {age:?} ago", lease.username());
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn issued_at(&self) -> SystemTime {
         self.issued_at
     }
 
     /// When the lease ends: the role's `VALID UNTIL`, and the time the sweeper revokes it.
+    ///
+    /// # Examples
+    ///
+    /// Leases that end within the next five minutes:
+    ///
+    /// ```no_run
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let soon = SystemTime::now() + Duration::from_secs(300);
+    /// for lease in broker.leases().iter().filter(|l| l.expires_at() <= soon) {
+    ///     println!("{} ends at {}", lease.id(), humantime::format_rfc3339_seconds(lease.expires_at()));
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn expires_at(&self) -> SystemTime {
         self.expires_at
     }
 
     /// The latest [`Lease::expires_at`] renewals can reach: issue time plus the max lease.
+    ///
+    /// # Examples
+    ///
+    /// Whether a renewal can still add time, or a new credential is needed:
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// # let id = "postgresql/creds/readonly/00000000-0000-0000-0000-000000000000";
+    /// let lease = broker.renew(id, None)?;
+    /// if lease.expires_at() == lease.max_expires_at() {
+    ///     let next = broker.creds(lease.role())?; // switch to it before this lease ends
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn max_expires_at(&self) -> SystemTime {
         self.max_expires_at
     }
 
     /// How many revocations of this lease have failed so far (0 for a lease nobody tried to revoke).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// for lease in broker.failed_leases() {
+    ///     if lease.revocation_attempts() > 10 {
+    ///         eprintln!("{} keeps failing: {}", lease.username(), lease.last_error().unwrap_or_default());
+    ///     }
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn revocation_attempts(&self) -> u32 {
         self.revocation_attempts
     }
 
     /// The error of the last failed revocation, if any.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// for lease in broker.failed_leases() {
+    ///     if let Some(error) = lease.last_error() {
+    ///         eprintln!("{} not dropped yet: {error}", lease.username());
+    ///     }
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn last_error(&self) -> Option<&str> {
         self.last_error.as_deref()
     }

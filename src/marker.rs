@@ -21,9 +21,42 @@ use crate::error::{Error, ErrorKind};
 use crate::sql;
 
 /// The marker role's name unless [`BrokerBuilder::marker_role`](crate::BrokerBuilder::marker_role) says otherwise.
+///
+/// # Examples
+///
+/// Every credential role is a member of the marker role, so an operator can count them from any session:
+///
+/// ```no_run
+/// use credbroker::DEFAULT_MARKER_ROLE;
+///
+/// let mut admin = postgres::Client::connect("host=localhost user=username password=password", postgres::NoTls)?;
+/// let credentials: i64 = admin
+///     .query_one(
+///         "SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.roleid WHERE r.rolname = $1",
+///         &[&DEFAULT_MARKER_ROLE],
+///     )?
+///     .get(0);
+/// println!("{credentials} credential roles exist");
+/// # Ok::<(), postgres::Error>(())
+/// ```
 pub const DEFAULT_MARKER_ROLE: &str = "credbroker_lease";
 
 /// Longest instance name: it goes into every role comment.
+///
+/// # Examples
+///
+/// An instance name made from a pod's name, which may be longer:
+///
+/// ```
+/// use credbroker::{Broker, MAX_INSTANCE_NAME_LEN};
+///
+/// let pod = "orders-api-7c9f8d6b5-x2k4q.orders.svc.cluster.local.with.a.very.long.suffix.example";
+/// let name: String = pod.chars().take(MAX_INSTANCE_NAME_LEN).collect();
+/// assert_eq!(name.len(), MAX_INSTANCE_NAME_LEN);
+/// let builder = Broker::builder()
+///     .connection("host=localhost user=username password=password")
+///     .instance_name(name);
+/// ```
 pub const MAX_INSTANCE_NAME_LEN: usize = 63;
 
 /// The first word of every comment the broker writes.
@@ -145,6 +178,19 @@ pub(crate) fn default_instance_name() -> String {
 /// member holds it on every credential of every instance, so the living can drop a dead instance's expired roles
 /// (the orphan sweep) whoever created them. `NOINHERIT` keeps the members from taking on the credentials'
 /// privileges through the group.
+///
+/// # Examples
+///
+/// The `GRANT` that lets the admin user of a new instance sweep the roles of the others:
+///
+/// ```
+/// use credbroker::{admin_group, DEFAULT_MARKER_ROLE};
+///
+/// let group = admin_group(DEFAULT_MARKER_ROLE);
+/// assert_eq!(group, "credbroker_lease_admin");
+/// println!(r#"GRANT "{group}" TO broker_admin_2;"#);
+/// ```
+#[must_use]
 pub fn admin_group(marker: &str) -> String {
     const SUFFIX: &str = "_admin";
     let mut end = marker.len().min(63 - SUFFIX.len());

@@ -20,6 +20,25 @@ use crate::sql;
 
 /// The role that receives a revoked credential's objects unless
 /// [`BrokerBuilder::reassign_owned_to`](crate::BrokerBuilder::reassign_owned_to) says otherwise.
+///
+/// # Examples
+///
+/// Listing the tables that revoked credentials left behind, for an operator to keep or drop:
+///
+/// ```no_run
+/// use credbroker::DEFAULT_OWNER_ROLE;
+///
+/// let mut admin = postgres::Client::connect("host=localhost user=username password=password", postgres::NoTls)?;
+/// for row in admin.query(
+///     "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner \
+///      WHERE r.rolname = $1 AND c.relkind = 'r'",
+///     &[&DEFAULT_OWNER_ROLE],
+/// )? {
+///     let table: String = row.get(0);
+///     println!("left by a revoked credential: {table}");
+/// }
+/// # Ok::<(), postgres::Error>(())
+/// ```
 pub const DEFAULT_OWNER_ROLE: &str = "credbroker_owner";
 
 /// The owner role as the catalog describes it, seen from the admin.

@@ -9,9 +9,33 @@ use crate::credential::{os_random, random_string};
 use crate::error::{Error, ErrorKind};
 
 /// The least entropy a policy may have, in bits.
+///
+/// # Examples
+///
+/// Checking a policy from configuration at start, before [`Broker::write_role`](crate::Broker::write_role)
+/// would refuse it:
+///
+/// ```
+/// use credbroker::{PasswordPolicy, MIN_PASSWORD_BITS};
+///
+/// let digits_only = PasswordPolicy::new(30).charset("0123456789", 0);
+/// assert!(digits_only.entropy_bits() < MIN_PASSWORD_BITS); // 30 × log2(10) ≈ 100 bits
+/// let longer = PasswordPolicy::new(40).charset("0123456789", 0);
+/// assert!(longer.entropy_bits() >= MIN_PASSWORD_BITS); // ≈ 133 bits
+/// ```
 pub const MIN_PASSWORD_BITS: f64 = 128.0;
 
 /// The longest password a policy may ask for.
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::{PasswordPolicy, MAX_PASSWORD_LEN};
+///
+/// let wanted = 4096; // from a configuration file
+/// let policy = PasswordPolicy::new(wanted.min(MAX_PASSWORD_LEN)).charset("abcdefghijklmnopqrstuvwxyz", 0);
+/// assert_eq!(policy.length(), MAX_PASSWORD_LEN);
+/// ```
 pub const MAX_PASSWORD_LEN: usize = 1024;
 
 /// A password policy, after Vault's: a length and character sets, each with a minimum count.
@@ -20,6 +44,10 @@ pub const MAX_PASSWORD_LEN: usize = 1024;
 /// all from the OS CSPRNG, so every password satisfies every set. A policy is refused when written (at
 /// [`Broker::write_role`](crate::Broker::write_role)) if it has less than 128 bits of entropy, counted without
 /// credit for what the minimums force: `Σ min·log2|set| + (length − Σ min)·log2|union|`.
+///
+/// # Examples
+///
+/// A policy for a server whose rules ask for one character of each class:
 ///
 /// ```
 /// use credbroker::{PasswordPolicy, Role};
@@ -40,6 +68,16 @@ pub struct PasswordPolicy {
 
 impl PasswordPolicy {
     /// A policy for passwords of `length` characters; add at least one set with [`PasswordPolicy::charset`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::PasswordPolicy;
+    ///
+    /// let policy = PasswordPolicy::new(32).charset("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789", 0);
+    /// assert_eq!(policy.length(), 32);
+    /// ```
+    #[must_use]
     pub fn new(length: usize) -> PasswordPolicy {
         PasswordPolicy {
             length,
@@ -49,17 +87,55 @@ impl PasswordPolicy {
 
     /// Adds a character set (printable ASCII, no space) and how many of its characters every password holds at
     /// least (0 for none required).
+    ///
+    /// # Examples
+    ///
+    /// Letters and digits, with at least two symbols a legacy tool insists on:
+    ///
+    /// ```
+    /// use credbroker::PasswordPolicy;
+    ///
+    /// let policy = PasswordPolicy::new(28)
+    ///     .charset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", 0)
+    ///     .charset("!#$%&*+-=?@^_", 2);
+    /// assert!(policy.entropy_bits() >= 128.0);
+    /// ```
+    #[must_use = "a PasswordPolicy is built by value: this returns the changed policy, and the one it was called on is gone"]
     pub fn charset(mut self, chars: impl Into<String>, min: usize) -> PasswordPolicy {
         self.charsets.push((chars.into(), min));
         self
     }
 
     /// The password length.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::PasswordPolicy;
+    ///
+    /// assert_eq!(PasswordPolicy::new(24).length(), 24);
+    /// ```
+    #[must_use]
     pub fn length(&self) -> usize {
         self.length
     }
 
     /// The entropy the broker credits this policy with, in bits (see the type's documentation).
+    ///
+    /// # Examples
+    ///
+    /// Minimums earn no extra credit: the forced characters count at their own set's size.
+    ///
+    /// ```
+    /// use credbroker::PasswordPolicy;
+    ///
+    /// let lower = "abcdefghijklmnopqrstuvwxyz";
+    /// let free = PasswordPolicy::new(30).charset(lower, 0).charset("0123456789", 0);
+    /// let forced = PasswordPolicy::new(30).charset(lower, 0).charset("0123456789", 10);
+    /// assert!((free.entropy_bits() - 30.0 * 36f64.log2()).abs() < 1e-9);
+    /// assert!(forced.entropy_bits() < free.entropy_bits());
+    /// ```
+    #[must_use]
     pub fn entropy_bits(&self) -> f64 {
         let union = self.union().len() as f64;
         let mut forced: usize = 0;

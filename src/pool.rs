@@ -47,6 +47,27 @@ const TRUST_IDLE_FOR: Duration = Duration::from_millis(500);
 /// | [`connection_timeout`](PoolOptions::connection_timeout) | 30 seconds |
 /// | [`rotate_before`](PoolOptions::rotate_before) | a third of the role's max lease, at most 1 hour |
 /// | [`on_drop`](PoolOptions::on_drop) | the broker's [`shutdown_mode`](crate::BrokerBuilder::shutdown_mode) |
+///
+/// The same options serve [`Broker::sqlx_pool`](crate::Broker::sqlx_pool) and
+/// [`Broker::deadpool`](crate::Broker::deadpool) (features `sqlx` and `deadpool`).
+///
+/// # Examples
+///
+/// A pool of up to 20 connections to database `orders`, which waits at most 5 seconds for a connection:
+///
+/// ```no_run
+/// use credbroker::PoolOptions;
+/// use std::time::Duration;
+///
+/// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+/// let options = PoolOptions::new()
+///     .max_size(20)
+///     .min_idle(2)
+///     .database("orders")
+///     .connection_timeout(Duration::from_secs(5));
+/// let pool = broker.pool_with("orders_rw", options)?;
+/// # Ok::<(), credbroker::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
     pub(crate) max_size: u32,
@@ -72,11 +93,30 @@ impl Default for PoolOptions {
 
 impl PoolOptions {
     /// The defaults listed on [`PoolOptions`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::PoolOptions;
+    ///
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// // The same as broker.pool("readonly"):
+    /// let pool = broker.pool_with("readonly", PoolOptions::new())?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn new() -> PoolOptions {
         PoolOptions::default()
     }
 
     /// Most connections open at once (at least 1).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let options = credbroker::PoolOptions::new().max_size(32);
+    /// ```
+    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn max_size(mut self, size: u32) -> PoolOptions {
         self.max_size = size;
         self
@@ -84,18 +124,52 @@ impl PoolOptions {
 
     /// How many idle connections the pool keeps open, ready for use (at most `max_size`). After a rotation they
     /// are opened again with the new credential.
+    ///
+    /// # Examples
+    ///
+    /// A pool for a rarely used admin page, which opens connections only when asked:
+    ///
+    /// ```
+    /// let options = credbroker::PoolOptions::new().max_size(2).min_idle(0);
+    /// ```
+    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn min_idle(mut self, idle: u32) -> PoolOptions {
         self.min_idle = idle;
         self
     }
 
     /// The database the connections use.
+    ///
+    /// # Examples
+    ///
+    /// One broker (its admin connection to database `postgres`), pools on two application databases:
+    ///
+    /// ```no_run
+    /// use credbroker::PoolOptions;
+    ///
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let orders = broker.pool_with("app", PoolOptions::new().database("orders"))?;
+    /// let billing = broker.pool_with("app", PoolOptions::new().database("billing"))?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn database(mut self, database: impl Into<String>) -> PoolOptions {
         self.database = Some(database.into());
         self
     }
 
     /// How long [`RolePool::get`] waits for a connection before failing (more than zero, at most 1 hour).
+    ///
+    /// # Examples
+    ///
+    /// A web handler that would rather fail fast than queue:
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let options = credbroker::PoolOptions::new().connection_timeout(Duration::from_millis(500));
+    /// ```
+    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn connection_timeout(mut self, timeout: Duration) -> PoolOptions {
         self.connection_timeout = timeout;
         self
@@ -104,6 +178,23 @@ impl PoolOptions {
     /// How long before its lease's max the pool rotates to a new credential. This is also how long a connection
     /// checked out just before a rotation may stay checked out: at the old lease's max its role is dropped and
     /// its sessions are ended. At least 1 second, and less than the role's max lease.
+    ///
+    /// # Examples
+    ///
+    /// A pool whose connections may be checked out for up to 2 hours (a long report) before a rotation ends
+    /// them; the role's max lease must be longer than that:
+    ///
+    /// ```no_run
+    /// use credbroker::{PoolOptions, Role};
+    /// use std::time::Duration;
+    ///
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let hour = Duration::from_secs(3600);
+    /// broker.write_role("reports", Role::new().lease(hour, 12 * hour))?;
+    /// let pool = broker.pool_with("reports", PoolOptions::new().rotate_before(2 * hour))?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn rotate_before(mut self, before: Duration) -> PoolOptions {
         self.rotate_before = Some(before);
         self
@@ -112,6 +203,18 @@ impl PoolOptions {
     /// What dropping the last handle of the pool does with its leases: [`ShutdownMode::Revoke`] revokes them
     /// (ending connections still checked out), [`ShutdownMode::Keep`] leaves them to expire (the sweeper then
     /// drops their roles). The timeout of `Revoke` is not used: the pool's few leases are revoked at once.
+    ///
+    /// # Examples
+    ///
+    /// A pool whose credentials are gone the moment the pool is:
+    ///
+    /// ```
+    /// use credbroker::{PoolOptions, ShutdownMode};
+    /// use std::time::Duration;
+    ///
+    /// let options = PoolOptions::new().on_drop(ShutdownMode::Revoke { timeout: Duration::ZERO });
+    /// ```
+    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn on_drop(mut self, mode: ShutdownMode) -> PoolOptions {
         self.on_drop = Some(mode);
         self
@@ -450,7 +553,7 @@ impl Drop for LeaseConnection {
     }
 }
 
-/// LeaseEnd r2d2 let go of a connection or could not open one: [`PoolErrors`] tells the routine from the failures by
+/// Why r2d2 let go of a connection or could not open one: [`PoolErrors`] tells the routine from the failures by
 /// kind, not by message.
 #[derive(Debug)]
 pub(crate) enum ManagerError {
@@ -581,6 +684,37 @@ impl r2d2::HandleError<ManagerError> for PoolErrors {
 /// time (two for a moment around a rotation), renews it in the background, and rotates to a new credential
 /// before the lease reaches its max, without ever closing a connection that is checked out. Dropping the last
 /// handle stops the renewals and, as [`PoolOptions::on_drop`] says, revokes or keeps the leases.
+///
+/// # Examples
+///
+/// Share the pool with worker threads, query through it, and watch its lease and its connections:
+///
+/// ```no_run
+/// use std::time::SystemTime;
+///
+/// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+/// let pool = broker.pool("readonly")?;
+/// let workers: Vec<_> = (0..4i64)
+///     .map(|i| {
+///         let pool = pool.clone();
+///         std::thread::spawn(move || -> Result<i64, Box<dyn std::error::Error + Send + Sync>> {
+///             let mut client = pool.get()?;
+///             Ok(client.query_one("SELECT $1::int8 * 2", &[&i])?.get(0))
+///         })
+///     })
+///     .collect();
+/// for worker in workers {
+///     println!("{:?}", worker.join().unwrap());
+/// }
+///
+/// if let Some(lease) = pool.lease() {
+///     let left = lease.expires_at().duration_since(SystemTime::now()).unwrap_or_default();
+///     println!("pool of {} logs in as {}, renewed in the background; {left:?} left", pool.role(), lease.username());
+/// }
+/// let (open, idle) = pool.connections();
+/// println!("{open} connections open, {idle} idle");
+/// # Ok::<(), credbroker::Error>(())
+/// ```
 #[derive(Clone)]
 pub struct RolePool {
     handle: Arc<PoolHandle>,
@@ -663,6 +797,25 @@ impl RolePool {
     /// Inside a tokio runtime it works too, blocking the calling worker thread while it waits; but the
     /// [`postgres::Client`] it hands out blocks on every query, and the `postgres` crate panics when a query
     /// runs on a runtime's worker thread: use it inside `tokio::task::spawn_blocking`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::ErrorKind;
+    ///
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// # let pool = broker.pool("readonly")?;
+    /// match pool.get() {
+    ///     Ok(mut client) => {
+    ///         let rows = client.query("SELECT id, name FROM customers WHERE active", &[])?;
+    ///         println!("{} active customers", rows.len());
+    ///     } // the connection goes back to the pool here
+    ///     // The server is down, or every connection is busy: answer "try again later".
+    ///     Err(e) if e.kind() == ErrorKind::Connection => eprintln!("{e}"),
+    ///     Err(e) => return Err(e.into()),
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn get(&self) -> Result<PooledClient, Error> {
         off_runtime(|| self.get_here())
     }
@@ -695,22 +848,78 @@ impl RolePool {
     }
 
     /// The broker role this pool's credentials are issued for.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let pool = broker.pool("readonly")?;
+    /// assert_eq!(pool.role(), "readonly");
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn role(&self) -> &str {
         &self.handle.generations.role
     }
 
     /// The lease new connections log in with.
+    ///
+    /// # Examples
+    ///
+    /// The id changes when the pool rotates to a new credential:
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let pool = broker.pool("readonly")?;
+    /// let before = pool.lease_id();
+    /// // ... later ...
+    /// if pool.lease_id() != before {
+    ///     println!("the pool has rotated away from {before}");
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn lease_id(&self) -> String {
         self.handle.generations.current().lease_id.clone()
     }
 
     /// The lease new connections log in with, as the broker's lease table holds it (`None` if it has just been
     /// revoked or has expired, and the pool is about to rotate).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let pool = broker.pool("readonly")?;
+    /// if let Some(lease) = pool.lease() {
+    ///     println!(
+    ///         "{} valid until {}, rotated before {}",
+    ///         lease.username(),
+    ///         humantime::format_rfc3339_seconds(lease.expires_at()),
+    ///         humantime::format_rfc3339_seconds(lease.max_expires_at()),
+    ///     );
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn lease(&self) -> Option<Lease> {
         self.handle.shared.leases.lease(&self.lease_id())
     }
 
     /// Open connections and idle connections, as r2d2 counts them.
+    ///
+    /// # Examples
+    ///
+    /// A gauge for a dashboard:
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// let pool = broker.pool("readonly")?;
+    /// let (open, idle) = pool.connections();
+    /// println!("readonly pool: {} in use, {idle} idle", open - idle);
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn connections(&self) -> (u32, u32) {
         let state = self.handle.pool.state();
         (state.connections, state.idle_connections)
@@ -760,22 +969,84 @@ impl PoolHandle {
 
 /// A connection checked out of a [`RolePool`]; use it as a [`postgres::Client`]. Dropping it returns it to the
 /// pool (or closes it, if the pool has rotated to a new credential meanwhile).
+///
+/// # Examples
+///
+/// ```no_run
+/// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+/// # let pool = broker.pool("readonly")?;
+/// let mut client = pool.get()?;
+/// // Every postgres::Client method, through DerefMut:
+/// let mut tx = client.transaction()?;
+/// tx.execute("UPDATE jobs SET state = 'done' WHERE id = $1", &[&42i64])?;
+/// tx.commit()?;
+/// println!("as {} under lease {}", client.username(), client.lease_id());
+/// drop(client); // back to the pool
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct PooledClient {
     conn: r2d2::PooledConnection<LeaseManager>,
 }
 
 impl PooledClient {
     /// The lease this connection logged in with (its `application_name` is this id, or its last 63 bytes).
+    ///
+    /// # Examples
+    ///
+    /// Tagging a slow query in the application's log with the lease to look for in `pg_stat_activity`:
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// # let pool = broker.pool("readonly")?;
+    /// let mut client = pool.get()?;
+    /// let started = std::time::Instant::now();
+    /// client.batch_execute("REFRESH MATERIALIZED VIEW daily_totals")?;
+    /// println!("refresh took {:?} (application_name {})", started.elapsed(), client.lease_id());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn lease_id(&self) -> &str {
         &self.conn.generation.lease_id
     }
 
     /// The PostgreSQL user this connection logged in as.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// # let pool = broker.pool("readonly")?;
+    /// let mut client = pool.get()?;
+    /// let session_user: String = client.query_one("SELECT session_user::text", &[])?.get(0);
+    /// assert_eq!(session_user, client.username());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn username(&self) -> &str {
         &self.conn.generation.username
     }
 
     /// Whether the pool has rotated away from this connection's credential: it is closed when returned.
+    ///
+    /// # Examples
+    ///
+    /// A worker that holds a connection for a long time and gives it back once it is retired, before the old
+    /// lease reaches its max and its sessions are ended:
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// # let pool = broker.pool("readonly")?;
+    /// let mut client = pool.get()?;
+    /// loop {
+    ///     client.batch_execute("SELECT pg_sleep(1)")?; // a unit of work
+    ///     if client.is_retired() {
+    ///         client = pool.get()?; // the old connection is closed, the new one uses the new credential
+    ///     }
+    /// #   break;
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn is_retired(&self) -> bool {
         self.conn.generation.is_retired()
     }

@@ -27,7 +27,28 @@ use crate::shared::Shared;
 use crate::sql;
 
 /// What [`build`](crate::BrokerBuilder::build) does with the live roles this instance issued before it started.
+///
+/// Set it with [`BrokerBuilder::recovery`](crate::BrokerBuilder::recovery); the default is
+/// [`Adopt`](RecoveryMode::Adopt). More modes may come: match with a `_` arm.
+///
+/// # Examples
+///
+/// A service whose credentials are handed to short-lived workers that do not survive a restart of the service
+/// anyway: revoke them all at start rather than adopt them.
+///
+/// ```no_run
+/// use credbroker::{Broker, RecoveryMode};
+///
+/// let broker = Broker::builder()
+///     .connection("host=localhost user=username password=password")
+///     .recovery(RecoveryMode::RevokeAll)
+///     .build()?;
+/// // The last run's live roles were dropped (each a `RoleDroppedEvent` with `DropCause::RevokeAll`), none adopted.
+/// assert_eq!(broker.stats().adopted, 0);
+/// # Ok::<(), credbroker::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum RecoveryMode {
     /// Put them back in the lease table: they are swept at their expiry and can be renewed and revoked by id.
     #[default]

@@ -18,13 +18,51 @@ use crate::template::{Placeholder, Template, Values};
 use crate::username::UsernameTemplate;
 
 /// The creation SQL of [`Role::new`]: a login role with the password and expiry, and nothing else.
+///
+/// # Examples
+///
+/// A role that grants more starts from this statement and adds to it:
+///
+/// ```
+/// use credbroker::{Role, DEFAULT_CREATION_SQL};
+///
+/// let reader = Role::new().creation_sql(format!(
+///     r#"{DEFAULT_CREATION_SQL} GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{{{{name}}}}";"#
+/// ));
+/// assert!(reader.get_creation_sql().starts_with("CREATE ROLE"));
+/// assert_eq!(Role::new().get_creation_sql(), DEFAULT_CREATION_SQL);
+/// ```
 pub const DEFAULT_CREATION_SQL: &str =
     r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"#;
 
 /// The longest role name [`Broker::write_role`](crate::Broker::write_role) accepts.
+///
+/// # Examples
+///
+/// Checking a role name that comes from configuration before handing it to the broker:
+///
+/// ```
+/// use credbroker::MAX_ROLE_NAME_LEN;
+///
+/// fn usable(name: &str) -> bool {
+///     (1..=MAX_ROLE_NAME_LEN).contains(&name.len())
+///         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+/// }
+/// assert!(usable("orders-readonly"));
+/// assert!(!usable(&"x".repeat(MAX_ROLE_NAME_LEN + 1)));
+/// ```
 pub const MAX_ROLE_NAME_LEN: usize = 32;
 
 /// A role definition: how to create, renew and revoke the PostgreSQL login role behind each credential.
+///
+/// A role is built by value: each setter takes it and returns it changed. Its getters are named `get_*`
+/// ([`get_group`](Role::get_group) beside the setter [`group`](Role::group)) because the setters hold the plain
+/// names, as [`std::process::Command`] has `arg` and `get_args`; the names are part of the API and stay.
+///
+/// Templates are checked when the role is written: placeholders by the parser, the SQL by PostgreSQL (run once
+/// in a transaction with sample values, then rolled back).
+///
+/// # Examples
 ///
 /// ```
 /// use credbroker::Role;
@@ -37,8 +75,16 @@ pub const MAX_ROLE_NAME_LEN: usize = 32;
 /// assert!(readonly.get_revocation_sql().is_none());
 /// ```
 ///
-/// Templates are checked when the role is written: placeholders by the parser, the SQL by PostgreSQL (run once
-/// in a transaction with sample values, then rolled back).
+/// Writing it to a broker checks it against the server; from then on, credentials of the role can be issued:
+///
+/// ```no_run
+/// # use credbroker::Role;
+/// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+/// # let readonly = Role::new();
+/// broker.write_role("readonly", readonly)?;
+/// let creds = broker.creds("readonly")?;
+/// # Ok::<(), credbroker::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Role {
     creation_sql: String,
@@ -60,6 +106,18 @@ impl Default for Role {
 impl Role {
     /// A role whose credentials are plain login roles with a password and `VALID UNTIL`, no other privileges,
     /// revoked by the broker's default revocation, with the broker's lease durations.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{Role, DEFAULT_CREATION_SQL};
+    ///
+    /// let role = Role::new();
+    /// assert_eq!(role.get_creation_sql(), DEFAULT_CREATION_SQL);
+    /// assert_eq!(role.get_lease(), None); // the broker's durations
+    /// assert_eq!(role, Role::default());
+    /// ```
+    #[must_use]
     pub fn new() -> Role {
         Role {
             creation_sql: DEFAULT_CREATION_SQL.to_owned(),
@@ -76,6 +134,22 @@ impl Role {
     /// Sets the SQL that creates a credential's role. It runs in one transaction; it must use `{{name}}`
     /// (or `{{username}}`) and may use `{{password}}` (a SCRAM-SHA-256 verifier, to be placed inside `'...'`)
     /// and `{{expiration}}` (a UTC timestamp with offset, inside `'...'`).
+    ///
+    /// # Examples
+    ///
+    /// A credential that may read every table of schema `public`:
+    ///
+    /// ```
+    /// use credbroker::Role;
+    ///
+    /// let reader = Role::new().creation_sql(
+    ///     r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';
+    ///        GRANT USAGE ON SCHEMA public TO "{{name}}";
+    ///        GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{{name}}";"#,
+    /// );
+    /// assert!(reader.get_creation_sql().contains("GRANT SELECT"));
+    /// ```
+    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn creation_sql(mut self, sql: impl Into<String>) -> Role {
         self.creation_sql = sql.into();
         self
@@ -83,7 +157,23 @@ impl Role {
 
     /// Sets the SQL that revokes a credential, run in one transaction after the broker has set the role
     /// `NOLOGIN` and ended its sessions. It may use only `{{name}}`, and must leave the role dropped. Without
-    /// it, the broker's default revocation runs: `REASSIGN OWNED` to the admin user, `DROP OWNED`, `DROP ROLE`.
+    /// it, the broker's default revocation runs: `REASSIGN OWNED` to the owner role
+    /// ([`BrokerBuilder::reassign_owned_to`](crate::BrokerBuilder::reassign_owned_to), by default
+    /// [`DEFAULT_OWNER_ROLE`](crate::DEFAULT_OWNER_ROLE)), `DROP OWNED`, `DROP ROLE`.
+    ///
+    /// # Examples
+    ///
+    /// A credential whose objects go to a team role instead of the broker's owner role:
+    ///
+    /// ```
+    /// use credbroker::Role;
+    ///
+    /// let role = Role::new().revocation_sql(
+    ///     r#"REASSIGN OWNED BY "{{name}}" TO reporting; DROP OWNED BY "{{name}}"; DROP ROLE "{{name}}";"#,
+    /// );
+    /// assert!(role.get_revocation_sql().is_some());
+    /// ```
+    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn revocation_sql(mut self, sql: impl Into<String>) -> Role {
         self.revocation_sql = Some(sql.into());
         self
@@ -91,6 +181,18 @@ impl Role {
 
     /// Sets the SQL that renews a credential; it may use `{{name}}` and `{{expiration}}`. Without it, the
     /// broker runs `ALTER ROLE ... VALID UNTIL`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::Role;
+    ///
+    /// let role = Role::new().renew_sql(
+    ///     r#"ALTER ROLE "{{name}}" VALID UNTIL '{{expiration}}'; ALTER ROLE "{{name}}" CONNECTION LIMIT 5;"#,
+    /// );
+    /// assert!(role.get_renew_sql().unwrap().contains("CONNECTION LIMIT"));
+    /// ```
+    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn renew_sql(mut self, sql: impl Into<String>) -> Role {
         self.renew_sql = Some(sql.into());
         self
@@ -98,6 +200,23 @@ impl Role {
 
     /// Overrides the broker's lease durations for this role: the lease a credential gets (and a renewal without
     /// an increment adds), and the longest a lease may live from its issue, renewals included.
+    ///
+    /// The max may not exceed the broker's ([`BrokerBuilder::lease`](crate::BrokerBuilder::lease)):
+    /// [`Broker::write_role`](crate::Broker::write_role) refuses such a role with
+    /// [`ErrorKind::InvalidConfig`].
+    ///
+    /// # Examples
+    ///
+    /// Short leases for a batch job, renewable up to two hours:
+    ///
+    /// ```
+    /// use credbroker::Role;
+    /// use std::time::Duration;
+    ///
+    /// let batch = Role::new().lease(Duration::from_secs(15 * 60), Duration::from_secs(2 * 3600));
+    /// assert_eq!(batch.get_lease(), Some((Duration::from_secs(900), Duration::from_secs(7200))));
+    /// ```
+    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn lease(mut self, default: Duration, max: Duration) -> Role {
         self.lease = Some((default, max));
         self
@@ -114,18 +233,31 @@ impl Role {
     /// group, the reassign owner). The admin needs the right to grant the group (superuser, `CREATEROLE` on
     /// PostgreSQL 14–15, ADMIN OPTION on the group on 16+, which the admin has if it created the group).
     ///
+    /// # Examples
+    ///
     /// ```
     /// use credbroker::Role;
     ///
     /// let orders = Role::new().group("orders");
     /// assert_eq!(orders.get_group(), Some("orders"));
     /// ```
+    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn group(mut self, group: impl Into<String>) -> Role {
         self.group = Some(group.into());
         self
     }
 
     /// The group role the credentials act as, if one was set with [`Role::group`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::Role;
+    ///
+    /// assert_eq!(Role::new().get_group(), None);
+    /// assert_eq!(Role::new().group("orders").get_group(), Some("orders"));
+    /// ```
+    #[must_use]
     pub fn get_group(&self) -> Option<&str> {
         self.group.as_deref()
     }
@@ -136,11 +268,14 @@ impl Role {
     /// [`Broker::write_role`](crate::Broker::write_role): names must fit 63 bytes for this role and the broker's
     /// instance name, and keep a random part of at least 64 bits.
     ///
+    /// # Examples
+    ///
     /// ```
     /// use credbroker::Role;
     ///
     /// let role = Role::new().username_template(r#"app-{{instance | replace "/" "-" | truncate 20}}-{{random 16}}"#);
     /// ```
+    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn username_template(mut self, template: impl Into<String>) -> Role {
         self.username_template = Some(template.into());
         self
@@ -150,6 +285,8 @@ impl Role {
     /// `[A-Za-z0-9-]`). Checked at [`Broker::write_role`](crate::Broker::write_role): under 128 bits of entropy,
     /// the role is refused.
     ///
+    /// # Examples
+    ///
     /// ```
     /// use credbroker::{PasswordPolicy, Role};
     ///
@@ -157,17 +294,40 @@ impl Role {
     ///     PasswordPolicy::new(30).charset("abcdefghijklmnopqrstuvwxyz", 1).charset("0123456789!#%", 2),
     /// );
     /// ```
+    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn password_policy(mut self, policy: PasswordPolicy) -> Role {
         self.password_policy = Some(policy);
         self
     }
 
-    /// The username template, if one was set.
+    /// The username template, if one was set with [`Role::username_template`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::Role;
+    ///
+    /// let role = Role::new().username_template("svc-{{role}}-{{random 16}}");
+    /// assert_eq!(role.get_username_template(), Some("svc-{{role}}-{{random 16}}"));
+    /// assert_eq!(Role::new().get_username_template(), None); // <role>-<unix time>-<16 random>
+    /// ```
+    #[must_use]
     pub fn get_username_template(&self) -> Option<&str> {
         self.username_template.as_deref()
     }
 
-    /// The password policy, if one was set.
+    /// The password policy, if one was set with [`Role::password_policy`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::{PasswordPolicy, Role};
+    ///
+    /// let role = Role::new().password_policy(PasswordPolicy::new(40).charset("abcdefghijklmnopqrstuvwxyz", 0));
+    /// assert_eq!(role.get_password_policy().map(PasswordPolicy::length), Some(40));
+    /// assert!(Role::new().get_password_policy().is_none()); // 32 characters of [A-Za-z0-9-]
+    /// ```
+    #[must_use]
     pub fn get_password_policy(&self) -> Option<&PasswordPolicy> {
         self.password_policy.as_ref()
     }
@@ -179,36 +339,110 @@ impl Role {
     /// rotates, so opening one for a role capped below 2 is refused. A rotation that meets the cap (other
     /// leases of the role fill it) is retried with backoff, and the pool's lease may end meanwhile: leave room.
     ///
+    /// # Examples
+    ///
     /// ```
     /// let role = credbroker::Role::new().max_leases(100);
     /// assert_eq!(role.get_max_leases(), Some(100));
     /// ```
+    ///
+    /// What a caller sees once the cap is reached:
+    ///
+    /// ```no_run
+    /// use credbroker::{ErrorKind, Role};
+    ///
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// broker.write_role("reports", Role::new().max_leases(100))?;
+    /// match broker.creds("reports") {
+    ///     Ok(creds) => println!("log in as {}", creds.username()),
+    ///     Err(e) if e.kind() == ErrorKind::LeaseCap => eprintln!("too many reports running; try later: {e}"),
+    ///     Err(e) => return Err(e),
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn max_leases(mut self, n: u32) -> Role {
         self.max_leases = Some(n);
         self
     }
 
-    /// The role's cap on live leases, if it has one.
+    /// The role's cap on live leases, if it has one (set with [`Role::max_leases`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::Role;
+    ///
+    /// assert_eq!(Role::new().get_max_leases(), None);
+    /// assert_eq!(Role::new().max_leases(5).get_max_leases(), Some(5));
+    /// ```
+    #[must_use]
     pub fn get_max_leases(&self) -> Option<u32> {
         self.max_leases
     }
 
     /// The creation SQL template.
+    ///
+    /// # Examples
+    ///
+    /// Reading back a role the broker holds:
+    ///
+    /// ```no_run
+    /// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+    /// if let Some(role) = broker.role("readonly") {
+    ///     println!("readonly creates its credentials with: {}", role.get_creation_sql());
+    /// }
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    #[must_use]
     pub fn get_creation_sql(&self) -> &str {
         &self.creation_sql
     }
 
-    /// The revocation SQL template, if one was set.
+    /// The revocation SQL template, if one was set with [`Role::revocation_sql`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::Role;
+    ///
+    /// assert_eq!(Role::new().get_revocation_sql(), None); // the broker's default revocation
+    /// let role = Role::new().revocation_sql(r#"DROP OWNED BY "{{name}}"; DROP ROLE "{{name}}";"#);
+    /// assert_eq!(role.get_revocation_sql(), Some(r#"DROP OWNED BY "{{name}}"; DROP ROLE "{{name}}";"#));
+    /// ```
+    #[must_use]
     pub fn get_revocation_sql(&self) -> Option<&str> {
         self.revocation_sql.as_deref()
     }
 
-    /// The renew SQL template, if one was set.
+    /// The renew SQL template, if one was set with [`Role::renew_sql`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::Role;
+    ///
+    /// assert_eq!(Role::new().get_renew_sql(), None); // ALTER ROLE ... VALID UNTIL
+    /// ```
+    #[must_use]
     pub fn get_renew_sql(&self) -> Option<&str> {
         self.renew_sql.as_deref()
     }
 
-    /// The role's own `(default, max)` lease durations, if it overrides the broker's.
+    /// The role's own `(default, max)` lease durations, if it overrides the broker's (set with
+    /// [`Role::lease`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::Role;
+    /// use std::time::Duration;
+    ///
+    /// let hour = Duration::from_secs(3600);
+    /// assert_eq!(Role::new().get_lease(), None);
+    /// assert_eq!(Role::new().lease(hour, 8 * hour).get_lease(), Some((hour, 8 * hour)));
+    /// ```
+    #[must_use]
     pub fn get_lease(&self) -> Option<(Duration, Duration)> {
         self.lease
     }

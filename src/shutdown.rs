@@ -17,7 +17,49 @@ use crate::shared::Shared;
 /// What [`Broker::shutdown`](crate::Broker::shutdown), and dropping a [`Broker`](crate::Broker), do with the
 /// leases still in the table. Set the default for `Drop` with
 /// [`BrokerBuilder::shutdown_mode`](crate::BrokerBuilder::shutdown_mode).
+///
+/// More modes may come: match with a `_` arm.
+///
+/// # Examples
+///
+/// A broker whose credentials must not outlive the process, even when it is dropped without an explicit
+/// shutdown:
+///
+/// ```no_run
+/// use credbroker::{Broker, ShutdownMode};
+/// use std::time::Duration;
+///
+/// let broker = Broker::builder()
+///     .connection("host=localhost user=username password=password")
+///     .shutdown_mode(ShutdownMode::Revoke { timeout: Duration::from_secs(10) })
+///     .build()?;
+/// # Ok::<(), credbroker::Error>(())
+/// ```
+///
+/// Choosing at the moment of stopping instead: keep the leases for a restart that adopts them, or revoke them
+/// when the service is being taken down for good.
+///
+/// ```no_run
+/// use credbroker::{ErrorKind, ShutdownMode};
+/// use std::time::Duration;
+///
+/// # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+/// # let decommissioning = false;
+/// let mode = if decommissioning {
+///     ShutdownMode::Revoke { timeout: Duration::from_secs(30) }
+/// } else {
+///     ShutdownMode::Keep
+/// };
+/// match broker.shutdown(mode) {
+///     Ok(()) => {}
+///     // Some roles could not be dropped in time: they stay fenced by VALID UNTIL for the next start.
+///     Err(e) if e.kind() == ErrorKind::Revocation => eprintln!("{e}"),
+///     Err(e) => return Err(e),
+/// }
+/// # Ok::<(), credbroker::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ShutdownMode {
     /// Leave the roles in place: they keep working until their `VALID UNTIL`, and the next start of the same
     /// instance adopts them (or any instance drops them once expired). Stopping waits at most 2 seconds for

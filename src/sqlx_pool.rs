@@ -124,6 +124,31 @@ impl State {
 /// executor. Cloning is cheap and gives another handle to the same pool. Keep a handle for as long as the pool is
 /// used (in the application's state, say): dropping the last one stops the renewals and, as
 /// [`PoolOptions::on_drop`] says, revokes or keeps the leases (in the background, on the rotation thread).
+///
+/// # Examples
+///
+/// Kept in an application's state and used as any `PgPool`:
+///
+/// ```no_run
+/// use credbroker::{PoolOptions, SqlxPool};
+///
+/// #[derive(Clone)]
+/// struct AppState {
+///     db: SqlxPool, // keep the handle, not only a clone of the PgPool
+/// }
+///
+/// async fn customer_name(state: &AppState, id: i64) -> Result<Option<String>, sqlx::Error> {
+///     sqlx::query_scalar("SELECT name FROM customers WHERE id = $1")
+///         .bind(id)
+///         .fetch_optional(&*state.db)
+///         .await
+/// }
+///
+/// # async fn example(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+/// let state = AppState { db: broker.sqlx_pool("readonly", PoolOptions::new().max_size(16)).await? };
+/// println!("{:?}", customer_name(&state, 7).await?);
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct SqlxPool {
     handle: Arc<Handle>,
@@ -318,27 +343,92 @@ impl SqlxPool {
     }
 
     /// The sqlx pool: a cheap clone of it serves as long as this handle (or a clone of it) is kept.
+    ///
+    /// # Examples
+    ///
+    /// Handing the `PgPool` to code that takes one, such as sqlx's transactions:
+    ///
+    /// ```no_run
+    /// # async fn example(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool = broker.sqlx_pool("readonly", credbroker::PoolOptions::new()).await?;
+    /// let mut tx = pool.pool().begin().await?;
+    /// sqlx::query("UPDATE jobs SET state = 'done' WHERE id = $1").bind(42i64).execute(&mut *tx).await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn pool(&self) -> &PgPool {
         &self.handle.pool
     }
 
     /// The broker role this pool's credentials are issued for.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool = broker.sqlx_pool("readonly", credbroker::PoolOptions::new()).await?;
+    /// assert_eq!(pool.role(), "readonly");
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn role(&self) -> &str {
         &self.handle.state.role
     }
 
     /// The lease new connections log in with.
+    ///
+    /// # Examples
+    ///
+    /// Which connections of the pool are on which lease (`application_name` is the lease id):
+    ///
+    /// ```no_run
+    /// # async fn example(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool = broker.sqlx_pool("readonly", credbroker::PoolOptions::new()).await?;
+    /// let sessions: Vec<(String, i64)> = sqlx::query_as(
+    ///     "SELECT application_name, count(*) FROM pg_stat_activity WHERE usename = current_user GROUP BY 1",
+    /// )
+    /// .fetch_all(&*pool)
+    /// .await?;
+    /// println!("current lease {}: {sessions:?}", pool.lease_id());
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn lease_id(&self) -> String {
         self.handle.state.current().lease_id.clone()
     }
 
     /// The PostgreSQL user new connections log in as.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool = broker.sqlx_pool("readonly", credbroker::PoolOptions::new()).await?;
+    /// let user: String = sqlx::query_scalar("SELECT session_user::text").fetch_one(&*pool).await?;
+    /// // Equal unless the pool rotated in between:
+    /// println!("{user} (new connections: {})", pool.username());
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn username(&self) -> String {
         self.handle.state.current().username.clone()
     }
 
     /// The lease new connections log in with, as the broker's lease table holds it (`None` if it has just been
     /// revoked or has expired, and the pool is about to rotate).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # async fn example(broker: &credbroker::Broker) -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool = broker.sqlx_pool("readonly", credbroker::PoolOptions::new()).await?;
+    /// if let Some(lease) = pool.lease() {
+    ///     println!("{} valid until {:?}", lease.username(), lease.expires_at());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
     pub fn lease(&self) -> Option<Lease> {
         self.handle.shared.leases.lease(&self.lease_id())
     }

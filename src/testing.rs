@@ -47,6 +47,22 @@ use std::process::{Command, Output};
 use crate::credential::generate_password;
 
 /// Settings for a [`TestPostgres`] before it starts.
+///
+/// # Examples
+///
+/// A server with TLS that logs every statement, for a test of what the broker sends:
+///
+/// ```no_run
+/// use credbroker::testing::TestPostgres;
+/// use credbroker::Broker;
+///
+/// let pg = TestPostgres::builder().tls(true).setting("log_statement", "all").start()?;
+/// let ca = pg.ca_cert().expect("started with TLS").display().to_string();
+/// let broker = Broker::builder()
+///     .connection(pg.connection_string_with(&format!("sslmode=verify-full sslrootcert={ca}")))
+///     .build()?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Default, Clone)]
 pub struct TestPostgresBuilder {
     tls: bool,
@@ -58,6 +74,18 @@ pub struct TestPostgresBuilder {
 impl TestPostgresBuilder {
     /// Turns on TLS (`ssl=on`) with a CA and a server certificate for `localhost` and `127.0.0.1` made with the
     /// `openssl` command; [`TestPostgres::ca_cert`] is the CA to trust.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::builder().tls(true).start()?;
+    /// let ca = pg.ca_cert().expect("started with TLS");
+    /// let url = pg.connection_string_with(&format!("sslmode=verify-ca sslrootcert={}", ca.display()));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use = "a TestPostgresBuilder is built by value: this returns the changed settings"]
     pub fn tls(mut self, on: bool) -> TestPostgresBuilder {
         self.tls = on;
         self
@@ -65,6 +93,23 @@ impl TestPostgresBuilder {
 
     /// Turns on TLS with a server certificate that has already expired (valid only on 1 January 2020), signed
     /// by a CA that is valid now: for testing that verification refuses it and says why.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    /// use credbroker::{Broker, ErrorKind};
+    ///
+    /// let pg = TestPostgres::builder().expired_certificate(true).start()?;
+    /// let ca = pg.ca_cert().expect("started with TLS").display().to_string();
+    /// let err = Broker::builder()
+    ///     .connection(pg.connection_string_with(&format!("sslmode=verify-full sslrootcert={ca}")))
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::Tls);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use = "a TestPostgresBuilder is built by value: this returns the changed settings"]
     pub fn expired_certificate(mut self, expired: bool) -> TestPostgresBuilder {
         self.expired_certificate = expired;
         self.tls |= expired;
@@ -72,6 +117,21 @@ impl TestPostgresBuilder {
     }
 
     /// Adds a `postgresql.conf` setting, e.g. `("log_statement", "all")`. The value is written quoted.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::builder().setting("log_statement", "all").start()?;
+    /// let broker = credbroker::Broker::builder().connection(pg.connection_string()).build()?;
+    /// broker.write_role("app", credbroker::Role::new())?;
+    /// let creds = broker.creds("app")?;
+    /// // Every statement is in the log, and the password in none of them:
+    /// assert!(!pg.log_contents()?.contains(creds.password()));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use = "a TestPostgresBuilder is built by value: this returns the changed settings"]
     pub fn setting(mut self, name: &str, value: &str) -> TestPostgresBuilder {
         self.settings.push((name.to_owned(), value.to_owned()));
         self
@@ -79,18 +139,62 @@ impl TestPostgresBuilder {
 
     /// The `pg_hba.conf` method for every connection (`initdb --auth`); default `scram-sha-256`. For testing
     /// what a client does when asked for a password in the clear (`password`) or as MD5 (`md5`).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::builder().tls(true).auth_method("password").start()?;
+    /// // TLS without a certificate check: the broker does not answer a request for the password in the clear.
+    /// let refused = credbroker::Broker::builder().connection(pg.connection_string_with("sslmode=require")).build();
+    /// assert!(refused.is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use = "a TestPostgresBuilder is built by value: this returns the changed settings"]
     pub fn auth_method(mut self, method: &str) -> TestPostgresBuilder {
         self.auth_method = Some(method.to_owned());
         self
     }
 
     /// Initialises and starts the server.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let pg = credbroker::testing::TestPostgres::builder().setting("max_connections", "20").start()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn start(self) -> io::Result<TestPostgres> {
         TestPostgres::start_with(self)
     }
 }
 
 /// A running throwaway PostgreSQL server; stopped, and its directory removed, on drop.
+///
+/// # Examples
+///
+/// A test of an application's own code against a real server, with the broker in front of it:
+///
+/// ```no_run
+/// use credbroker::testing::TestPostgres;
+/// use credbroker::{Broker, Role};
+///
+/// let pg = TestPostgres::start()?;
+/// pg.admin_client()?.batch_execute("CREATE TABLE orders (id int8 PRIMARY KEY)")?;
+/// let broker = Broker::builder().connection(pg.connection_string()).build()?;
+/// broker.write_role(
+///     "app",
+///     Role::new().creation_sql(
+///         r#"CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';
+///            GRANT SELECT ON orders TO "{{name}}";"#,
+///     ),
+/// )?;
+/// let creds = broker.creds("app")?;
+/// let mut client = pg.login(creds.username(), creds.password())?;
+/// assert!(client.query("SELECT id FROM orders", &[])?.is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug)]
 pub struct TestPostgres {
     dir: PathBuf,
@@ -104,10 +208,38 @@ pub struct TestPostgres {
 
 /// The query recovery runs to read every marked role (parameter: the marker role), for measurements of its cost
 /// (`examples/catalog_cost.rs`).
+///
+/// # Examples
+///
+/// ```no_run
+/// use credbroker::testing::{TestPostgres, MARKED_ROLES_QUERY};
+/// use credbroker::DEFAULT_MARKER_ROLE;
+///
+/// let pg = TestPostgres::start()?;
+/// let mut admin = pg.admin_client()?;
+/// let started = std::time::Instant::now();
+/// let rows = admin.query(MARKED_ROLES_QUERY, &[&DEFAULT_MARKER_ROLE])?;
+/// println!("{} marked roles read in {:?}", rows.len(), started.elapsed());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub const MARKED_ROLES_QUERY: &str = crate::sql::MARKED_ROLES;
 
 /// The orphan sweep's query (parameters: the marker role, and the seconds a role must be expired as `float8`),
 /// for measurements of its cost (`examples/catalog_cost.rs`).
+///
+/// # Examples
+///
+/// ```no_run
+/// use credbroker::testing::{TestPostgres, ORPHAN_CANDIDATES_QUERY};
+/// use credbroker::DEFAULT_MARKER_ROLE;
+///
+/// let pg = TestPostgres::start()?;
+/// let mut admin = pg.admin_client()?;
+/// let started = std::time::Instant::now();
+/// let rows = admin.query(ORPHAN_CANDIDATES_QUERY, &[&DEFAULT_MARKER_ROLE, &60.0f64])?;
+/// println!("{} orphan candidates found in {:?}", rows.len(), started.elapsed());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub const ORPHAN_CANDIDATES_QUERY: &str = crate::sql::ORPHAN_CANDIDATES;
 
 /// The superuser `initdb` creates.
@@ -115,11 +247,29 @@ const ADMIN_USER: &str = "admin";
 
 impl TestPostgres {
     /// Starts a server with default settings, without TLS.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?; // stopped and removed when `pg` is dropped
+    /// let broker = credbroker::Broker::builder().connection(pg.connection_string()).build()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn start() -> io::Result<TestPostgres> {
         TestPostgres::builder().start()
     }
 
     /// Settings for a server to start.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let pg = credbroker::testing::TestPostgres::builder().tls(true).start()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn builder() -> TestPostgresBuilder {
         TestPostgresBuilder::default()
     }
@@ -161,22 +311,67 @@ impl TestPostgres {
     }
 
     /// The server log file.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// println!("server log: {}", pg.log_path().display());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("server.log")
     }
 
     /// Everything the server has logged so far.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// // ... a test that should leave no error in the log ...
+    /// assert!(!pg.log_contents()?.contains("ERROR:"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn log_contents(&self) -> io::Result<String> {
         fs::read_to_string(self.log_path())
     }
 
     /// The TCP port the server listens on (on 127.0.0.1).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// let url = format!("postgres://{}:{}@127.0.0.1:{}/postgres", pg.admin_user(), pg.admin_password(), pg.port());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn port(&self) -> u16 {
         self.port
     }
 
     /// The server's version as `server_version_num` (e.g. `160014` for 16.14), for tests whose expectations
     /// differ between PostgreSQL versions; [`TestPostgres::major_version`] for the major alone.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// if pg.server_version_num()? >= 160_000 {
+    ///     // PostgreSQL 16 rules for CREATEROLE apply
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn server_version_num(&self) -> Result<i32, postgres::Error> {
         let row = self
             .admin_client()?
@@ -185,31 +380,100 @@ impl TestPostgres {
     }
 
     /// The server's major version (14, 15, …).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// println!("testing against PostgreSQL {}", pg.major_version()?);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn major_version(&self) -> Result<i32, postgres::Error> {
         Ok(self.server_version_num()? / 10_000)
     }
 
     /// The superuser's name.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// let mut admin = pg.login(pg.admin_user(), pg.admin_password())?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn admin_user(&self) -> &str {
         ADMIN_USER
     }
 
     /// The superuser's password.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// // A connection string of the application's own format:
+    /// let url = format!("postgres://{}:{}@127.0.0.1:{}/postgres", pg.admin_user(), pg.admin_password(), pg.port());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn admin_password(&self) -> &str {
         &self.password
     }
 
     /// The CA certificate that signed the server's certificate, when started with TLS.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::builder().tls(true).start()?;
+    /// let ca = pg.ca_cert().expect("started with TLS");
+    /// let url = pg.connection_string_with(&format!("sslmode=verify-full sslrootcert={}", ca.display()));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn ca_cert(&self) -> Option<&Path> {
         self.ca_cert.as_deref()
     }
 
     /// A libpq connection string for the superuser with `sslmode=disable`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// let broker = credbroker::Broker::builder().connection(pg.connection_string()).build()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn connection_string(&self) -> String {
         self.connection_string_with("sslmode=disable")
     }
 
     /// A libpq connection string for the superuser followed by `extra` (e.g. `sslmode=verify-full ...`).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// let broker = credbroker::Broker::builder()
+    ///     .connection(pg.connection_string_with("sslmode=disable connect_timeout=5"))
+    ///     .build()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[must_use]
     pub fn connection_string_with(&self, extra: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user={ADMIN_USER} password={} dbname=postgres {extra}",
@@ -218,16 +482,55 @@ impl TestPostgres {
     }
 
     /// A new superuser connection, without TLS.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// pg.admin_client()?.batch_execute("CREATE TABLE orders (id int8 PRIMARY KEY)")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn admin_client(&self) -> Result<postgres::Client, postgres::Error> {
         self.login(ADMIN_USER, &self.password)
     }
 
     /// Logs in as `user` with `password` (password authentication, no TLS), as an application would.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// let broker = credbroker::Broker::builder().connection(pg.connection_string()).build()?;
+    /// broker.write_role("app", credbroker::Role::new())?;
+    /// let creds = broker.creds("app")?;
+    /// let mut client = pg.login(creds.username(), creds.password())?;
+    /// broker.revoke(creds.lease_id())?;
+    /// assert!(pg.login(creds.username(), creds.password()).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn login(&self, user: &str, password: &str) -> Result<postgres::Client, postgres::Error> {
         self.login_to("postgres", user, password)
     }
 
     /// Logs in as `user` with `password` to `database` (password authentication, no TLS).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// pg.admin_client()?.batch_execute("CREATE DATABASE orders")?;
+    /// let broker = credbroker::Broker::builder().connection(pg.connection_string()).build()?;
+    /// broker.write_role("app", credbroker::Role::new())?;
+    /// let creds = broker.creds("app")?;
+    /// let mut client = pg.login_to("orders", creds.username(), creds.password())?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn login_to(
         &self,
         database: &str,
@@ -244,12 +547,41 @@ impl TestPostgres {
     }
 
     /// Runs `pg_ctl restart` (fast shutdown, then start on the same port): every connection is broken.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// let broker = credbroker::Broker::builder().connection(pg.connection_string()).build()?;
+    /// broker.write_role("app", credbroker::Role::new())?;
+    /// pg.restart()?;
+    /// // The broker's admin connections were broken; it reconnects on the next call.
+    /// let creds = broker.creds("app")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn restart(&self) -> io::Result<()> {
         self.pg_ctl(&["-m", "fast", "restart"])
     }
 
     /// Stops the server (fast shutdown: sessions are ended), keeps it down for `outage`, and starts it again on
     /// the same port: a database outage.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// let broker = credbroker::Broker::builder().connection(pg.connection_string()).build()?;
+    /// broker.write_role("app", credbroker::Role::new())?;
+    /// let pool = broker.pool("app")?;
+    /// pg.outage(std::time::Duration::from_secs(5))?;
+    /// // The pool's broken connections are replaced once the server is back.
+    /// pool.get()?.simple_query("SELECT 1")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn outage(&self, outage: std::time::Duration) -> io::Result<()> {
         self.pg_ctl(&["-m", "fast", "stop"])?;
         std::thread::sleep(outage);
@@ -478,6 +810,10 @@ impl TestPostgres {
     /// Takes a base backup of `primary` and starts it as a streaming replica on a port of its own; returns once
     /// the replica is streaming (or fails after 60 s, saying why).
     ///
+    /// # Examples
+    ///
+    /// A failover that loses the primary's last transactions:
+    ///
     /// ```no_run
     /// use credbroker::testing::TestPostgres;
     ///
@@ -612,12 +948,38 @@ impl TestPostgres {
     }
 
     /// Promotes this replica to a primary (`pg_ctl promote`, which waits until it accepts writes).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let primary = TestPostgres::start()?;
+    /// let replica = TestPostgres::replica_of(&primary)?;
+    /// primary.stop_immediately()?;
+    /// replica.promote()?;
+    /// replica.admin_client()?.batch_execute("CREATE TABLE after_failover ()")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn promote(&self) -> io::Result<()> {
         self.pg_ctl(&["promote"])
     }
 
     /// Stops the server the way a crash would (`pg_ctl stop -m immediate`): no shutdown checkpoint, every
     /// connection broken, and nothing more sent to replicas.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let pg = TestPostgres::start()?;
+    /// let broker = credbroker::Broker::builder().connection(pg.connection_string()).build()?;
+    /// broker.write_role("app", credbroker::Role::new())?;
+    /// pg.stop_immediately()?;
+    /// assert!(broker.creds("app").is_err()); // the server is gone
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn stop_immediately(&self) -> io::Result<()> {
         self.pg_ctl(&["-m", "immediate", "stop"])
     }
@@ -625,6 +987,20 @@ impl TestPostgres {
     /// Stops this replica's WAL receiver: sets `primary_conninfo` to `''` and reloads (PostgreSQL 13+ stops the
     /// receiver then), and returns once no receiver runs. What the primary commits from then on is not
     /// replicated, as when a failover loses the last transactions of an asynchronous replica.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let primary = TestPostgres::start()?;
+    /// let replica = TestPostgres::replica_of(&primary)?;
+    /// replica.pause_replication()?;
+    /// primary.admin_client()?.batch_execute("CREATE ROLE never_replicated")?;
+    /// primary.stop_immediately()?;
+    /// replica.promote()?; // without role never_replicated
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn pause_replication(&self) -> io::Result<()> {
         self.admin_client()
             .and_then(|mut c| {
@@ -641,6 +1017,20 @@ impl TestPostgres {
     }
 
     /// Waits (up to 60 s) until this replica has replayed everything `primary` had written when called.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::testing::TestPostgres;
+    ///
+    /// let primary = TestPostgres::start()?;
+    /// let replica = TestPostgres::replica_of(&primary)?;
+    /// primary.admin_client()?.batch_execute("CREATE ROLE replicated")?;
+    /// replica.wait_for_replay(&primary)?;
+    /// let found = replica.admin_client()?.query_opt("SELECT 1 FROM pg_roles WHERE rolname = 'replicated'", &[])?;
+    /// assert!(found.is_some());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn wait_for_replay(&self, primary: &TestPostgres) -> io::Result<()> {
         let target: String = primary
             .admin_client()
@@ -825,6 +1215,23 @@ fn free_port() -> io::Result<u16> {
 
 /// The environment variable naming the directory of the server binaries to test against; see
 /// [Which PostgreSQL](self#which-postgresql).
+///
+/// # Examples
+///
+/// A test runner that runs the same test binary against several installed versions:
+///
+/// ```no_run
+/// use credbroker::testing::PG_BIN_ENV;
+/// use std::process::Command;
+///
+/// for major in [14, 16, 17] {
+///     let status = Command::new("target/debug/deps/my_integration_test")
+///         .env(PG_BIN_ENV, format!("/usr/lib/postgresql/{major}/bin"))
+///         .status()?;
+///     assert!(status.success(), "PostgreSQL {major}");
+/// }
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub const PG_BIN_ENV: &str = "CREDBROKER_PG_BIN";
 
 /// The directory holding `initdb`, `pg_ctl` and `postgres`.
@@ -875,12 +1282,40 @@ fn find_bin_dir() -> io::Result<PathBuf> {
 
 /// The password a [`PooledClient`](crate::PooledClient) logged in with, for tests that check it appears nowhere
 /// (logs, `Debug`, errors): the pool keeps it to itself otherwise.
+///
+/// # Examples
+///
+/// ```no_run
+/// use credbroker::testing::{pool_password, TestPostgres};
+///
+/// let pg = TestPostgres::start()?;
+/// let broker = credbroker::Broker::builder().connection(pg.connection_string()).build()?;
+/// broker.write_role("app", credbroker::Role::new())?;
+/// let pool = broker.pool("app")?;
+/// let client = pool.get()?;
+/// let password = pool_password(&client);
+/// assert!(!format!("{client:?} {pool:?}").contains(&password));
+/// assert!(!pg.log_contents()?.contains(&password));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[must_use]
 pub fn pool_password(client: &crate::PooledClient) -> String {
     client.password()
 }
 
 /// The SCRAM-SHA-256 verifier the broker would send for `password` with `iterations` rounds (random salt), for
 /// baselines that must do the same work as the broker.
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::testing::scram_verifier;
+///
+/// let verifier = scram_verifier("correct horse battery staple", 1)?;
+/// assert!(verifier.starts_with("SCRAM-SHA-256$1:"));
+/// assert!(!verifier.contains("horse"));
+/// # Ok::<(), credbroker::Error>(())
+/// ```
 pub fn scram_verifier(password: &str, iterations: u32) -> Result<String, crate::Error> {
     crate::credential::scram_verifier(password, iterations).map(|v| v.to_string())
 }
@@ -889,6 +1324,24 @@ pub fn scram_verifier(password: &str, iterations: u32) -> Result<String, crate::
 ///
 /// Each lease `n` gets the id and username the broker would give it; operations go through the same code as the
 /// broker's (`insert` parses the id and username as `creds` does).
+///
+/// # Examples
+///
+/// ```
+/// use credbroker::testing::LeaseTableBench;
+/// use std::time::{Duration, SystemTime};
+///
+/// let now = SystemTime::now();
+/// let mut table = LeaseTableBench::new();
+/// for n in 0..1000 {
+///     let lease = table.lease(n, now + Duration::from_secs(n as u64));
+///     table.insert(lease);
+/// }
+/// let started = std::time::Instant::now();
+/// let expired = table.expire(now + Duration::from_secs(500), usize::MAX);
+/// println!("expired {expired} leases in {:?}", started.elapsed());
+/// assert_eq!(table.len(), 1000 - expired);
+/// ```
 pub struct LeaseTableBench {
     table: crate::lease_table::LeaseTable,
     role: std::sync::Arc<crate::role::CompiledRole>,
@@ -902,6 +1355,17 @@ impl Default for LeaseTableBench {
 
 impl LeaseTableBench {
     /// An empty table.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::testing::LeaseTableBench;
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let table = LeaseTableBench::new();
+    /// assert!(table.is_empty());
+    /// ```
+    #[must_use]
     pub fn new() -> LeaseTableBench {
         let day = std::time::Duration::from_secs(86_400);
         let policy = crate::lease::LeasePolicy {
@@ -917,6 +1381,18 @@ impl LeaseTableBench {
     }
 
     /// The lease `n` expiring at `expires_at`, as `creds` builds it before inserting it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::testing::LeaseTableBench;
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let table = LeaseTableBench::new();
+    /// let lease = table.lease(7, SystemTime::now() + Duration::from_secs(60));
+    /// assert!(lease.id().starts_with("postgresql/creds/bench/"));
+    /// ```
+    #[must_use]
     pub fn lease(&self, n: u128, expires_at: std::time::SystemTime) -> crate::Lease {
         let mut id = String::new();
         crate::credential::write_lease_id(&mut id, "bench", n);
@@ -934,22 +1410,78 @@ impl LeaseTableBench {
     }
 
     /// Inserts a lease made by [`LeaseTableBench::lease`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::testing::LeaseTableBench;
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let mut table = LeaseTableBench::new();
+    /// let lease = table.lease(1, SystemTime::now() + Duration::from_secs(60));
+    /// let id = lease.id().to_owned();
+    /// table.insert(lease);
+    /// assert!(table.contains(&id));
+    /// ```
     pub fn insert(&mut self, lease: crate::Lease) {
         self.table.insert(lease, self.role.clone());
     }
 
     /// Whether lease `id` is in the table.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::testing::LeaseTableBench;
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let mut table = LeaseTableBench::new();
+    /// let lease = table.lease(1, SystemTime::now());
+    /// assert!(!table.contains(lease.id()));
+    /// ```
+    #[must_use]
     pub fn contains(&self, id: &str) -> bool {
         self.table.get(id).is_some()
     }
 
     /// Moves lease `id`'s expiry, as `renew` does.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::testing::LeaseTableBench;
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let mut table = LeaseTableBench::new();
+    /// let now = SystemTime::now();
+    /// let lease = table.lease(1, now);
+    /// let id = lease.id().to_owned();
+    /// table.insert(lease);
+    /// assert!(table.renew(&id, now + Duration::from_secs(3600)));
+    /// assert_eq!(table.expire(now, 10), 0); // no longer due
+    /// ```
     pub fn renew(&mut self, id: &str, expires_at: std::time::SystemTime) -> bool {
         self.table.set_expiry(id, expires_at).is_some()
     }
 
     /// Claims up to `limit` leases due at `now` and removes them, as the sweeper does once their roles are
     /// dropped; returns how many.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::testing::LeaseTableBench;
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let mut table = LeaseTableBench::new();
+    /// let now = SystemTime::now();
+    /// for n in 0..10 {
+    ///     let lease = table.lease(n, now);
+    ///     table.insert(lease);
+    /// }
+    /// assert_eq!(table.expire(now, 4), 4);
+    /// assert_eq!(table.len(), 6);
+    /// ```
     pub fn expire(&mut self, now: std::time::SystemTime, limit: usize) -> usize {
         let due = self.table.claim_due(now, limit);
         for lease in &due {
@@ -959,16 +1491,54 @@ impl LeaseTableBench {
     }
 
     /// Removes lease `id`, as a revocation does.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::testing::LeaseTableBench;
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let mut table = LeaseTableBench::new();
+    /// let lease = table.lease(1, SystemTime::now() + Duration::from_secs(60));
+    /// let id = lease.id().to_owned();
+    /// table.insert(lease);
+    /// assert!(table.remove(&id));
+    /// assert!(!table.remove(&id));
+    /// ```
     pub fn remove(&mut self, id: &str) -> bool {
         self.table.remove(id).is_some()
     }
 
     /// How many leases the table holds.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::testing::LeaseTableBench;
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let mut table = LeaseTableBench::new();
+    /// let lease = table.lease(1, SystemTime::now() + Duration::from_secs(60));
+    /// table.insert(lease);
+    /// assert_eq!(table.len(), 1);
+    /// ```
+    #[must_use]
     pub fn len(&self) -> usize {
         self.table.len()
     }
 
     /// Whether the table is empty.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use credbroker::testing::LeaseTableBench;
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let table = LeaseTableBench::new();
+    /// assert!(table.is_empty());
+    /// ```
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.table.len() == 0
     }

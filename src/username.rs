@@ -25,6 +25,19 @@
 //! instances issue at once; a taken name is retried anyway), and may contain only `[A-Za-z0-9_.:@/-]`, which
 //! need no quoting inside the creation SQL's `"{{name}}"` or `'{{name}}'`. The broker recognises its roles by
 //! membership in the marker role, not by name, so any name a template makes is recovered and swept as usual.
+//!
+//! # Examples
+//!
+//! ```no_run
+//! use credbroker::Role;
+//!
+//! # let broker = credbroker::Broker::builder().connection("host=localhost user=u password=p").build()?;
+//! let role = Role::new().username_template(r#"svc-{{instance | replace "/" "-" | truncate 20}}-{{random 13}}"#);
+//! broker.write_role("orders", role)?; // checks the template for this broker's instance name
+//! let creds = broker.creds("orders")?;
+//! assert!(creds.username().starts_with("svc-"));
+//! # Ok::<(), credbroker::Error>(())
+//! ```
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -32,6 +45,18 @@ use crate::credential::{random_string, MAX_USERNAME_LEN, USERNAME_ALPHABET};
 use crate::error::{Error, ErrorKind};
 
 /// The fewest random characters a template may ask for: 13 of 36 symbols are 67 bits, the first count above 64.
+///
+/// # Examples
+///
+/// Building a template with the shortest random part allowed, to leave room for the instance name:
+///
+/// ```
+/// use credbroker::{Role, MIN_RANDOM_CHARS};
+///
+/// let template = format!("{{{{instance | truncate 40}}}}-{{{{random {MIN_RANDOM_CHARS}}}}}");
+/// assert_eq!(template, "{{instance | truncate 40}}-{{random 13}}");
+/// let role = Role::new().username_template(template);
+/// ```
 pub const MIN_RANDOM_CHARS: usize = 13;
 
 /// Characters a rendered username may hold.

@@ -25,9 +25,9 @@ fn a_role_cap_refuses_with_a_typed_error_and_creates_nothing() {
     assert_eq!(common::marked_roles(&env.pg).len(), 2, "nothing created");
     assert_eq!(broker.leases().len(), 2);
     // Another role is not held back, and a revoked lease makes room again.
-    broker.creds("free").unwrap();
+    let _ = broker.creds("free").unwrap();
     broker.revoke(first.lease_id()).unwrap();
-    broker.creds("capped").unwrap();
+    let _ = broker.creds("capped").unwrap();
     assert_eq!(common::marked_roles(&env.pg).len(), 3);
 }
 
@@ -37,9 +37,9 @@ fn a_broker_cap_counts_every_role() {
     let broker = &env.broker;
     broker.write_role("a", Role::new()).unwrap();
     broker.write_role("b", Role::new()).unwrap();
-    broker.creds("a").unwrap();
-    broker.creds("b").unwrap();
-    broker.creds("b").unwrap();
+    let _ = broker.creds("a").unwrap();
+    let _ = broker.creds("b").unwrap();
+    let _ = broker.creds("b").unwrap();
     let err = broker.creds("a").map(|_| ()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::LeaseCap);
     assert!(
@@ -98,7 +98,7 @@ fn a_failed_creds_gives_its_slot_back() {
     env.admin()
         .batch_execute("UPDATE gate SET open = true")
         .unwrap();
-    broker.creds("gated").unwrap();
+    let _ = broker.creds("gated").unwrap();
     assert_eq!(common::marked_roles(&env.pg).len(), 1);
 }
 

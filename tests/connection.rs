@@ -44,7 +44,7 @@ fn without_sslmode_tls_is_required_and_a_server_without_ssl_is_explained() {
             .build()
             .unwrap();
         broker.write_role("app", Role::new()).unwrap();
-        broker.creds("app").unwrap();
+        let _ = broker.creds("app").unwrap();
     }
 }
 
@@ -143,7 +143,7 @@ fn scram_over_tls_logs_in_with_channel_binding_under_require() {
             .build()
             .unwrap_or_else(|e| panic!("{extra}: {e}"));
         broker.write_role("app", Role::new()).unwrap();
-        broker.creds("app").unwrap();
+        let _ = broker.creds("app").unwrap();
         assert!(broker_sessions_use_tls(&pg));
         // A pool's logins inherit the setting: its credentials' SCRAM logins are bound to the channel too.
         let pool = broker.pool("app").unwrap();
@@ -244,7 +244,7 @@ fn verify_full_checks_the_ca_and_the_host_name() {
         .build()
         .expect("require over TLS");
     broker.write_role("app", Role::new()).unwrap();
-    broker.creds("app").unwrap();
+    let _ = broker.creds("app").unwrap();
     assert!(broker_sessions_use_tls(&pg));
 }
 
@@ -281,7 +281,7 @@ fn an_expired_certificate_fails_verification_saying_so_but_require_still_connect
         .build()
         .expect("require ignores the expiry");
     broker.write_role("app", Role::new()).unwrap();
-    broker.creds("app").unwrap();
+    let _ = broker.creds("app").unwrap();
     assert!(broker_sessions_use_tls(&pg));
 }
 

@@ -174,7 +174,7 @@ fn failed_creation_leaves_no_role_and_no_lease() {
            GRANT app_group TO "{{name}}";"#,
     );
     env.broker.write_role("grouped", role).unwrap();
-    env.broker.creds("grouped").unwrap();
+    let _ = env.broker.creds("grouped").unwrap();
     // The group disappears after the role was checked: the GRANT, the second statement, now fails.
     env.broker.revoke_prefix("").unwrap();
     env.admin().batch_execute("DROP ROLE app_group").unwrap();

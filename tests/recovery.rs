@@ -184,7 +184,7 @@ fn two_instances_sweep_their_own_and_a_dead_instances_roles_exactly_once() {
         for broker in [&a, &b] {
             s.spawn(move || {
                 for _ in 0..15 {
-                    broker.creds("duo").unwrap();
+                    let _ = broker.creds("duo").unwrap();
                     std::thread::sleep(Duration::from_millis(100));
                 }
             });
@@ -278,7 +278,7 @@ fn revoke_all_recovery_and_shutdown_modes() {
     // Shutdown with Revoke drops everything this instance holds; so does Drop with that default.
     second.write_role("app", Role::new()).unwrap();
     for _ in 0..300 {
-        second.creds("app").unwrap();
+        let _ = second.creds("app").unwrap();
     }
     second
         .shutdown(ShutdownMode::Revoke {
@@ -293,7 +293,7 @@ fn revoke_all_recovery_and_shutdown_modes() {
         .build()
         .unwrap();
     third.write_role("app", Role::new()).unwrap();
-    third.creds("app").unwrap();
+    let _ = third.creds("app").unwrap();
     drop(third);
     assert!(common::marked_roles(&pg).is_empty());
 }
