@@ -28,7 +28,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use credbroker::testing::{scram_verifier, LeaseTableBench, TestPostgres};
+use credbroker::__bench::LeaseTableBench;
+use credbroker::testing::{scram_verifier, TestPostgres};
 use credbroker::{Broker, PoolOptions, Role, RolePool, ShutdownMode, DEFAULT_MARKER_ROLE};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;

@@ -79,11 +79,11 @@ fn main() -> Result<()> {
         for (name, query) in [
             (
                 "every marked role (recovery)",
-                credbroker::testing::MARKED_ROLES_QUERY,
+                credbroker::__bench::MARKED_ROLES_QUERY,
             ),
             (
                 "orphan sweep (expired only)",
-                credbroker::testing::ORPHAN_CANDIDATES_QUERY,
+                credbroker::__bench::ORPHAN_CANDIDATES_QUERY,
             ),
         ] {
             let mut best = f64::MAX;

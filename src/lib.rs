@@ -175,6 +175,11 @@ mod telemetry;
 mod template;
 #[cfg(feature = "testing")]
 pub mod testing;
+
+#[cfg(feature = "bench-internals")]
+#[doc(hidden)]
+#[path = "bench_internals.rs"]
+pub mod __bench;
 pub mod username;
 
 #[cfg(feature = "tokio")]
