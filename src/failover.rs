@@ -1,5 +1,5 @@
-//! Failover: noticing that the admin connections reach a different primary, and putting the catalog of the new
-//! one back in line with the lease table.
+//! Failover: noticing that the admin connections reach a different primary, and remembering what
+//! [`reconcile`](crate::reconcile) needs to put the catalog of the new one back in line with the lease table.
 //!
 //! With asynchronous replication a failover loses the last transactions the old primary committed. For the broker
 //! that means two things: a role it **dropped** a moment before can exist again on the promoted replica, with
@@ -89,7 +89,7 @@ pub(crate) fn identity(client: &mut Client) -> Result<Option<Identity>, postgres
 /// A role the broker dropped, remembered for the failover window.
 #[derive(Clone)]
 pub(crate) struct Dropped {
-    pub(crate) at: Instant,
+    at: Instant,
     pub(crate) revoked_at: SystemTime,
     pub(crate) lease_id: String,
     pub(crate) username: String,
@@ -98,26 +98,26 @@ pub(crate) struct Dropped {
 
 /// What the broker remembers for failovers; shared by the admin pool's connection hook and the broker.
 pub(crate) struct Failover {
-    pub(crate) window: Duration,
+    window: Duration,
     /// Set when a new identity was seen and the sweeper has not been told yet (read at every checkout: one
     /// atomic load).
     unannounced: AtomicBool,
     /// Whether a reconciliation is running (the probe and a reconciliation request may both start one).
-    pub(crate) reconciling: AtomicBool,
+    reconciling: AtomicBool,
     /// Whether reading the identity failed once (logged once).
     unreadable: AtomicBool,
-    pub(crate) state: Mutex<State>,
+    state: Mutex<State>,
 }
 
 #[derive(Default)]
-pub(crate) struct State {
+struct State {
     /// The identity the broker last reconciled with (or first saw).
-    pub(crate) known: Option<Identity>,
+    known: Option<Identity>,
     /// A different identity seen since, to reconcile with (kept until reconciliation succeeds).
-    pub(crate) seen: Option<Identity>,
+    seen: Option<Identity>,
     /// Failovers reconciled.
-    pub(crate) reconciled: u64,
-    pub(crate) recent: VecDeque<Dropped>,
+    reconciled: u64,
+    recent: VecDeque<Dropped>,
     /// Whether an entry younger than the window was forgotten because of the cap (logged once).
     cap_warned: bool,
     lost: HashMap<String, (Lease, SystemTime)>,
@@ -261,6 +261,59 @@ impl Failover {
                 }
             }
         }
+    }
+}
+
+/// A change of primary to reconcile with: the identity known before, the new one, and the roles dropped within
+/// the failover window.
+pub(crate) struct Pending {
+    pub(crate) from: Option<Identity>,
+    pub(crate) to: Identity,
+    pub(crate) recent: Vec<Dropped>,
+}
+
+/// The one reconciliation running; the next may start once it is dropped, however it ends.
+pub(crate) struct ReconcileTurn<'a>(&'a AtomicBool);
+
+impl Drop for ReconcileTurn<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// What [`reconcile`](crate::reconcile) reads and records.
+impl Failover {
+    /// The turn to reconcile, unless a reconciliation is running (the probe and a request may both start one).
+    pub(crate) fn begin_reconcile(&self) -> Option<ReconcileTurn<'_>> {
+        (!self.reconciling.swap(true, Ordering::AcqRel)).then_some(ReconcileTurn(&self.reconciling))
+    }
+
+    /// The change of primary not yet reconciled, if any.
+    pub(crate) fn pending_change(&self) -> Option<Pending> {
+        let state = self.state.lock();
+        let to = state.seen?;
+        let now = Instant::now();
+        let recent = state
+            .recent
+            .iter()
+            .filter(|d| now.duration_since(d.at) <= self.window)
+            .cloned()
+            .collect();
+        Some(Pending {
+            from: state.known,
+            to,
+            recent,
+        })
+    }
+
+    /// Records that the catalog of primary `to` is in line with the lease table.
+    pub(crate) fn reconciled_with(&self, to: Identity) {
+        let mut state = self.state.lock();
+        state.known = Some(to);
+        if state.seen == Some(to) {
+            state.seen = None;
+        }
+        state.reconciled += 1;
     }
 }
 

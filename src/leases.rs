@@ -36,7 +36,7 @@ use crate::role::CompiledRole;
 use crate::telemetry::{self, Gauges};
 
 /// After this many failures a lease is reported at error level (it is still retried).
-pub(crate) const FAILURES_BEFORE_ERROR: u32 = 6;
+const FAILURES_BEFORE_ERROR: u32 = 6;
 
 /// Longest the sweeper sleeps: bounds how long a jump of the wall clock can delay a sweep.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
@@ -819,8 +819,8 @@ impl Leases {
     }
 
     /// Delivers queued events, oldest first, with no lock held, unless another thread is delivering (it then
-    /// delivers these too). A handler calling back into the broker lands here with `delivering` set, so its
-    /// own events wait for it to return.
+    /// delivers these too), and records each event's metrics just before its delivery. A handler calling back
+    /// into the broker lands here with `delivering` set, so its own events wait for it to return.
     pub(crate) fn flush(&self) {
         let mut state = self.state.lock();
         if state.delivering {

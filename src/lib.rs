@@ -101,8 +101,9 @@
 //!
 //! # Module map
 //!
-//! One file per thing a reader looks for, from the top down; a module imports only modules below it, never the
-//! broker (`tests/layout.rs` checks that the picture has no circle).
+//! One file per thing a reader looks for, grouped by topic. The picture has no circle: `broker` imports the
+//! modules that do its work, and only `builder` and `asynchronous`, which build and wrap it, import `broker`
+//! (`tests/layout.rs` checks both).
 //!
 //! - `broker`: [`Broker`], the public face of the lifecycle, and the role definitions. `builder`:
 //!   [`BrokerBuilder`], every setting and what `build()` does. `asynchronous` (feature `tokio`): `AsyncBroker`.
@@ -128,7 +129,9 @@
 //!   checks.
 //! - `connection`: connection strings and TLS. `sql`: every statement the broker builds. `runtime`: the
 //!   blocking API inside a tokio runtime. `backoff`: retry delays with jitter.
-//! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests.
+//! - `error`: [`Error`] and [`ErrorKind`]. `guide`: the reference, operations and benchmarks pages.
+//! - `testing` (feature `testing`): a throwaway PostgreSQL server for tests. `bench_internals` (feature
+//!   `bench-internals`, hidden): what this crate's own benches drive.
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

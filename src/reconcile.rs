@@ -4,12 +4,11 @@
 //! notices the new primary and keeps what this needs.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use crate::error::{describe, Error, ErrorKind};
 use crate::events::{DropCause, RoleDroppedEvent};
-use crate::failover::{identity, Dropped, PROBE_INTERVAL};
+use crate::failover::{identity, Dropped, Pending, PROBE_INTERVAL};
 use crate::lease::pg_timestamp;
 use crate::revoke::{drop_roles, Target};
 use crate::shared::Shared;
@@ -44,38 +43,14 @@ pub(crate) fn probe(shared: &Shared) {
     }
 }
 
-/// Reconciles the new primary's catalog with what the broker knows; see the module documentation.
+/// Reconciles the new primary's catalog with what the broker knows; see the module documentation. Returns at
+/// once if a reconciliation is already running.
 pub(crate) fn reconcile(shared: &Shared) {
-    let failover = &shared.failover;
-    if failover.reconciling.swap(true, Ordering::AcqRel) {
+    let Some(_turn) = shared.failover.begin_reconcile() else {
         return;
-    }
-    /// Lets the next reconciliation run, however this one ends.
-    struct Done<'a>(&'a AtomicBool);
-    impl Drop for Done<'_> {
-        fn drop(&mut self) {
-            self.0.store(false, Ordering::Release);
-        }
-    }
-    let _done = Done(&failover.reconciling);
-    reconcile_once(shared);
-}
-
-fn reconcile_once(shared: &Shared) {
-    let failover = &shared.failover;
-    let (from, to, recent) = {
-        let state = failover.state.lock();
-        let Some(to) = state.seen else {
-            return;
-        };
-        let now = Instant::now();
-        let recent: Vec<Dropped> = state
-            .recent
-            .iter()
-            .filter(|d| now.duration_since(d.at) <= failover.window)
-            .cloned()
-            .collect();
-        (state.known, to, recent)
+    };
+    let Some(Pending { from, to, recent }) = shared.failover.pending_change() else {
+        return;
     };
     let from = from.map_or_else(|| "an unknown server".to_owned(), |i| i.to_string());
     log::warn!(
@@ -86,13 +61,7 @@ fn reconcile_once(shared: &Shared) {
     );
     match reconcile_with(shared, &recent) {
         Ok(summary) => {
-            let mut state = failover.state.lock();
-            state.known = Some(to);
-            if state.seen == Some(to) {
-                state.seen = None;
-            }
-            state.reconciled += 1;
-            drop(state);
+            shared.failover.reconciled_with(to);
             log::warn!(
                 "failover reconciled ({to}): {} revoked roles had come back and were dropped again, {} leases \
                  were lost (their roles are missing; reported), {} leases had their VALID UNTIL restored",

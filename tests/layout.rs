@@ -1,117 +1,228 @@
-//! The module layout: each module of `src/` imports only modules below it, so the dependency picture has no
-//! circle, and no module below the broker imports it. Reads the sources: a `crate::<module>` path (in a `use`,
-//! a grouped `use crate::{…}` or an expression) outside comments and `#[cfg(test)]` modules is an edge.
+//! The module layout: the dependency picture of `src/` has no circle, and no module below the broker imports it.
+//! Each file is parsed with `syn`; a path starting with `crate::` (or `super::`, which is the crate root in a
+//! top-level file), in a `use`, an expression, a type or a macro's tokens, outside `#[cfg(test)]` items, is an
+//! edge to the module it names, or, for a name the crate root re-exports (`crate::Broker`), to the module that
+//! defines it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
+use proc_macro2::{TokenStream, TokenTree};
+use syn::visit::Visit;
+
 /// The modules allowed to import `broker`: those above it (they build it or wrap it).
 const ABOVE_BROKER: &[&str] = &["builder", "asynchronous"];
 
-/// Module name to the set of modules it imports.
-fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
+/// Module (file stem) to the set of modules it imports.
+type Graph = BTreeMap<String, BTreeSet<String>>;
+
+fn module_graph() -> Graph {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut sources = BTreeMap::new();
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("src/{name}: {e}"))
+    };
+    let root = Root::parse(&read("lib.rs"));
+    let mut files = BTreeMap::new();
     for entry in std::fs::read_dir(&dir).expect("src/ is readable") {
         let path = entry.expect("a directory entry").path();
-        let (Some(stem), Some("rs")) = (
+        if let (Some(stem), Some("rs")) = (
             path.file_stem().and_then(|s| s.to_str()),
             path.extension().and_then(|s| s.to_str()),
-        ) else {
-            continue;
-        };
-        if stem == "lib" {
-            continue;
+        ) {
+            if stem != "lib" {
+                files.insert(stem.to_owned(), read(&format!("{stem}.rs")));
+            }
         }
-        let text = std::fs::read_to_string(&path).expect("a readable source file");
-        sources.insert(stem.to_owned(), code_only(&text));
     }
-    let names: BTreeSet<String> = sources.keys().cloned().collect();
-    sources
+    files
         .iter()
-        .map(|(module, code)| {
-            let deps = crate_paths(code)
+        .map(|(module, text)| {
+            let deps = crate_names(text)
                 .into_iter()
-                .filter(|dep| dep != module && names.contains(dep))
+                .filter_map(|name| root.resolve(&name))
+                .filter(|dep| dep != module && files.contains_key(dep))
                 .collect();
             (module.clone(), deps)
         })
         .collect()
 }
 
-/// `text` without comments, string literals' contents and the `#[cfg(test)] mod tests` block (tests may use
-/// anything).
-fn code_only(text: &str) -> String {
-    let text = match text.find("#[cfg(test)]\nmod tests") {
-        Some(at) => &text[..at],
-        None => text,
-    };
-    let mut out = String::with_capacity(text.len());
-    for line in text.lines() {
-        let mut in_string = false;
-        let mut prev = ' ';
-        let mut chars = line.chars().peekable();
-        while let Some(c) = chars.next() {
-            if !in_string && c == '/' && chars.peek() == Some(&'/') {
-                break;
-            }
-            if c == '"' && prev != '\\' {
-                in_string = !in_string;
-            } else if !in_string {
-                out.push(c);
-            }
-            prev = c;
-        }
-        out.push('\n');
-    }
-    out
+/// What the crate root declares: its modules (by name, to their file stems) and the names it re-exports.
+#[derive(Default)]
+struct Root {
+    modules: BTreeMap<String, String>,
+    reexports: BTreeMap<String, String>,
 }
 
-/// The first path segment after every `crate::` in `code`, including each item of a grouped
-/// `crate::{a, b::c}`.
-fn crate_paths(code: &str) -> BTreeSet<String> {
-    let ident = |s: &str| -> String {
-        s.trim_start()
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect()
-    };
-    let mut found = BTreeSet::new();
-    for (at, _) in code.match_indices("crate::") {
-        let rest = &code[at + "crate::".len()..];
-        if let Some(group) = rest.strip_prefix('{') {
-            // Top-level items only, up to the matching brace: nested groups name items of the same module.
-            let mut depth = 0;
-            let mut start = 0;
-            for (i, c) in group.char_indices() {
-                match c {
-                    '{' => depth += 1,
-                    '}' if depth == 0 => {
-                        found.insert(ident(&group[start..i]));
-                        break;
-                    }
-                    '}' => depth -= 1,
-                    ',' if depth == 0 => {
-                        found.insert(ident(&group[start..i]));
-                        start = i + 1;
-                    }
-                    _ => {}
+impl Root {
+    fn parse(lib: &str) -> Root {
+        let file = syn::parse_file(lib).expect("src/lib.rs parses");
+        let mut root = Root::default();
+        for item in &file.items {
+            match item {
+                syn::Item::Mod(m) => {
+                    let name = m.ident.to_string();
+                    let file = m
+                        .attrs
+                        .iter()
+                        .find(|a| a.path().is_ident("path"))
+                        .and_then(|a| match &a.meta {
+                            syn::Meta::NameValue(nv) => match &nv.value {
+                                syn::Expr::Lit(syn::ExprLit {
+                                    lit: syn::Lit::Str(s),
+                                    ..
+                                }) => Some(s.value().trim_end_matches(".rs").to_owned()),
+                                _ => None,
+                            },
+                            _ => None,
+                        })
+                        .unwrap_or_else(|| name.clone());
+                    root.modules.insert(name, file);
                 }
+                syn::Item::Use(u) => {
+                    let mut found = Vec::new();
+                    leaves(&u.tree, &mut Vec::new(), &mut found);
+                    for (path, name) in found {
+                        if let Some(module) = path.first() {
+                            root.reexports.insert(name, module.clone());
+                        }
+                    }
+                }
+                _ => {}
             }
-        } else {
-            found.insert(ident(rest));
+        }
+        root
+    }
+
+    /// The file of the module that `crate::<name>` refers to, if `name` is one of the crate's modules or items.
+    fn resolve(&self, name: &str) -> Option<String> {
+        let module = self.reexports.get(name).map_or(name, |m| m.as_str());
+        self.modules.get(module).cloned()
+    }
+}
+
+/// Every `(path, name)` a use tree brings in, `path` being the segments before the name.
+fn leaves(tree: &syn::UseTree, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, String)>) {
+    match tree {
+        syn::UseTree::Path(p) => {
+            prefix.push(p.ident.to_string());
+            leaves(&p.tree, prefix, out);
+            prefix.pop();
+        }
+        syn::UseTree::Name(n) => out.push((prefix.clone(), n.ident.to_string())),
+        syn::UseTree::Rename(r) => out.push((prefix.clone(), r.rename.to_string())),
+        syn::UseTree::Glob(_) => {}
+        syn::UseTree::Group(g) => g.items.iter().for_each(|t| leaves(t, prefix, out)),
+    }
+}
+
+/// The names that follow `crate::` (or `super::`) at the start of a path anywhere in `source`, outside items
+/// marked `#[cfg(test)]`.
+fn crate_names(source: &str) -> BTreeSet<String> {
+    let file = syn::parse_file(source).expect("a source file of the crate parses");
+    let mut visitor = CratePaths::default();
+    visitor.visit_file(&file);
+    visitor.names
+}
+
+#[derive(Default)]
+struct CratePaths {
+    names: BTreeSet<String>,
+}
+
+fn is_root(segment: &str) -> bool {
+    segment == "crate" || segment == "super"
+}
+
+fn cfg_test(attrs: &[syn::Attribute]) -> bool {
+    attrs.iter().any(|a| {
+        a.path().is_ident("cfg")
+            && a.parse_args::<syn::Ident>()
+                .is_ok_and(|ident| ident == "test")
+    })
+}
+
+impl<'ast> Visit<'ast> for CratePaths {
+    fn visit_item(&mut self, item: &'ast syn::Item) {
+        let attrs: &[syn::Attribute] = match item {
+            syn::Item::Const(i) => &i.attrs,
+            syn::Item::Enum(i) => &i.attrs,
+            syn::Item::Fn(i) => &i.attrs,
+            syn::Item::Impl(i) => &i.attrs,
+            syn::Item::Mod(i) => &i.attrs,
+            syn::Item::Static(i) => &i.attrs,
+            syn::Item::Struct(i) => &i.attrs,
+            syn::Item::Trait(i) => &i.attrs,
+            syn::Item::Type(i) => &i.attrs,
+            syn::Item::Use(i) => &i.attrs,
+            syn::Item::Macro(i) => &i.attrs,
+            _ => &[],
+        };
+        if !cfg_test(attrs) {
+            syn::visit::visit_item(self, item);
         }
     }
-    found.remove("");
-    found
+
+    fn visit_item_use(&mut self, item: &'ast syn::ItemUse) {
+        let mut found = Vec::new();
+        leaves(&item.tree, &mut Vec::new(), &mut found);
+        for (path, name) in found {
+            match path.as_slice() {
+                [root, module, ..] if is_root(root) => {
+                    self.names.insert(module.clone());
+                }
+                [root] if is_root(root) => {
+                    self.names.insert(name);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn visit_path(&mut self, path: &'ast syn::Path) {
+        let mut segments = path.segments.iter().map(|s| s.ident.to_string());
+        if let (Some(root), Some(next)) = (segments.next(), segments.next()) {
+            if is_root(&root) {
+                self.names.insert(next);
+            }
+        }
+        syn::visit::visit_path(self, path);
+    }
+
+    fn visit_macro(&mut self, mac: &'ast syn::Macro) {
+        self.tokens(mac.tokens.clone());
+        syn::visit::visit_macro(self, mac);
+    }
+}
+
+impl CratePaths {
+    /// `crate :: name` in a macro's tokens, which `syn` leaves unparsed (`log::warn!("{}", crate::x::f())`).
+    fn tokens(&mut self, tokens: TokenStream) {
+        let tokens: Vec<TokenTree> = tokens.into_iter().collect();
+        for (i, token) in tokens.iter().enumerate() {
+            match token {
+                TokenTree::Group(group) => self.tokens(group.stream()),
+                TokenTree::Ident(ident) if is_root(&ident.to_string()) => {
+                    if let [TokenTree::Punct(a), TokenTree::Punct(b), TokenTree::Ident(name), ..] =
+                        &tokens[i + 1..]
+                    {
+                        if a.as_char() == ':' && b.as_char() == ':' {
+                            self.names.insert(name.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 /// A circle in `graph`, as the modules along it (the first repeated at the end), if it has one.
-fn circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+fn circle(graph: &Graph) -> Option<Vec<String>> {
     // Depth-first search with colours: 1 on the stack, 2 done.
     fn visit(
         node: &str,
-        graph: &BTreeMap<String, BTreeSet<String>>,
+        graph: &Graph,
         colour: &mut BTreeMap<String, u8>,
         stack: &mut Vec<String>,
     ) -> Option<Vec<String>> {
@@ -173,16 +284,52 @@ fn no_module_below_the_broker_imports_it() {
 }
 
 #[test]
-fn the_checker_sees_a_circle_and_grouped_imports() {
-    let code = code_only(
-        "use crate::{a, b::{C, D}, c::E};\n// crate::commented\nlet s = \"crate::quoted\";\ncrate::d::f();\n",
+fn the_checker_sees_every_kind_of_path() {
+    let names = crate_names(
+        r#"
+        use crate::{a, b::{C, D}, c::E};
+        use crate::Reexported;
+        use super::s::T;
+        // crate::commented
+        const Q: &str = "crate::quoted \
+            crate::continued";
+        fn f() -> crate::ty::Type {
+            crate::d::f();
+            log::warn!("{}", crate::in_macro::g());
+            let c = '"'; crate::after_char::h();
+        }
+        #[cfg(test)]
+        mod tests {
+            use crate::only_tests;
+        }
+        #[cfg(test)]
+        fn helper() { crate::test_helper::x(); }
+        "#,
     );
-    let paths = crate_paths(&code);
+    let expected = [
+        "Reexported",
+        "a",
+        "after_char",
+        "b",
+        "c",
+        "d",
+        "in_macro",
+        "s",
+        "ty",
+    ];
     assert_eq!(
-        paths,
-        ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect()
+        names,
+        expected.iter().map(|s| s.to_string()).collect(),
+        "comments, strings and #[cfg(test)] items are skipped; everything else is seen"
     );
-    let graph: BTreeMap<String, BTreeSet<String>> = [("x", "y"), ("y", "z"), ("z", "x")]
+    let root = Root::parse(
+        "mod broker;\n#[path = \"x_impl.rs\"]\npub mod x;\npub use broker::{Broker, Other as Renamed};",
+    );
+    assert_eq!(root.resolve("Broker").as_deref(), Some("broker"));
+    assert_eq!(root.resolve("Renamed").as_deref(), Some("broker"));
+    assert_eq!(root.resolve("x").as_deref(), Some("x_impl"));
+    assert_eq!(root.resolve("nothing"), None);
+    let graph: Graph = [("x", "y"), ("y", "z"), ("z", "x")]
         .iter()
         .map(|(a, b)| (a.to_string(), [b.to_string()].into_iter().collect()))
         .collect();
