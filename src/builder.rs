@@ -32,6 +32,27 @@ use crate::sweeper;
 
 impl Broker {
     /// A builder with the defaults listed on [`BrokerBuilder`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use credbroker::Broker;
+    ///
+    /// let broker = Broker::builder()
+    ///     .connection("host=db.internal user=credbroker_admin password=secret sslrootcert=/etc/ssl/pg-ca.crt")
+    ///     .build()?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    ///
+    /// Every setting but the connection string has a default, and the settings are checked before anything is
+    /// contacted, so this fails at once:
+    ///
+    /// ```
+    /// use credbroker::{Broker, ErrorKind};
+    ///
+    /// let err = Broker::builder().build().unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::InvalidConfig); // "no connection string; ..."
+    /// ```
     pub fn builder() -> BrokerBuilder {
         BrokerBuilder::default()
     }
@@ -60,6 +81,43 @@ impl Broker {
 /// | [`scram_iterations`](BrokerBuilder::scram_iterations) | 4096 ([`DEFAULT_SCRAM_ITERATIONS`](crate::DEFAULT_SCRAM_ITERATIONS)) |
 /// | [`event_handler`](BrokerBuilder::event_handler) | [`NopEventHandler`](crate::NopEventHandler) |
 /// | [`failover_window`](BrokerBuilder::failover_window) | 5 minutes |
+///
+/// The setters take and return the builder by value; nothing is checked or contacted until
+/// [`build`](BrokerBuilder::build).
+///
+/// # Examples
+///
+/// A production configuration: TLS with the server's certificate checked, the admin password from a mounted
+/// secret, leases of 15 minutes renewable up to 8 hours, a cap on live leases, and an audit handler:
+///
+/// ```no_run
+/// use credbroker::{Broker, HandleEvent, IssuedEvent, RecoveryMode, ShutdownMode};
+/// use std::time::Duration;
+///
+/// #[derive(Debug)]
+/// struct Audit;
+///
+/// impl HandleEvent for Audit {
+///     fn handle_issued(&self, event: IssuedEvent) {
+///         println!("issued {} as {}", event.lease.id(), event.lease.username());
+///     }
+/// }
+///
+/// let broker = Broker::builder()
+///     .connection("host=db.internal dbname=app user=credbroker_admin sslmode=verify-full sslrootcert=system")
+///     .password_provider(|| {
+///         std::fs::read_to_string("/var/run/secrets/pg-admin/password").map(|p| p.trim_end().to_owned())
+///     })
+///     .lease(Duration::from_secs(15 * 60), Duration::from_secs(8 * 3600))
+///     .max_leases(5_000)
+///     .instance_name("orders-api/eu-1")
+///     .recovery(RecoveryMode::Adopt)
+///     .shutdown_mode(ShutdownMode::Keep)
+///     .event_handler(Audit)
+///     .build()?;
+/// # Ok::<(), credbroker::Error>(())
+/// ```
+#[must_use = "a BrokerBuilder does nothing until .build()"]
 pub struct BrokerBuilder {
     connection: Option<Zeroizing<String>>,
     default_lease: Duration,
@@ -157,6 +215,10 @@ impl BrokerBuilder {
     /// library keeps) and never logged; an error it returns, a panic or a timeout fails the connection with
     /// [`ErrorKind::PasswordProvider`] (an error it returns as the source). There is no async variant yet.
     ///
+    /// # Examples
+    ///
+    /// A password file that a secret manager rewrites on rotation, read again at every new admin connection:
+    ///
     /// ```no_run
     /// use credbroker::Broker;
     ///
@@ -186,6 +248,32 @@ impl BrokerBuilder {
     /// The admin may also log in without a password in the string: with a client certificate (`sslcert=…
     /// sslkey=…`), or with a [`password_provider`](BrokerBuilder::password_provider). `sslrootcert=system`
     /// trusts the platform's CAs (and implies `sslmode=verify-full`).
+    ///
+    /// # Examples
+    ///
+    /// The same settings as a `key=value` string and as a URL:
+    ///
+    /// ```no_run
+    /// use credbroker::Broker;
+    ///
+    /// let broker = Broker::builder()
+    ///     .connection("host=db.internal dbname=app user=admin password=secret sslmode=verify-full sslrootcert=ca.crt")
+    ///     .build()?;
+    /// # drop(broker);
+    /// let broker = Broker::builder()
+    ///     .connection("postgres://admin:secret@db.internal:5432/app?sslmode=verify-full&sslrootcert=ca.crt")
+    ///     .build()?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
+    ///
+    /// Against a local development server without TLS, say so (without `sslmode`, TLS is required):
+    ///
+    /// ```no_run
+    /// let broker = credbroker::Broker::builder()
+    ///     .connection("host=localhost user=postgres password=postgres sslmode=disable")
+    ///     .build()?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
     pub fn connection(mut self, connection: impl Into<String>) -> BrokerBuilder {
         self.connection = Some(Zeroizing::new(connection.into()));
         self
@@ -193,6 +281,25 @@ impl BrokerBuilder {
 
     /// The lease a credential gets by default, and the longest a lease may live from its issue, renewals
     /// included. Roles may override both (their max no higher than this max).
+    ///
+    /// # Examples
+    ///
+    /// Credentials of 15 minutes, renewable for up to a working day; a default above the max is refused by
+    /// [`build`](BrokerBuilder::build) before anything is contacted:
+    ///
+    /// ```
+    /// use credbroker::{Broker, ErrorKind};
+    /// use std::time::Duration;
+    ///
+    /// let builder = Broker::builder().lease(Duration::from_secs(15 * 60), Duration::from_secs(8 * 3600));
+    ///
+    /// let err = Broker::builder()
+    ///     .connection("host=localhost user=username password=password")
+    ///     .lease(Duration::from_secs(2 * 3600), Duration::from_secs(3600))
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    /// ```
     pub fn lease(mut self, default: Duration, max: Duration) -> BrokerBuilder {
         self.default_lease = default;
         self.max_lease = max;
@@ -203,6 +310,27 @@ impl BrokerBuilder {
     /// one for the duration of its SQL; the sweeper uses the same pool. Connections beyond
     /// [`min_idle`](BrokerBuilder::min_idle) are opened only while there is work, and closed once idle for
     /// [`idle_timeout`](BrokerBuilder::idle_timeout).
+    ///
+    /// # Examples
+    ///
+    /// A broker that issues credentials from many threads at once needs more than the default 4:
+    ///
+    /// ```
+    /// let builder = credbroker::Broker::builder().pool_size(16);
+    /// ```
+    ///
+    /// Checked by [`build`](BrokerBuilder::build) before anything is contacted:
+    ///
+    /// ```
+    /// use credbroker::{Broker, ErrorKind};
+    ///
+    /// let err = Broker::builder()
+    ///     .connection("host=localhost user=username password=password")
+    ///     .pool_size(0)
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(err.kind(), ErrorKind::InvalidConfig);
+    /// ```
     pub fn pool_size(mut self, size: u32) -> BrokerBuilder {
         self.pool_size = size;
         self
@@ -211,6 +339,8 @@ impl BrokerBuilder {
     /// How many admin connections the broker keeps open while it has nothing to do (0 to
     /// [`pool_size`](BrokerBuilder::pool_size); default 1). One open connection means a revocation never needs a
     /// new one, even on a server with no free slot; 0 holds none at rest, and every burst of work connects first.
+    ///
+    /// # Examples
     ///
     /// ```
     /// # use std::time::Duration;
@@ -228,6 +358,16 @@ impl BrokerBuilder {
     /// seconds). The pool looks every 30 seconds, so an idle connection closes between `idle_timeout` and
     /// `idle_timeout` + 30 s. The [`min_idle`](BrokerBuilder::min_idle) connections kept at rest are used (a
     /// ping) every `idle_timeout / 2`, so they stay open, and are reopened if they broke.
+    ///
+    /// # Examples
+    ///
+    /// Behind a firewall or load balancer that drops connections idle for five minutes, keep the pings well
+    /// inside that:
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = credbroker::Broker::builder().idle_timeout(Duration::from_secs(120));
+    /// ```
     pub fn idle_timeout(mut self, timeout: Duration) -> BrokerBuilder {
         self.idle_timeout = timeout;
         self
@@ -237,6 +377,8 @@ impl BrokerBuilder {
     /// issued and not yet dropped, [`creds`](Broker::creds) fails with [`ErrorKind::LeaseCap`] and creates
     /// nothing; leases adopted at start count but are never refused. Roles have caps of their own:
     /// [`Role::max_leases`](crate::Role::max_leases).
+    ///
+    /// # Examples
     ///
     /// ```
     /// let builder = credbroker::Broker::builder().max_leases(10_000);
@@ -248,6 +390,15 @@ impl BrokerBuilder {
 
     /// How long connecting to PostgreSQL, or waiting for a free pooled connection, may take before failing
     /// (more than zero, at most 1 hour).
+    ///
+    /// # Examples
+    ///
+    /// Failing fast when the server is unreachable, where the caller has a fallback:
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = credbroker::Broker::builder().connect_timeout(Duration::from_secs(3));
+    /// ```
     pub fn connect_timeout(mut self, timeout: Duration) -> BrokerBuilder {
         self.connect_timeout = timeout;
         self
@@ -257,6 +408,15 @@ impl BrokerBuilder {
     /// run before PostgreSQL cancels it (1 ms to 24 hours; default 30 seconds). A revocation cancelled this way
     /// is a failed attempt: the role stays `NOLOGIN` and is retried with backoff. Application connections of a
     /// [`RolePool`](crate::RolePool) are not affected.
+    ///
+    /// # Examples
+    ///
+    /// Revocation SQL that drops many objects a credential owned may take longer than the default 30 seconds:
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = credbroker::Broker::builder().statement_timeout(Duration::from_secs(120));
+    /// ```
     pub fn statement_timeout(mut self, timeout: Duration) -> BrokerBuilder {
         self.statement_timeout = timeout;
         self
@@ -266,6 +426,19 @@ impl BrokerBuilder {
     /// another session (a migration or `pg_dump` holding a table that a revoked role owns, say) before it fails
     /// (1 ms to 24 hours; default 5 seconds). Such a revocation is retried with backoff, and other leases are
     /// dropped on time meanwhile.
+    ///
+    /// # Examples
+    ///
+    /// Timeouts for a busy server where DDL waits behind long transactions: give up on a lock sooner, and retry
+    /// the revocation later, rather than queue other sessions behind it:
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = credbroker::Broker::builder()
+    ///     .connect_timeout(Duration::from_secs(5))
+    ///     .statement_timeout(Duration::from_secs(30))
+    ///     .lock_timeout(Duration::from_secs(1));
+    /// ```
     pub fn lock_timeout(mut self, timeout: Duration) -> BrokerBuilder {
         self.lock_timeout = timeout;
         self
@@ -275,6 +448,16 @@ impl BrokerBuilder {
     /// written on every role it issues, and recovery at start adopts the roles of the same name. The default,
     /// `<host name>/<executable name>`, survives a restart; give each process that runs at the same time as
     /// another of the same program on the same host a name of its own.
+    ///
+    /// # Examples
+    ///
+    /// Several workers of one program on one host, each with a name that is the same at its next start (a process
+    /// id would not be), so each adopts its own roles:
+    ///
+    /// ```
+    /// let worker = std::env::var("WORKER_INDEX").unwrap_or_else(|_| "0".to_owned());
+    /// let builder = credbroker::Broker::builder().instance_name(format!("orders-worker/{worker}"));
+    /// ```
     pub fn instance_name(mut self, name: impl Into<String>) -> BrokerBuilder {
         self.instance_name = Some(name.into());
         self
@@ -283,6 +466,14 @@ impl BrokerBuilder {
     /// The `NOLOGIN` role every issued role is made a member of, so the catalog says which roles are
     /// credentials; created by [`build`](BrokerBuilder::build) if missing. Instances that share a marker role
     /// sweep each other's expired roles.
+    ///
+    /// # Examples
+    ///
+    /// Two independent fleets on one server, each sweeping only its own credentials:
+    ///
+    /// ```
+    /// let builder = credbroker::Broker::builder().marker_role("billing_credentials");
+    /// ```
     pub fn marker_role(mut self, name: impl Into<String>) -> BrokerBuilder {
         self.marker_role = name.into();
         self
@@ -295,6 +486,19 @@ impl BrokerBuilder {
     /// superuser (or the admin when it is one): objects a credential wrote, such as a `SECURITY DEFINER`
     /// function, would then run with the owner's rights. Not the marker role either: its members are the
     /// credentials.
+    ///
+    /// # Examples
+    ///
+    /// Tables that credentials create (in a scratch schema, say) go to the role that owns the application's
+    /// objects, rather than to `credbroker_owner`:
+    ///
+    /// ```no_run
+    /// let broker = credbroker::Broker::builder()
+    ///     .connection("host=localhost user=username password=password")
+    ///     .reassign_owned_to("app_owner") // must exist, must not be a superuser
+    ///     .build()?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
     pub fn reassign_owned_to(mut self, owner: impl Into<String>) -> BrokerBuilder {
         self.reassign_owner = owner.into();
         self
@@ -302,6 +506,21 @@ impl BrokerBuilder {
 
     /// What [`build`](BrokerBuilder::build) does with live roles an earlier run of this instance issued: adopt
     /// them (default) or revoke them all. Expired ones are always dropped.
+    ///
+    /// # Examples
+    ///
+    /// A service whose credentials were handed to processes that do not survive its restart:
+    ///
+    /// ```no_run
+    /// use credbroker::{Broker, RecoveryMode};
+    ///
+    /// let broker = Broker::builder()
+    ///     .connection("host=localhost user=username password=password")
+    ///     .recovery(RecoveryMode::RevokeAll)
+    ///     .build()?;
+    /// assert!(broker.leases().is_empty()); // the last run's live roles were dropped, none adopted
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
     pub fn recovery(mut self, mode: RecoveryMode) -> BrokerBuilder {
         self.recovery = mode;
         self
@@ -309,6 +528,24 @@ impl BrokerBuilder {
 
     /// What dropping the [`Broker`] does with the leases it still holds; [`Broker::shutdown`] takes the mode as
     /// an argument instead.
+    ///
+    /// # Examples
+    ///
+    /// Credentials that must not outlive the process, even when the broker is dropped without
+    /// [`Broker::shutdown`]:
+    ///
+    /// ```no_run
+    /// use credbroker::{Broker, ShutdownMode};
+    /// use std::time::Duration;
+    ///
+    /// let broker = Broker::builder()
+    ///     .connection("host=localhost user=username password=password")
+    ///     .shutdown_mode(ShutdownMode::Revoke { timeout: Duration::from_secs(10) })
+    ///     .build()?;
+    /// // ...
+    /// drop(broker); // revokes every lease still live, for at most 10 seconds
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
     pub fn shutdown_mode(mut self, mode: ShutdownMode) -> BrokerBuilder {
         self.shutdown_mode = mode;
         self
@@ -317,6 +554,18 @@ impl BrokerBuilder {
     /// Whether revocation ends the sessions of the role it drops (default: true, which needs
     /// `pg_signal_backend`). `false` is a degraded mode: an open session outlives the revocation of its role,
     /// with every privilege it had, until it disconnects.
+    ///
+    /// # Examples
+    ///
+    /// A managed service where the admin may not be granted `pg_signal_backend`:
+    ///
+    /// ```no_run
+    /// let broker = credbroker::Broker::builder()
+    ///     .connection("host=localhost user=username password=password")
+    ///     .terminate_sessions(false) // logged as a warning at build
+    ///     .build()?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
     pub fn terminate_sessions(mut self, terminate: bool) -> BrokerBuilder {
         self.terminate_sessions = terminate;
         self
@@ -324,6 +573,15 @@ impl BrokerBuilder {
 
     /// How often this instance looks for orphans: marked roles that no lease table holds (a crashed instance's,
     /// say), expired for at least this long. Default: 60 seconds.
+    ///
+    /// # Examples
+    ///
+    /// Many instances on one server: each looks less often, as any of them drops a crashed one's roles:
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let builder = credbroker::Broker::builder().orphan_sweep_interval(Duration::from_secs(600));
+    /// ```
     pub fn orphan_sweep_interval(mut self, interval: Duration) -> BrokerBuilder {
         self.orphan_interval = interval;
         self
@@ -338,6 +596,13 @@ impl BrokerBuilder {
     /// every login of a credential costs the client and the server the same again. A count of 1 removes that work
     /// (see [the benchmarks](crate::guide::benchmarks) for the measured effect). Keep the default where a policy or an auditor
     /// asks for it, or where the same verifier format is checked by tools that expect 4096.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// // Issues credentials at a high rate; the passwords are random, so stretching adds nothing.
+    /// let builder = credbroker::Broker::builder().scram_iterations(1);
+    /// ```
     pub fn scram_iterations(mut self, iterations: u32) -> BrokerBuilder {
         self.scram_iterations = iterations;
         self
@@ -346,6 +611,38 @@ impl BrokerBuilder {
     /// Where the broker's events go: every lease issued, renewed, rotated, revoked, expired or lost, and every
     /// failed revocation, with lease id, role, username and times (never a password). The default ignores them.
     /// See [`HandleEvent`] for when and where the handler is called.
+    ///
+    /// # Examples
+    ///
+    /// A handler that logs revocations and alerts on failed ones; the methods it leaves out ignore their events:
+    ///
+    /// ```no_run
+    /// use credbroker::{Broker, HandleEvent, RevocationFailedEvent, RevokedEvent};
+    ///
+    /// #[derive(Debug)]
+    /// struct Audit;
+    ///
+    /// impl HandleEvent for Audit {
+    ///     fn handle_revoked(&self, event: RevokedEvent) {
+    ///         println!("revoked {} ({}): {}", event.lease.id(), event.lease.username(), event.cause);
+    ///     }
+    ///
+    ///     fn handle_revocation_failed(&self, event: RevocationFailedEvent) {
+    ///         // Called on the revoking thread: hand anything slow (a pager call) to a channel.
+    ///         eprintln!(
+    ///             "could not drop {}: {}",
+    ///             event.lease.username(),
+    ///             event.lease.last_error().unwrap_or_default()
+    ///         );
+    ///     }
+    /// }
+    ///
+    /// let broker = Broker::builder()
+    ///     .connection("host=localhost user=username password=password")
+    ///     .event_handler(Audit)
+    ///     .build()?;
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
     pub fn event_handler(mut self, handler: impl HandleEvent) -> BrokerBuilder {
         self.event_handler = Box::new(handler);
         self
@@ -360,6 +657,8 @@ impl BrokerBuilder {
     /// seconds on an idle one, drops again every role it dropped within this window before, and reports every
     /// live lease whose role the new primary lacks ([`HandleEvent::handle_lost`]; `renew` fails with
     /// [`ErrorKind::LeaseLost`]). Make it longer than your replicas' worst lag plus the time a failover takes.
+    ///
+    /// # Examples
     ///
     /// ```no_run
     /// # use std::time::Duration;
@@ -384,6 +683,32 @@ impl BrokerBuilder {
     ///
     /// Inside a tokio runtime it works too, blocking the calling worker thread until the broker is ready (see
     /// [Async services](crate::guide::reference#async-services)); with feature `tokio`, `build_async` does not block it.
+    ///
+    /// # Examples
+    ///
+    /// At start, telling an admin user that lacks rights (the message lists the `GRANT`s to run) from a server
+    /// that is not up yet:
+    ///
+    /// ```no_run
+    /// use credbroker::{Broker, ErrorKind};
+    /// use std::time::Duration;
+    ///
+    /// let broker = loop {
+    ///     match Broker::builder()
+    ///         .connection("host=db.internal user=credbroker_admin password=secret sslrootcert=system")
+    ///         .build()
+    ///     {
+    ///         Ok(broker) => break broker,
+    ///         Err(e) if e.kind() == ErrorKind::Connection => {
+    ///             eprintln!("{e}; retrying in 5 s");
+    ///             std::thread::sleep(Duration::from_secs(5));
+    ///         }
+    ///         // InvalidConfig, Tls, Permission, ...: retrying will not help.
+    ///         Err(e) => return Err(e),
+    ///     }
+    /// };
+    /// # Ok::<(), credbroker::Error>(())
+    /// ```
     pub fn build(self) -> Result<Broker, Error> {
         off_runtime(|| self.build_here())
     }
