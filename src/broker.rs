@@ -1,6 +1,7 @@
-//! The broker: the public face of the credential lifecycle. Each method checks its input and hands the work to
-//! the module named after it ([`issue`](crate::issue), [`renew`](crate::renew), [`revoke`](crate::revoke),
-//! [`pool`](crate::pool), [`shutdown`](crate::shutdown)); role definitions are kept here.
+//! The broker: the public face of the credential lifecycle. Its methods check their input and hand the work to
+//! [`issue`](crate::issue) (`creds`), [`renew`](crate::renew), [`revoke`](crate::revoke) (the revocations),
+//! [`pool`](crate::pool) and [`shutdown`](crate::shutdown); role definitions are written and deleted here (the
+//! table of them lives in [`Shared`]).
 
 use std::fmt;
 use std::sync::Arc;
