@@ -247,8 +247,8 @@ impl Broker {
     /// Renews lease `id`: its new end is now plus `increment` (`None`: the role's default lease), capped at the
     /// issue time plus the max lease. PostgreSQL's `VALID UNTIL` moves first, then the lease table.
     ///
-    /// Fails with [`ErrorKind::UnknownLease`](crate::ErrorKind::UnknownLease) for an id not in the table and [`ErrorKind::LeaseExpired`](crate::ErrorKind::LeaseExpired) for a
-    /// lease past its end or being revoked.
+    /// Fails with [`ErrorKind::UnknownLease`](crate::ErrorKind::UnknownLease) for an id not in the table and
+    /// [`ErrorKind::LeaseExpired`](crate::ErrorKind::LeaseExpired) for a lease past its end or being revoked.
     ///
     /// Renewing never extends a lease past its max: once [`Lease::expires_at`] reaches
     /// [`Lease::max_expires_at`], a renewal succeeds without moving it, and the credential must be replaced.
@@ -459,12 +459,12 @@ impl Broker {
 
     /// A pool of connections for role `name`, always logged in with a valid credential of that role.
     ///
-    /// The pool issues one credential now (and logs in once with it, so a role that cannot log in fails here),
-    /// renews its lease in the background, and before the lease reaches its max rotates to a new credential:
-    /// new connections use the new one, connections of the old one are closed as they are returned (never while
-    /// checked out), and the old lease is revoked once none of its connections remain, or at its end. Each
-    /// connection's `application_name` is its lease id (see [the pools' reference](crate::guide::reference#pools)). Fails as
-    /// [`creds`](Broker::creds) does, with [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) for bad options, and with
+    /// The pool issues one credential now (and logs in once with it, so a role that cannot log in fails here), renews
+    /// its lease in the background, and before the lease reaches its max rotates to a new credential: new connections
+    /// use the new one, connections of the old one are closed as they are returned (never while checked out), and the
+    /// old lease is revoked once none of its connections remain, or at its end. Each connection's `application_name` is
+    /// its lease id (see [the pools' reference](crate::guide::reference#pools)). Fails as [`creds`](Broker::creds)
+    /// does, with [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) for bad options, and with
     /// [`ErrorKind::Connection`](crate::ErrorKind::Connection) if the credential cannot log in.
     ///
     /// # Examples
@@ -497,18 +497,19 @@ impl Broker {
     /// A sqlx [`PgPool`](sqlx::PgPool) for role `name` whose connect options always carry a valid credential of
     /// that role: [`RolePool`]'s renewals, rotations and guarantees, for async services (feature `sqlx`).
     ///
-    /// The pool issues one credential now and logs in once with it; renews its lease at half its duration;
-    /// rotates to a new credential `rotate_before` ahead of the lease's max, by
-    /// [`set_connect_options`](sqlx::Pool::set_connect_options); closes connections of the old credential as
-    /// they are returned (never while checked out); and revokes the old lease once PostgreSQL shows none of its
-    /// sessions left, or at its end. `application_name` is the lease id; TLS follows the admin connection's
-    /// settings where sqlx can honour them, and fails with [`ErrorKind::Tls`](crate::ErrorKind::Tls) where it cannot (sqlx has no
-    /// channel binding, and checks certificates against public CAs too: give `sslmode=verify-full`, `disable`,
-    /// or `channel_binding=prefer` as an explicit opt-out). `sslrootcert=system` means sqlx's built-in public CAs.
-    /// A connection string with several hosts is refused with [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) (sqlx connects to one
-    /// host and cannot find the primary after a failover), as is `PGSSLCERT`/`PGSSLKEY` in the environment (sqlx
-    /// would present that certificate). Otherwise fails as [`pool_with`](Broker::pool_with) does.
-    /// The broker's own database work runs on tokio's blocking threads, never on a runtime worker.
+    /// The pool issues one credential now and logs in once with it; renews its lease at half its duration; rotates to a
+    /// new credential `rotate_before` ahead of the lease's max, by
+    /// [`set_connect_options`](sqlx::Pool::set_connect_options); closes connections of the old credential as they are
+    /// returned (never while checked out); and revokes the old lease once PostgreSQL shows none of its sessions left,
+    /// or at its end. `application_name` is the lease id; TLS follows the admin connection's settings where sqlx can
+    /// honour them, and fails with [`ErrorKind::Tls`](crate::ErrorKind::Tls) where it cannot (sqlx has no channel
+    /// binding, and checks certificates against public CAs too: give `sslmode=verify-full`, `disable`, or
+    /// `channel_binding=prefer` as an explicit opt-out). `sslrootcert=system` means sqlx's built-in public CAs. A
+    /// connection string with several hosts is refused with
+    /// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) (sqlx connects to one host and cannot find the
+    /// primary after a failover), as is `PGSSLCERT`/`PGSSLKEY` in the environment (sqlx would present that
+    /// certificate). Otherwise fails as [`pool_with`](Broker::pool_with) does. The broker's own database work runs on
+    /// tokio's blocking threads, never on a runtime worker.
     ///
     /// # Examples
     ///
@@ -595,9 +596,9 @@ impl Broker {
     /// alone too). The role stays `NOLOGIN` if revocation got that far, for an operator to drop by hand. For a
     /// role that an operator has taken out of the broker's hands, or a revocation that can never succeed.
     ///
-    /// Fails with [`ErrorKind::UnknownLease`](crate::ErrorKind::UnknownLease), or with [`ErrorKind::Revocation`](crate::ErrorKind::Revocation) if another revocation of the
-    /// lease is still running after the bound on one operation (`connect_timeout` plus four statement
-    /// timeouts).
+    /// Fails with [`ErrorKind::UnknownLease`](crate::ErrorKind::UnknownLease), or with
+    /// [`ErrorKind::Revocation`](crate::ErrorKind::Revocation) if another revocation of the lease is still running
+    /// after the bound on one operation (`connect_timeout` plus four statement timeouts).
     ///
     /// # Examples
     ///
@@ -620,10 +621,10 @@ impl Broker {
         off_runtime(|| revoke::revoke_force(&self.shared, id))
     }
 
-    /// Stops the broker: stops and joins the sweeper, then keeps or revokes the leases still in the table as
-    /// `mode` says. With [`ShutdownMode::Revoke`], fails with [`ErrorKind::Revocation`](crate::ErrorKind::Revocation) if some leases could not
-    /// be revoked within the timeout (their roles stay fenced by `VALID UNTIL`, for the next start or another
-    /// instance to drop).
+    /// Stops the broker: stops and joins the sweeper, then keeps or revokes the leases still in the table as `mode`
+    /// says. With [`ShutdownMode::Revoke`], fails with [`ErrorKind::Revocation`](crate::ErrorKind::Revocation) if some
+    /// leases could not be revoked within the timeout (their roles stay fenced by `VALID UNTIL`, for the next start or
+    /// another instance to drop).
     ///
     /// # Examples
     ///

@@ -208,12 +208,12 @@ impl BrokerBuilder {
     /// string must then hold no password. [`RolePool`](crate::RolePool)s are not affected: they log in with
     /// issued credentials.
     ///
-    /// The provider runs on a thread of its own, under no lock of the broker's; the login waits for it up to
-    /// the connect timeout, then fails (the provider's thread is left to finish). A panic in it is caught and
-    /// fails the login the same way, its message not shown. Its password is wiped from the
-    /// broker's memory after the login (see [Secrets in memory](crate::guide::operations#in-memory) for the copies the client
-    /// library keeps) and never logged; an error it returns, a panic or a timeout fails the connection with
-    /// [`ErrorKind::PasswordProvider`] (an error it returns as the source). There is no async variant yet.
+    /// The provider runs on a thread of its own, under no lock of the broker's; the login waits for it up to the
+    /// connect timeout, then fails (the provider's thread is left to finish). A panic in it is caught and fails the
+    /// login the same way, its message not shown. Its password is wiped from the broker's memory after the login (see
+    /// [Secrets in memory](crate::guide::operations#in-memory) for the copies the client library keeps) and never
+    /// logged; an error it returns, a panic or a timeout fails the connection with [`ErrorKind::PasswordProvider`] (an
+    /// error it returns as the source). There is no async variant yet.
     ///
     /// # Examples
     ///
@@ -592,9 +592,9 @@ impl BrokerBuilder {
     ///
     /// Key stretching slows down guessing a *weak* password from a stolen verifier. The broker's passwords are 32
     /// random characters (191 bits): no number of guesses finds one, stretched or not. Meanwhile PostgreSQL 15
-    /// re-derives the key of every new password it stores (about 3.3 ms of server CPU at 4096 iterations), and
-    /// every login of a credential costs the client and the server the same again. A count of 1 removes that work
-    /// (see [the benchmarks](crate::guide::benchmarks) for the measured effect). Keep the default where a policy or an auditor
+    /// re-derives the key of every new password it stores (about 3.3 ms of server CPU at 4096 iterations), and every
+    /// login of a credential costs the client and the server the same again. A count of 1 removes that work (see [the
+    /// benchmarks](crate::guide::benchmarks) for the measured effect). Keep the default where a policy or an auditor
     /// asks for it, or where the same verifier format is checked by tools that expect 4096.
     ///
     /// # Examples
@@ -681,8 +681,8 @@ impl BrokerBuilder {
     /// [`ErrorKind::Connection`] when the server cannot be reached or refuses the login, and
     /// [`ErrorKind::Permission`] listing every right the admin user lacks, each with the `GRANT` that fixes it.
     ///
-    /// Inside a tokio runtime it works too, blocking the calling worker thread until the broker is ready (see
-    /// [Async services](crate::guide::reference#async-services)); with feature `tokio`, `build_async` does not block it.
+    /// Inside a tokio runtime it works too, blocking the calling worker thread until the broker is ready (see [Async
+    /// services](crate::guide::reference#async-services)); with feature `tokio`, `build_async` does not block it.
     ///
     /// # Examples
     ///

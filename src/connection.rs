@@ -19,7 +19,8 @@
 //! logs in only with SCRAM-SHA-256-PLUS, which binds the exchange to the TLS channel (an interposed server
 //! cannot relay it, and SCRAM never sends the password). An explicit `channel_binding=prefer` is the opt-out.
 //!
-//! The admin may log in without a password in the string (see [Admin authentication](crate::guide::operations#admin-authentication)):
+//! The admin may log in without a password in the string (see [Admin
+//! authentication](crate::guide::operations#admin-authentication)):
 //! - `sslcert`/`sslkey`: a client certificate and its key (PEM), presented by admin connections only (never by
 //!   a [`RolePool`](crate::RolePool)'s, which log in with issued credentials), for `hostssl … cert` lines in
 //!   `pg_hba.conf`. With a certificate and no password, channel binding is not forced: there is no password

@@ -3,15 +3,14 @@
 //! counted for [`Broker::stats`](crate::Broker::stats) and passed to the [`HandleEvent`] given to
 //! [`BrokerBuilder::event_handler`](crate::BrokerBuilder::event_handler), in the style of r2d2's `HandleEvent`.
 //!
-//! Events carry the [`Lease`] (id, role, username, times) and never a password. They are delivered after the
-//! change, with no lock of the broker held, and in order for any one lease: issued, then renewals and rotation,
-//! then one of revoked, expired or lost (after a failover). Delivery is synchronous on the thread that made the
-//! change (a caller's, a revocation worker's, or a [`RolePool`](crate::RolePool)'s), except when another thread is delivering events
-//! at that moment: that thread then delivers this one too before it returns, so the order holds (the call that
-//! made the change may then return before its event is delivered). A handler
-//! may call any [`Broker`](crate::Broker) method, on any lease, the one it is told about included; the events
-//! those calls make are delivered once the handler returns.
-//! A handler that panics is caught and logged; the broker carries on.
+//! Events carry the [`Lease`] (id, role, username, times) and never a password. They are delivered after the change,
+//! with no lock of the broker held, and in order for any one lease: issued, then renewals and rotation, then one of
+//! revoked, expired or lost (after a failover). Delivery is synchronous on the thread that made the change (a caller's,
+//! a revocation worker's, or a [`RolePool`](crate::RolePool)'s), except when another thread is delivering events at
+//! that moment: that thread then delivers this one too before it returns, so the order holds (the call that made the
+//! change may then return before its event is delivered). A handler may call any [`Broker`](crate::Broker) method, on
+//! any lease, the one it is told about included; the events those calls make are delivered once the handler returns. A
+//! handler that panics is caught and logged; the broker carries on.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -260,7 +259,8 @@ pub trait HandleEvent: fmt::Debug + Send + Sync + 'static {
     ///
     /// impl HandleEvent for LogAdopted {
     ///     fn handle_adopted(&self, event: AdoptedEvent) {
-    ///         println!("kept {} from the last run, valid until {:?}", event.lease.username(), event.lease.expires_at());
+    ///         let lease = &event.lease;
+    ///         println!("kept {} from the last run, valid until {:?}", lease.username(), lease.expires_at());
     ///     }
     /// }
     ///

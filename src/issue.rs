@@ -180,9 +180,10 @@ fn sweep_uncertain(shared: &Shared, mark: LeaseMark, username: String, role: &Ar
     shared.leases.adopt(lease, role);
 }
 
-/// Runs `sql` as one transaction in one round trip: `BEGIN; …; COMMIT; RESET …` in a single simple query. A statement
-/// that fails skips the rest, COMMIT included, and leaves the transaction aborted; it is then rolled back so the
-/// pooled connection is clean. (Templates cannot end the transaction early: `write_role` refuses those.)
+/// Runs `sql` as one transaction in one round trip: `BEGIN; …; COMMIT; RESET …` in a single simple query. A
+/// statement that fails skips the rest, COMMIT included, and leaves the transaction aborted; it is then rolled
+/// back so the pooled connection is clean. (Templates cannot end the transaction early: `write_role` refuses
+/// those.)
 fn run_in_one_round_trip(client: &mut Client, sql: &str) -> Result<(), postgres::Error> {
     // RESET after COMMIT: a template's plain `SET` would otherwise stay on the pooled connection.
     let batch = Zeroizing::new(format!(

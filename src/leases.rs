@@ -300,7 +300,8 @@ impl Leases {
         })
     }
 
-    /// Puts a lease in the table without an event: a creation whose outcome was lost (expired at once, so the sweeper makes sure its role is gone). Returns false if the table cannot hold it.
+    /// Puts a lease in the table without an event: a creation whose outcome was lost (expired at once, so the sweeper
+    /// makes sure its role is gone). Returns false if the table cannot hold it.
     pub(crate) fn adopt(&self, lease: Lease, role: &Arc<CompiledRole>) -> bool {
         let mut state = self.state.lock();
         self.insert(&mut state, lease, role)

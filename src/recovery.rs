@@ -190,9 +190,9 @@ fn lease_id(role: &MarkedRole) -> &str {
         .map_or("unknown", |m| m.lease_id.as_str())
 }
 
-/// Drops orphans: marked roles with a lease comment the broker wrote, in no lease table of this instance, whose
-/// lease ended at least one orphan-sweep interval ago, of any instance. Runs only if no other instance is sweeping (advisory lock); failures are
-/// logged and retried at the next sweep. Returns how many roles it dropped.
+/// Drops orphans: marked roles with a lease comment the broker wrote, in no lease table of this instance, whose lease
+/// ended at least one orphan-sweep interval ago, of any instance. Runs only if no other instance is sweeping (advisory
+/// lock); failures are logged and retried at the next sweep. Returns how many roles it dropped.
 pub(crate) fn sweep_orphans(shared: &Shared) -> usize {
     match try_sweep_orphans(shared) {
         Ok(dropped) => dropped,

@@ -12,8 +12,8 @@
 //!   renewals never wait behind it), or, if one is held longer, by the sweeper at the lease's end (which also ends
 //!   that connection's session).
 //!
-//! Failures (the database down, say) are logged and retried after 1 s, doubling up to 30 s, with equal jitter
-//! (half of each delay random, so that the pools of a fleet do not retry together after a restart); the pool keeps serving
+//! Failures (the database down, say) are logged and retried after 1 s, doubling up to 30 s, with equal jitter (half of
+//! each delay random, so that the pools of a fleet do not retry together after a restart); the pool keeps serving
 //! connections of the current credential meanwhile.
 
 use std::sync::mpsc::Sender;

@@ -169,10 +169,10 @@ pub(crate) const MARKED_ROLES: &str = "SELECT r.rolname::text, \
      FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member \
      WHERE m.roleid = (SELECT oid FROM pg_roles WHERE rolname = $1)";
 
-/// The orphan sweep's candidates: the members of the marker role `$1` whose `VALID UNTIL` passed at least `$2`
-/// seconds (a `float8`) ago by the server's clock, with the columns of [`MARKED_ROLES`]. The filter runs on the
-/// server, so a sweep of a catalog with many live credentials reads and sends only the expired ones (the members
-/// come from `pg_auth_members`' index on the marker; see the operator's guide, "A fleet on one server", for the measurements).
+/// The orphan sweep's candidates: the members of the marker role `$1` whose `VALID UNTIL` passed at least `$2` seconds
+/// (a `float8`) ago by the server's clock, with the columns of [`MARKED_ROLES`]. The filter runs on the server, so a
+/// sweep of a catalog with many live credentials reads and sends only the expired ones (the members come from
+/// `pg_auth_members`' index on the marker; see the operator's guide, "A fleet on one server", for the measurements).
 pub(crate) const ORPHAN_CANDIDATES: &str = "SELECT r.rolname::text, \
      CASE WHEN isfinite(r.rolvaliduntil) THEN floor(extract(epoch FROM r.rolvaliduntil))::int8 END, \
      shobj_description(r.oid, 'pg_authid') \

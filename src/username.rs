@@ -1,4 +1,5 @@
-//! Username templates: how a role's credentials are named (see [`Role::username_template`](crate::Role::username_template)).
+//! Username templates: how a role's credentials are named (see
+//! [`Role::username_template`](crate::Role::username_template)).
 //!
 //! The syntax follows Vault's `username_template`, without its Go template language: text, and fields in
 //! `{{ … }}`, each optionally piped through filters.
