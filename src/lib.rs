@@ -80,7 +80,7 @@
 //! | `credbroker_expired_total` | counter | `role` | leases the sweeper revoked at their end |
 //! | `credbroker_revocation_failures_total` | counter | `role` | failed attempts to drop a role (each retried) |
 //! | `credbroker_adopted_total` | counter | `role` | leases of an earlier run adopted at start |
-//! | `credbroker_roles_dropped_total` | counter | `cause` | roles without a lease dropped at start or as orphans |
+//! | `credbroker_roles_dropped_total` | counter | `cause` | roles without a lease dropped at start, as orphans, or again after a failover |
 //! | `credbroker_lost_total` | counter | `role` | leases whose role a failover lost (see `HandleEvent::handle_lost`) |
 //! | `credbroker_leases` | gauge | `role` | live leases |
 //! | `credbroker_sweeper_lag_seconds` | gauge | | how late the sweeper is |
@@ -95,8 +95,9 @@
 //!
 //! Passwords are 32 characters of `[A-Za-z0-9-]` (191 bits) from the operating system's CSPRNG. The broker sends
 //! only their SCRAM-SHA-256 verifier, which PostgreSQL stores as given, so the plaintext never appears in the
-//! server, its logs or `pg_stat_activity`. Usernames are `<role>-<unix seconds>-<16 random [a-z0-9]>`, at most 60
-//! bytes (PostgreSQL silently truncates beyond 63). `{{expiration}}` is the lease's end in UTC with an explicit
+//! server, its logs or `pg_stat_activity`. By default usernames are
+//! `<role lowercased>-<unix seconds>-<16 random [a-z0-9]>`, at most 60 bytes (a username template may use up to
+//! 63; PostgreSQL silently truncates beyond 63). `{{expiration}}` is the lease's end in UTC with an explicit
 //! offset, so a server in any time zone reads it right.
 //!
 //! # Module map

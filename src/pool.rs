@@ -324,7 +324,7 @@ pub(crate) struct Generation<C = postgres::Config> {
     /// How long the credential was issued for: renewals add this much.
     pub(crate) lease_duration: Duration,
     /// The connection settings, with the credential's user, password and `application_name`. `postgres::Config`
-    /// keeps the password in a buffer it frees without wiping (see the README's "Secrets in memory").
+    /// keeps the password in a buffer it frees without wiping (see docs/operations.md, "Secrets" › "In memory").
     pub(crate) config: C,
     /// Open connections, counted from the moment a login starts.
     connections: AtomicUsize,

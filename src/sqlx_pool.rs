@@ -58,7 +58,7 @@ struct Generation {
     username: String,
     lease_duration: Duration,
     /// The connect options, with the credential's user, password and `application_name`. sqlx keeps the
-    /// password in a `String` it frees without wiping (see the README's "Secrets in memory").
+    /// password in a `String` it frees without wiping (see docs/operations.md, "Secrets" › "In memory").
     options: PgConnectOptions,
     /// Connections opened from this instant on are this credential's; older ones are of earlier credentials.
     since: Instant,
