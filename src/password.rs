@@ -61,6 +61,7 @@ pub const MAX_PASSWORD_LEN: usize = 1024;
 /// let role = Role::new().password_policy(policy);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "a PasswordPolicy is built by value: each setter returns the changed policy"]
 pub struct PasswordPolicy {
     length: usize,
     charsets: Vec<(String, usize)>,
@@ -77,7 +78,6 @@ impl PasswordPolicy {
     /// let policy = PasswordPolicy::new(32).charset("ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789", 0);
     /// assert_eq!(policy.length(), 32);
     /// ```
-    #[must_use]
     pub fn new(length: usize) -> PasswordPolicy {
         PasswordPolicy {
             length,
@@ -100,7 +100,6 @@ impl PasswordPolicy {
     ///     .charset("!#$%&*+-=?@^_", 2);
     /// assert!(policy.entropy_bits() >= 128.0);
     /// ```
-    #[must_use = "a PasswordPolicy is built by value: this returns the changed policy, and the one it was called on is gone"]
     pub fn charset(mut self, chars: impl Into<String>, min: usize) -> PasswordPolicy {
         self.charsets.push((chars.into(), min));
         self

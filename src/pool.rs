@@ -69,6 +69,7 @@ const TRUST_IDLE_FOR: Duration = Duration::from_millis(500);
 /// # Ok::<(), credbroker::Error>(())
 /// ```
 #[derive(Debug, Clone)]
+#[must_use = "PoolOptions are built by value: each setter returns the changed options"]
 pub struct PoolOptions {
     pub(crate) max_size: u32,
     pub(crate) min_idle: u32,
@@ -104,7 +105,6 @@ impl PoolOptions {
     /// let pool = broker.pool_with("readonly", PoolOptions::new())?;
     /// # Ok::<(), credbroker::Error>(())
     /// ```
-    #[must_use]
     pub fn new() -> PoolOptions {
         PoolOptions::default()
     }
@@ -116,7 +116,6 @@ impl PoolOptions {
     /// ```
     /// let options = credbroker::PoolOptions::new().max_size(32);
     /// ```
-    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn max_size(mut self, size: u32) -> PoolOptions {
         self.max_size = size;
         self
@@ -132,7 +131,6 @@ impl PoolOptions {
     /// ```
     /// let options = credbroker::PoolOptions::new().max_size(2).min_idle(0);
     /// ```
-    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn min_idle(mut self, idle: u32) -> PoolOptions {
         self.min_idle = idle;
         self
@@ -152,7 +150,6 @@ impl PoolOptions {
     /// let billing = broker.pool_with("app", PoolOptions::new().database("billing"))?;
     /// # Ok::<(), credbroker::Error>(())
     /// ```
-    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn database(mut self, database: impl Into<String>) -> PoolOptions {
         self.database = Some(database.into());
         self
@@ -169,7 +166,6 @@ impl PoolOptions {
     ///
     /// let options = credbroker::PoolOptions::new().connection_timeout(Duration::from_millis(500));
     /// ```
-    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn connection_timeout(mut self, timeout: Duration) -> PoolOptions {
         self.connection_timeout = timeout;
         self
@@ -194,7 +190,6 @@ impl PoolOptions {
     /// let pool = broker.pool_with("reports", PoolOptions::new().rotate_before(2 * hour))?;
     /// # Ok::<(), credbroker::Error>(())
     /// ```
-    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn rotate_before(mut self, before: Duration) -> PoolOptions {
         self.rotate_before = Some(before);
         self
@@ -214,7 +209,6 @@ impl PoolOptions {
     ///
     /// let options = PoolOptions::new().on_drop(ShutdownMode::Revoke { timeout: Duration::ZERO });
     /// ```
-    #[must_use = "PoolOptions are built by value: this returns the changed options, and the ones it was called on are gone"]
     pub fn on_drop(mut self, mode: ShutdownMode) -> PoolOptions {
         self.on_drop = Some(mode);
         self

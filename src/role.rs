@@ -86,6 +86,7 @@ pub const MAX_ROLE_NAME_LEN: usize = 32;
 /// # Ok::<(), credbroker::Error>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "a Role is built by value: each setter returns the changed role"]
 pub struct Role {
     creation_sql: String,
     revocation_sql: Option<String>,
@@ -117,7 +118,6 @@ impl Role {
     /// assert_eq!(role.get_lease(), None); // the broker's durations
     /// assert_eq!(role, Role::default());
     /// ```
-    #[must_use]
     pub fn new() -> Role {
         Role {
             creation_sql: DEFAULT_CREATION_SQL.to_owned(),
@@ -149,7 +149,6 @@ impl Role {
     /// );
     /// assert!(reader.get_creation_sql().contains("GRANT SELECT"));
     /// ```
-    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn creation_sql(mut self, sql: impl Into<String>) -> Role {
         self.creation_sql = sql.into();
         self
@@ -173,7 +172,6 @@ impl Role {
     /// );
     /// assert!(role.get_revocation_sql().is_some());
     /// ```
-    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn revocation_sql(mut self, sql: impl Into<String>) -> Role {
         self.revocation_sql = Some(sql.into());
         self
@@ -192,7 +190,6 @@ impl Role {
     /// );
     /// assert!(role.get_renew_sql().unwrap().contains("CONNECTION LIMIT"));
     /// ```
-    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn renew_sql(mut self, sql: impl Into<String>) -> Role {
         self.renew_sql = Some(sql.into());
         self
@@ -216,7 +213,6 @@ impl Role {
     /// let batch = Role::new().lease(Duration::from_secs(15 * 60), Duration::from_secs(2 * 3600));
     /// assert_eq!(batch.get_lease(), Some((Duration::from_secs(900), Duration::from_secs(7200))));
     /// ```
-    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn lease(mut self, default: Duration, max: Duration) -> Role {
         self.lease = Some((default, max));
         self
@@ -241,7 +237,6 @@ impl Role {
     /// let orders = Role::new().group("orders");
     /// assert_eq!(orders.get_group(), Some("orders"));
     /// ```
-    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn group(mut self, group: impl Into<String>) -> Role {
         self.group = Some(group.into());
         self
@@ -275,7 +270,6 @@ impl Role {
     ///
     /// let role = Role::new().username_template(r#"app-{{instance | replace "/" "-" | truncate 20}}-{{random 16}}"#);
     /// ```
-    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn username_template(mut self, template: impl Into<String>) -> Role {
         self.username_template = Some(template.into());
         self
@@ -294,7 +288,6 @@ impl Role {
     ///     PasswordPolicy::new(30).charset("abcdefghijklmnopqrstuvwxyz", 1).charset("0123456789!#%", 2),
     /// );
     /// ```
-    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn password_policy(mut self, policy: PasswordPolicy) -> Role {
         self.password_policy = Some(policy);
         self
@@ -360,7 +353,6 @@ impl Role {
     /// }
     /// # Ok::<(), credbroker::Error>(())
     /// ```
-    #[must_use = "a Role is built by value: this returns the changed role, and the one it was called on is gone"]
     pub fn max_leases(mut self, n: u32) -> Role {
         self.max_leases = Some(n);
         self
